@@ -1,0 +1,71 @@
+"""In-place mode: W <- round(W + eps) for the window, then back to the exact original bits.
+
+Adding and subtracting eps in the weight's dtype does not return W: rounding W + eps loses low bits
+wherever the sum lands in a coarser binade (a few % of entries per round trip in bf16, also in fp32),
+and the error random-walks over training. So at perturb time we replay the restore, round(round(W + eps)
+- eps), find the entries where it would not give W back bit for bit, and keep their indices and original
+values. Restore replays the noise from the key and the stored std, subtracts it and patches those
+entries: W is bit-identical afterwards in every dtype, with no weight-sized copy kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .noise_draw import Draw
+from .targets import Target
+
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+@dataclass
+class Patch:
+    """Entries (flat indices into the contiguous weight) whose replayed restore would be off, and their bits."""
+
+    index: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.numel() * self.index.element_size() + self.values.numel() * self.values.element_size()
+
+
+def _local(w: torch.Tensor) -> torch.Tensor:
+    return w.to_local() if hasattr(w, "to_local") else w
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(_BITS[x.dtype])
+
+
+def check_dtype(t: Target) -> None:
+    w = t.weight
+    if t.quantized or w.dtype not in _BITS:
+        raise ValueError(
+            f"layer {t.name!r} stores its weight as {type(w).__name__}/{w.dtype}: in-place noise cannot be "
+            f"removed exactly from it. Use FlatLoRAConfig(mode='forward') (or mode='auto')."
+        )
+
+
+@torch.no_grad()
+def perturb(t: Target, draw: Draw) -> Patch:
+    w = _local(t.weight)
+    eps = draw.storage(t, w)
+    noisy = (w.float() + eps).to(w.dtype)
+    replay = (noisy.float() - eps).to(w.dtype)
+    off = (_bits(replay) != _bits(w)).view(-1).nonzero().squeeze(1)
+    index = off.to(torch.int32) if w.numel() < 2**31 else off
+    patch = Patch(index, w.contiguous().view(-1)[off].clone())
+    w.copy_(noisy)
+    return patch
+
+
+@torch.no_grad()
+def restore(t: Target, draw: Draw, patch: Patch) -> None:
+    w = _local(t.weight)
+    eps = draw.storage(t, w)
+    clean = (w.float() - eps).to(w.dtype).contiguous()
+    clean.view(-1)[patch.index.long()] = patch.values
+    w.copy_(clean)

@@ -1,0 +1,31 @@
+"""One layer's noise for one window: eps = std[:, None] * z(key), replayable from (key, std)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..rng import standard_normal
+from .targets import Target
+
+
+@dataclass
+class Draw:
+    """Everything needed to regenerate a layer's noise: the key and the per-row std fixed at draw time.
+
+    `rows` is the slice of global rows this process holds (FSDP2 shards); None means all rows.
+    """
+
+    key: int
+    std: torch.Tensor  # [rows] float32, on the weight's device
+    rows: slice | None = None
+
+    def matrix(self, t: Target, device: torch.device) -> torch.Tensor:
+        """eps in the logical (m, n) layout (only this process's rows), float32."""
+        z = standard_normal(self.key, t.m, t.n, device, self.rows)
+        return z.mul_(self.std.to(device)[:, None])
+
+    def storage(self, t: Target, like: torch.Tensor) -> torch.Tensor:
+        """eps shaped like the stored weight `like`."""
+        return t.to_storage(self.matrix(t, like.device), like)

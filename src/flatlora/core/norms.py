@@ -1,0 +1,35 @@
+"""Row norms of the merged weight W' = W + B @ A (scalings folded into B) without building W'.
+
+    ||W'_i||^2 = ||W_i||^2 + 2 <(W A^T)_i, B_i> + <(B (A A^T))_i, B_i>
+
+costs one read of W (for ||W_i||^2 and the m x r product W A^T) instead of an m x n temporary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .targets import Target
+
+
+@torch.no_grad()
+def merged_row_sq_norms(t: Target, rows: slice | None = None) -> torch.Tensor:
+    """||W'_i||^2 for the rows of `t` (all, or `rows` of them), float32, on the weight's device."""
+    W = t.as_matrix(t.dense_weight())
+    sl = slice(None) if rows is None else rows
+    W = W[sl].float()
+    lowrank = t.lowrank()
+    dense = t.dense_delta()
+    if dense is not None:
+        # Only layers whose update has no factor form (grouped convs, unknown LoRA kinds) get here;
+        # they are small, so build their W' outright.
+        merged = W + dense.to(W.device)[sl]
+        if lowrank is not None:
+            merged += lowrank[0].to(W.device)[sl] @ lowrank[1].to(W.device)
+        return merged.pow(2).sum(1)
+    out = W.pow(2).sum(1)
+    if lowrank is not None:
+        B, A = lowrank[0].to(W.device)[sl], lowrank[1].to(W.device)
+        out += 2.0 * ((W @ A.t()) * B).sum(1)
+        out += ((B @ (A @ A.t())) * B).sum(1)
+    return out.clamp_min_(0.0)

@@ -1,0 +1,215 @@
+"""What gets noise: the weights of PEFT LoRA layers (or plain Linear/Conv layers), seen as m x n matrices.
+
+Each `Target` presents one frozen weight in its logical layout: m = output units ("filters"), n = the
+inputs of one unit (in_features, or in_channels/groups * kh * kw for a convolution), whatever the
+storage layout (HF `Conv1D`/`fan_in_fan_out` stores (in, out)). It also exposes the active, unmerged
+adapters' low-rank update s * B @ A as factors, so the merged weight W' = W + s * B @ A is never built.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..rng import layer_id
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# LoRA layer types whose base is not a matrix map; reported as skipped, never silently dropped.
+_UNSUPPORTED_BASES = (nn.Embedding, nn.MultiheadAttention)
+
+
+@dataclass
+class Target:
+    """One perturbed weight.
+
+    `lora` is the PEFT layer (None for plain modules); `base` is the module whose forward uses
+    `base.weight`; `transposed` marks (in, out) storage; `dequantize` rebuilds a dense weight from a
+    quantized one (forward mode only).
+    """
+
+    name: str
+    base: nn.Module
+    lora: nn.Module | None
+    kind: str  # "linear" | "conv"
+    transposed: bool
+    m: int
+    n: int
+    dequantize: Callable[[], torch.Tensor] | None = None
+
+    def __post_init__(self):
+        self.layer_id = layer_id(self.name)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def quantized(self) -> bool:
+        return self.dequantize is not None
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as a dense float tensor in storage layout (dequantized if needed)."""
+        return self.dequantize() if self.dequantize is not None else self.weight
+
+    def as_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        """Storage layout -> logical (m, n) view."""
+        return w.t() if self.transposed else w.reshape(self.m, self.n)
+
+    def to_storage(self, mat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Logical (m, n) -> a view with the storage shape of `like`."""
+        return mat.t() if self.transposed else mat.view(like.shape)
+
+    def adapters(self) -> list[str]:
+        """Active adapters whose update is not already inside W (merged ones are, so they are skipped)."""
+        lora = self.lora
+        if lora is None or getattr(lora, "disable_adapters", False):
+            return []
+        merged = set(getattr(lora, "merged_adapters", []))
+        return [a for a in lora.active_adapters if a in lora.lora_A and a not in merged]
+
+    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B_cat [m, R], A_cat [R, n]) with the scalings folded into B, so that s*B@A summed over the
+        active adapters equals B_cat @ A_cat; None when there is no low-rank term. Adapters that are not
+        plain low-rank products (grouped convs, unknown LoRA kinds) are returned densely by `dense_delta`."""
+        bs, as_ = [], []
+        for a in self.adapters():
+            fac = _factors(self.lora, a, self)
+            if fac is None:
+                continue
+            b, a_, s = fac
+            bs.append(b.float() * s)
+            as_.append(a_.float())
+        if not bs:
+            return None
+        return torch.cat(bs, 1), torch.cat(as_, 0)
+
+    def dense_delta(self) -> torch.Tensor | None:
+        """Sum of the (m, n) updates of active adapters that have no factor form, or None."""
+        out = None
+        for a in self.adapters():
+            if _factors(self.lora, a, self) is not None:
+                continue
+            d = self.lora.get_delta_weight(a).float()
+            d = self.as_matrix(d.reshape(self.weight.shape))
+            out = d if out is None else out + d
+        return out
+
+
+def _param(x) -> torch.Tensor:
+    return x.weight if isinstance(x, nn.Module) else x
+
+
+def _factors(lora: nn.Module, adapter: str, t: Target):
+    """(B [m, r], A [r, n], scale) of one adapter, or None if it is not a plain low-rank product."""
+    A = _param(lora.lora_A[adapter])
+    B = _param(lora.lora_B[adapter])
+    scale = lora.scaling[adapter]
+    lora_E = getattr(lora, "lora_E", None)
+    if lora_E is not None and adapter in lora_E:  # AdaLoRA: B (A * E) * scaling / (ranknum + 1e-5)
+        A = A * lora_E[adapter]
+        scale = scale / (lora.ranknum[adapter] + 1e-5)
+    if t.kind == "conv" and getattr(t.base, "groups", 1) != 1:
+        return None
+    A = A.reshape(A.shape[0], -1)
+    B = B.reshape(B.shape[0], -1)
+    if A.shape[1] != t.n or B.shape != (t.m, A.shape[0]):
+        return None
+    return B, A, float(scale)
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D (GPT-2 style): weight stored (in, out); matched by name so the
+    # core does not import transformers.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _dequantizer(base: nn.Module) -> Callable[[], torch.Tensor] | None:
+    w = getattr(base, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_floating_point() and type(w).__name__ not in ("Params4bit", "Int8Params"):
+        return None
+
+    def dequantize() -> torch.Tensor:
+        from peft.utils.integrations import dequantize_module_weight
+
+        return dequantize_module_weight(base)
+
+    return dequantize
+
+
+def _describe(name: str, base: nn.Module, lora: nn.Module | None) -> Target | str:
+    """A Target for `base`, or the reason it cannot be one."""
+    if isinstance(base, _UNSUPPORTED_BASES):
+        return f"{type(base).__name__} layers are not matrix maps with output rows; not perturbed"
+    if isinstance(base, _CONV_TYPES):
+        w = base.weight
+        return Target(name, base, lora, "conv", False, w.shape[0], w[0].numel())
+    if _is_hf_conv1d(base):
+        return Target(name, base, lora, "linear", True, base.weight.shape[1], base.weight.shape[0])
+    if hasattr(base, "in_features") and hasattr(base, "out_features") and hasattr(base, "weight"):
+        transposed = bool(getattr(lora, "fan_in_fan_out", False)) if lora is not None else False
+        return Target(name, base, lora, "linear", transposed, base.out_features, base.in_features,
+                      dequantize=_dequantizer(base))
+    return f"base layer {type(base).__name__} is not a Linear/Conv layer"
+
+
+def _lora_layer_type():
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return None
+    return LoraLayer
+
+
+def _selected(name: str, include, exclude) -> bool:
+    cname = name
+    if include is not None and not any(fnmatch.fnmatchcase(cname, p) for p in include):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(cname, p) for p in exclude))
+
+
+def find_targets(model: nn.Module, target: str = "lora", include=None, exclude=None) -> tuple[list[Target], dict[str, str]]:
+    """All perturbed weights of `model`, and {module name: why it was skipped}.
+
+    target="lora": every PEFT `LoraLayer` (Linear incl. fan_in_fan_out and quantized bases, Conv1d/2d/3d,
+    DoRA, AdaLoRA). target="linear": every plain nn.Linear / nn.Conv* / HF Conv1D outside LoRA layers
+    (Flat full fine-tuning). `include`/`exclude` are fnmatch patterns on module names.
+    """
+    targets: list[Target] = []
+    skipped: dict[str, str] = {}
+    if target == "lora":
+        lora_type = _lora_layer_type()
+        if lora_type is not None:
+            for name, mod in model.named_modules():
+                if not isinstance(mod, lora_type) or not _selected(name, include, exclude):
+                    continue
+                found = _describe(name, mod.get_base_layer(), mod)
+                (targets.append(found) if isinstance(found, Target) else skipped.__setitem__(name, found))
+        searched = "PEFT LoRA layers (peft.tuners.lora.LoraLayer" + (")" if lora_type else "; peft is not installed)")
+        hint = "Wrap the model with peft.get_peft_model first, or pass target='linear' for Flat full fine-tuning."
+    else:
+        inside_lora = set()
+        lora_type = _lora_layer_type()
+        if lora_type is not None:
+            for name, mod in model.named_modules():
+                if isinstance(mod, lora_type):
+                    inside_lora.update(n for n, _ in mod.named_modules(prefix=name))
+        for name, mod in model.named_modules():
+            if name in inside_lora or not _selected(name, include, exclude):
+                continue
+            if isinstance(mod, (nn.Linear, *_CONV_TYPES)) or _is_hf_conv1d(mod):
+                found = _describe(name, mod, None)
+                (targets.append(found) if isinstance(found, Target) else skipped.__setitem__(name, found))
+        searched = "plain nn.Linear / nn.Conv1d/2d/3d / transformers Conv1D modules outside LoRA layers"
+        hint = "Check the include/exclude patterns, or use target='lora' for a PEFT model."
+    if not targets:
+        n_modules = sum(1 for _ in model.modules())
+        raise ValueError(
+            f"Flat-LoRA found nothing to perturb: searched {n_modules} modules of {type(model).__name__} for "
+            f"{searched} with include={include!r}, exclude={exclude!r}"
+            + (f"; skipped {skipped}" if skipped else "") + f". {hint}"
+        )
+    return targets, skipped

@@ -1,0 +1,60 @@
+"""Randomness owned by flatlora: noise as a pure function of (seed, step, layer, row, column).
+
+Every noise draw gets its own 63-bit key, mixed with splitmix64 from the run seed, the update step,
+a stable id of the layer (a hash of its module name, so adding or excluding other layers never
+changes this layer's noise) and, with per-rank noise, the data-parallel rank. The key seeds a private
+`torch.Generator` that draws the layer's m x n standard normals in row-major order, so element (i, j)
+is fixed by (key, i, j). Restore and backward replay the key instead of storing the noise, and
+torch's global RNG (which drives the user's dropout and data order) is never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+# Wrappers that prefix module names without changing the model: DDP, FSDP1, torch.compile,
+# activation checkpointing. Stripping them keeps a layer's noise the same however it is wrapped.
+_WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def canonical_name(name: str) -> str:
+    """Module name with wrapper prefixes removed (`module.base_model.x` -> `base_model.x`)."""
+    parts = [p for p in name.split(".") if p]
+    wrappers = {w.rstrip(".") for w in _WRAPPER_PREFIXES}
+    return ".".join(p for p in parts if p not in wrappers)
+
+
+def layer_id(name: str) -> int:
+    """Stable 64-bit id of a layer from its canonical module name."""
+    digest = hashlib.blake2b(canonical_name(name).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def noise_key(seed: int, step: int, layer: int, rank: int | None = None) -> int:
+    """63-bit key of one layer's noise at one update step (and rank, for per-rank noise)."""
+    key = _splitmix64(seed & _MASK64)
+    for word in (step, layer, -1 if rank is None else rank):
+        key = _splitmix64(key ^ (word & _MASK64))
+    return key >> 1
+
+
+def standard_normal(key: int, m: int, n: int, device: torch.device | str, rows: slice | None = None) -> torch.Tensor:
+    """The m x n float32 standard normals of `key` (or just `rows` of them), on `device`.
+
+    Values depend only on (key, i, j) and the device type's generator: a row slice equals the same
+    rows of the full draw, so sharded weights get the rows the unsharded weight would have.
+    """
+    gen = torch.Generator(device=device).manual_seed(key)
+    z = torch.randn((m, n), generator=gen, device=device, dtype=torch.float32)
+    return z if rows is None else z[rows]

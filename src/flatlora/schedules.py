@@ -1,0 +1,67 @@
+"""Noise-scale schedules: optimizer step -> factor in [0, 1] multiplying sigma.
+
+Flat-LoRA ramps the noise up with a "cosine increasing" schedule (Li et al., ICML 2025, §4):
+
+    sigma_t = sigma * 0.5 * (1 - cos(pi * p)),   p = t / (total_steps - 1)
+
+t counts optimizer (update) steps from 0, so the first step is noise-free and the last step,
+t = total_steps - 1, gets exactly sigma. Counting update steps rather than micro-batches keeps the
+ramp right under gradient accumulation, any data-parallel world size, `max_steps` and resume.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+Schedule = Callable[[int, int], float]
+
+_SCHEDULES: dict[str, Schedule] = {}
+
+
+def register_schedule(name: str):
+    """Add a schedule `f(step, total_steps) -> factor` under `name`; a name can be registered once."""
+
+    def deco(fn: Schedule) -> Schedule:
+        if name in _SCHEDULES:
+            raise ValueError(f"schedule {name!r} is already registered")
+        _SCHEDULES[name] = fn
+        return fn
+
+    return deco
+
+
+def list_schedules() -> list[str]:
+    return sorted(_SCHEDULES)
+
+
+def get_schedule(name: str) -> Schedule:
+    try:
+        return _SCHEDULES[name]
+    except KeyError:
+        raise ValueError(f"schedule must be one of {list_schedules()}, got {name!r}") from None
+
+
+def progress(step: int, total_steps: int) -> float:
+    """Fraction of training done at update `step`: 0 at the first step, 1 at the last (and after)."""
+    if total_steps <= 1:
+        return 1.0
+    return min(max(step, 0), total_steps - 1) / (total_steps - 1)
+
+
+@register_schedule("cosine_increase")
+def cosine_increase(step: int, total_steps: int) -> float:
+    """0 at step 0, 1 at the last step, along half a cosine (the paper's noise warm-up)."""
+    return 0.5 * (1.0 - math.cos(math.pi * progress(step, total_steps)))
+
+
+@register_schedule("linear")
+def linear(step: int, total_steps: int) -> float:
+    """0 at step 0, 1 at the last step, linearly."""
+    return progress(step, total_steps)
+
+
+@register_schedule("constant")
+def constant(step: int, total_steps: int) -> float:
+    """Full sigma from the first step (no warm-up)."""
+    return 1.0
