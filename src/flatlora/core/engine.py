@@ -247,10 +247,14 @@ class FlatLoRA:
         if window is None:
             raise RuntimeError("end_step() without an open window: call begin_step(t) first (or use `with flat.step(t):`).")
         self._record_bytes = sum(p.nbytes for p in window.patches.values())
-        with deferred_sigint():
-            self._close(window)
-        self._window = None
-        self._last_metrics = self._metrics(window)
+        try:
+            with deferred_sigint():
+                self._close(window)
+        finally:
+            # Whatever could be restored has been; a layer that could not raises above, and the window
+            # is over either way, so the next step starts clean.
+            self._window = None
+            self._last_metrics = self._metrics(window)
 
     def _close(self, window: _Window) -> None:
         # Entries are popped as they are undone, so a close that fails part-way can be finished later.
