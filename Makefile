@@ -1,0 +1,33 @@
+# flatlora — the two commands of the README contract, each doing its own set-up on a fresh machine.
+#   make demo   the main job on an offline default
+#   make test   the test suite (what CI runs through .ci/run)
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup demo test test-gpu bench clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 first: on our machines pip takes the CPU build lying on disk; asked for indirectly it
+# would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[hf,lightning,trl,experiments,plot,dev]"
+	touch $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/quickstart_peft.py
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not gpu"
+
+# On a machine with CUDA (see benchmarks/overhead/README.md for the device commands).
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) .pytest_cache
