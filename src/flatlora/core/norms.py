@@ -12,12 +12,17 @@ import torch
 from .targets import Target
 
 
+def _local(w: torch.Tensor) -> torch.Tensor:
+    return w.to_local() if hasattr(w, "to_local") else w
+
+
 @torch.no_grad()
 def merged_row_sq_norms(t: Target, rows: slice | None = None) -> torch.Tensor:
     """||W'_i||^2 for the rows of `t` (all, or `rows` of them), float32, on the weight's device."""
-    W = t.as_matrix(t.dense_weight())
+    # With FSDP2 the weight is a DTensor sharded by rows: work on the local rows (`rows` says which global
+    # rows they are) and take the matching rows of B; A is needed whole.
+    W = t.as_matrix(_local(t.dense_weight())).float()
     sl = slice(None) if rows is None else rows
-    W = W[sl].float()
     lowrank = t.lowrank()
     dense = t.dense_delta()
     if dense is not None:

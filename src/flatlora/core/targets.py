@@ -100,7 +100,9 @@ class Target:
 
 
 def _param(x) -> torch.Tensor:
-    return x.weight if isinstance(x, nn.Module) else x
+    p = x.weight if isinstance(x, nn.Module) else x
+    # Sharded adapters (FSDP2 DTensors) are tiny: gather them whole.
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def _factors(lora: nn.Module, adapter: str, t: Target):
