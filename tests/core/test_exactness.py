@@ -86,3 +86,31 @@ def test_replaced_weight_inside_window_is_reported():
     with pytest.raises(RuntimeError, match="replaced while the noise was on"):
         flat.end_step()
     assert not flat.active
+
+
+def test_ctrl_c_during_perturb_is_delivered_after_the_window_is_consistent(monkeypatch):
+    import os
+    import signal
+
+    import flatlora.core.inplace as inplace
+
+    pm = make_lora_mlp(torch.bfloat16)
+    before = frozen_bits(pm)
+    flat = FlatLoRA(pm, FlatLoRAConfig(sigma=0.1, total_steps=1, mode="inplace"))
+    real = inplace.perturb
+    calls = []
+
+    def perturb_then_ctrl_c(t, draw):
+        calls.append(t.name)
+        patch = real(t, draw)
+        if len(calls) == 1:  # Ctrl-C after the first of two layers
+            os.kill(os.getpid(), signal.SIGINT)
+        return patch
+
+    monkeypatch.setattr(inplace, "perturb", perturb_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        with flat.step(0):
+            raise AssertionError("the body must not run: Ctrl-C came during begin_step")
+    assert len(calls) == 2  # the interrupt waited for the whole perturb loop
+    assert not flat.active
+    assert all(torch.equal(before[n], v) for n, v in frozen_bits(pm).items())

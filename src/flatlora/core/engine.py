@@ -200,8 +200,8 @@ class FlatLoRA:
         self.last_step = step
         if sigma == 0.0:
             return sigma
-        with deferred_sigint():
-            try:
+        try:
+            with deferred_sigint():
                 if self.mode == "inplace":
                     for t in self.targets:
                         rows = _local_rows(t.weight)
@@ -214,10 +214,13 @@ class FlatLoRA:
                         forward.arm(t, self._lazy_draw(window, t))
                         window.armed.append(t)
                 self._bn.freeze()
-            except BaseException:
+        except BaseException:
+            # An error part-way, or a Ctrl-C held back until the loop ended: undo what was applied, so a
+            # begin_step that raises leaves no noise behind.
+            with deferred_sigint():
                 self._close(window)
-                self._window = None
-                raise
+            self._window = None
+            raise
         if self._bn.layers:
             self.bn_stale = self.bn_policy == "recalibrate"
             if self.bn_policy == "recalibrate" and not self._bn_warned:
