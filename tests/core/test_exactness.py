@@ -114,3 +114,17 @@ def test_ctrl_c_during_perturb_is_delivered_after_the_window_is_consistent(monke
     assert len(calls) == 2  # the interrupt waited for the whole perturb loop
     assert not flat.active
     assert all(torch.equal(before[n], v) for n, v in frozen_bits(pm).items())
+
+
+def test_eval_inside_a_window_is_warned(caplog):
+    pm = make_lora_mlp()
+    flat = FlatLoRA(pm, FlatLoRAConfig(sigma=0.1, total_steps=2))
+    x = batches(1)[0]
+    pm.eval()
+    pm(x)
+    assert "eval mode while the noise" not in caplog.text  # no window, no warning
+    with flat.step(1):
+        pm(x)
+    assert "eval mode while the noise of step 1 was on" in caplog.text
+    flat.close()
+    assert not pm._forward_pre_hooks

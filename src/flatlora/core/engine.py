@@ -108,6 +108,9 @@ class FlatLoRA:
         self.draws = 0  # windows that drew noise
         self._last_metrics: dict[str, float] = {}
         self._record_bytes = 0
+        self._warned_eval = False
+        # One cheap hook on the root module catches evaluation or generation run while noise is on.
+        self._eval_guard = model.register_forward_pre_hook(self._warn_eval_in_window)
 
     # ------------------------------------------------------------------ set-up
     def _resolve_mode(self, mode: str) -> str:
@@ -243,6 +246,21 @@ class FlatLoRA:
             return draw
 
         return get
+
+    def _warn_eval_in_window(self, module: nn.Module, args: Any) -> None:
+        if self._window is not None and not module.training and not self._warned_eval:
+            self._warned_eval = True
+            log.warning(
+                "flatlora: the model ran in eval mode while the noise of step %d was on: evaluation, generation "
+                "and saving should happen outside flat.step() (between end_step and the next begin_step).",
+                self._window.step,
+            )
+
+    def close(self) -> None:
+        """End any open window and remove the engine's hook from the model."""
+        if self._window is not None:
+            self.end_step()
+        self._eval_guard.remove()
 
     def end_step(self) -> None:
         """Remove the noise of the open window; the frozen weights are bit-identical afterwards."""
