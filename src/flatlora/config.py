@@ -16,6 +16,7 @@ from .schedules import list_schedules
 MODES = ("auto", "inplace", "forward")
 TARGETS = ("lora", "linear")
 BN_POLICIES = ("auto", "recalibrate", "freeze", "none")
+GENERATORS = ("auto", "torch", "philox")
 
 
 @dataclass
@@ -46,6 +47,14 @@ class FlatLoRAConfig:
                   "auto = recalibrate when the model has BatchNorm"},
     )
 
+    generator: str = field(
+        default="auto",
+        metadata={"help": "noise stream: philox = counter-based Philox4x32 (element (i, j) a function of (key, i*n+j), "
+                  "so shards draw only their rows; fused Triton kernels on CUDA, pure torch elsewhere); torch = a "
+                  "private torch.Generator per (seed, step, layer), full m x n draw; auto = philox on CUDA when "
+                  "triton is importable, else torch"},
+    )
+
     def __post_init__(self):
         _check_number("sigma", self.sigma)
         if self.sigma < 0:
@@ -60,6 +69,7 @@ class FlatLoRAConfig:
         _check_choice("mode", self.mode, MODES)
         _check_choice("target", self.target, TARGETS)
         _check_choice("bn_policy", self.bn_policy, BN_POLICIES)
+        _check_choice("generator", self.generator, GENERATORS)
         if not isinstance(self.per_rank_noise, bool):
             raise ValueError(f"per_rank_noise must be True or False, got {self.per_rank_noise!r}")
         self.include = _check_patterns("include", self.include)

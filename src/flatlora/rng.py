@@ -49,12 +49,19 @@ def noise_key(seed: int, step: int, layer: int, rank: int | None = None) -> int:
     return key >> 1
 
 
-def standard_normal(key: int, m: int, n: int, device: torch.device | str, rows: slice | None = None) -> torch.Tensor:
+def standard_normal(key: int, m: int, n: int, device: torch.device | str, rows: slice | None = None,
+                    generator: str = "torch") -> torch.Tensor:
     """The m x n float32 standard normals of `key` (or just `rows` of them), on `device`.
 
-    Values depend only on (key, i, j) and the device type's generator: a row slice equals the same
-    rows of the full draw, so sharded weights get the rows the unsharded weight would have.
+    Values depend only on (key, i, j) and the stream: a row slice equals the same rows of the full draw,
+    so sharded weights get the rows the unsharded weight would have. generator="torch" draws the full
+    matrix with the device type's torch.Generator; "philox" computes only the rows asked for, with the
+    counter-based stream of `flatlora.kernels.philox` (the same on every device, up to the last ulp).
     """
+    if generator == "philox":
+        from .kernels.philox import standard_normal_rows
+
+        return standard_normal_rows(key, m, n, device, rows)
     gen = torch.Generator(device=device).manual_seed(key)
     z = torch.randn((m, n), generator=gen, device=device, dtype=torch.float32)
     return z if rows is None else z[rows]

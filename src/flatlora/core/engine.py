@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..config import FlatLoRAConfig
+from ..kernels import resolve_generator
 from ..noise import get_noise
 from ..rng import canonical_name, noise_key
 from ..schedules import get_schedule
@@ -155,9 +156,10 @@ class FlatLoRA:
         return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     def _draw(self, t: Target, step: int, sigma: float, rows: slice | None = None) -> Draw:
-        sq = merged_row_sq_norms(t, rows)
+        gen = resolve_generator(self.config.generator, t.weight.device)
+        sq = merged_row_sq_norms(t, rows, fused=gen == "philox")
         std = get_noise(self.config.noise)(sq, t.n, sigma)
-        return Draw(noise_key(self.config.seed, step, t.layer_id, self._rank()), std, rows)
+        return Draw(noise_key(self.config.seed, step, t.layer_id, self._rank()), std, rows, gen)
 
     def _target(self, name: str) -> Target:
         try:

@@ -26,6 +26,17 @@ from .targets import Target
 def noisy_weight(t: Target, draw: Draw) -> torch.Tensor:
     with torch.no_grad():
         w = t.dense_weight()
+        from .. import kernels
+
+        if draw.generator == "philox" and kernels.use_triton(w.device):
+            from ..kernels import triton_noise
+
+            if triton_noise.supported(w) and w.dim() >= 2:
+                # One fused pass: read W, draw, write round(W + eps) into a temporary in W's dtype.
+                out = torch.empty_like(w)
+                view = (lambda x: x.t()) if t.transposed else (lambda x: x.reshape(x.shape[0], -1))
+                triton_noise.noisy_copy_(view(w), draw.std.float().contiguous(), draw.key, draw.row0, view(out))
+                return out
         return (w.float() + draw.storage(t, w)).to(w.dtype)
 
 

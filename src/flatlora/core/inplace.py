@@ -6,6 +6,10 @@ and the error random-walks over training. So at perturb time we replay the resto
 - eps), find the entries where it would not give W back bit for bit, and keep their indices and original
 values. Restore replays the noise from the key and the stored std, subtracts it and patches those
 entries: W is bit-identical afterwards in every dtype, with no weight-sized copy kept.
+
+With the Philox stream on a device the Triton kernels serve (CUDA), perturb is one fused pass (read W,
+draw, write round(W + eps), append the off entries to a per-tile record) and restore another
+(`flatlora.kernels.triton_noise`); the record then costs 4 bytes per off entry for 16-bit weights.
 """
 
 from __future__ import annotations
@@ -32,6 +36,20 @@ class Patch:
         return self.index.numel() * self.index.element_size() + self.values.numel() * self.values.element_size()
 
 
+def _kernel_layer(t: Target, w: torch.Tensor, draw: Draw):
+    """The local weight as a logical (rows, n) view for the kernels, or None when they do not apply."""
+    from .. import kernels
+
+    if draw.generator != "philox" or not kernels.use_triton(w.device):
+        return None
+    from ..kernels import triton_noise
+
+    if not triton_noise.supported(w):
+        return None
+    view = w.t() if t.transposed else w.reshape(w.shape[0], -1)
+    return triton_noise.Layer(view, draw.std.float().contiguous(), draw.key, draw.row0)
+
+
 def _local(w: torch.Tensor) -> torch.Tensor:
     return w.to_local() if hasattr(w, "to_local") else w
 
@@ -50,8 +68,15 @@ def check_dtype(t: Target) -> None:
 
 
 @torch.no_grad()
-def perturb(t: Target, draw: Draw) -> Patch:
+def perturb(t: Target, draw: Draw):
+    """W <- round(W + eps); returns what `restore` needs to give W back bit for bit (a Patch, or a
+    kernel Record)."""
     w = _local(t.weight)
+    layer = _kernel_layer(t, w, draw)
+    if layer is not None:
+        from ..kernels import triton_noise
+
+        return triton_noise.perturb_group([layer])
     eps = draw.storage(t, w)
     noisy = (w.float() + eps).to(w.dtype)
     replay = (noisy.float() - eps).to(w.dtype)
@@ -63,8 +88,13 @@ def perturb(t: Target, draw: Draw) -> Patch:
 
 
 @torch.no_grad()
-def restore(t: Target, draw: Draw, patch: Patch) -> None:
+def restore(t: Target, draw: Draw, patch) -> None:
     w = _local(t.weight)
+    if not isinstance(patch, Patch):  # a kernel record (triton_noise.Record)
+        from ..kernels import triton_noise
+
+        triton_noise.restore_group([_kernel_layer(t, w, draw)], patch)
+        return
     eps = draw.storage(t, w)
     clean = (w.float() - eps).to(w.dtype).contiguous()
     clean.view(-1)[patch.index.long()] = patch.values

@@ -1,0 +1,240 @@
+"""Kernel test cases (collected through test_kernels.py). Kernels: the torch Philox stream against Triton's own `randint4x`/`randn4x`, and every Triton kernel
+against the torch reference. Without CUDA they run on CPU tensors through TRITON_INTERPRET=1 (small
+shapes); with CUDA the same tests run on the GPU, and the `gpu` tests add real sizes."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere in this process
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from flatlora.kernels import philox  # noqa: E402
+from flatlora.kernels import triton_noise as K  # noqa: E402
+
+INTS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+
+def bits(x):
+    return x.view(INTS[x.dtype])
+
+
+@triton.jit
+def _stream_kernel(c_ptr, i_ptr, f_ptr, seed, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    c = tl.load(c_ptr + offs)
+    a, b, cc, d = tl.randint4x(seed, c)
+    tl.store(i_ptr + offs * 4 + 0, a.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(i_ptr + offs * 4 + 1, b.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(i_ptr + offs * 4 + 2, cc.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(i_ptr + offs * 4 + 3, d.to(tl.int64) & 0xFFFFFFFF)
+    n1, n2, n3, n4 = tl.randn4x(seed, c)
+    tl.store(f_ptr + offs * 4 + 0, n1)
+    tl.store(f_ptr + offs * 4 + 1, n2)
+    tl.store(f_ptr + offs * 4 + 2, n3)
+    tl.store(f_ptr + offs * 4 + 3, n4)
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**62 + 987654321, 2**63 - 1])
+def test_torch_philox_matches_triton(seed):
+    n = 512
+    g = torch.Generator().manual_seed(seed % 1000)
+    # small counters, and counters >= 2^32 (the high word goes to Philox's second counter word)
+    c = torch.cat([torch.arange(n // 2), torch.randint(0, 2**40, (n // 2,), generator=g)]).to(DEV)
+    ints = torch.empty(4 * n, dtype=torch.int64, device=DEV)
+    floats = torch.empty(4 * n, dtype=torch.float32, device=DEV)
+    _stream_kernel[(1,)](c, ints, floats, seed, N=n)
+    assert torch.equal(ints, torch.stack(philox.philox4x32(seed, c), 1).reshape(-1))
+    ref = torch.stack(philox.randn4x(seed, c), 1).reshape(-1)
+    ulps = (floats.view(torch.int32).long() - ref.view(torch.int32).long()).abs()
+    assert ulps.max() <= 8, ulps.max()  # Box-Muller transcendentals: last-ulp differences only
+
+
+def test_rows_are_a_slice_of_the_matrix_and_offsets_agree():
+    key, m, n = 987654321, 7, 13
+    full = philox.standard_normal_rows(key, m, n, "cpu")
+    assert torch.equal(philox.standard_normal_rows(key, m, n, "cpu", slice(2, 5)), full[2:5])
+    o = torch.arange(m * n).reshape(m, n)
+    assert torch.equal(philox.normal_at(key, o), full)
+    assert abs(full.mean()) < 0.5 and 0.5 < full.std() < 1.5
+
+
+def test_philox_moments():
+    z = philox.standard_normal_rows(2**40 + 7, 256, 1024, "cpu")
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    assert abs((z ** 4).mean().item() - 3) < 0.05
+
+
+SHAPES = [(20, 1030), (9, 64), (13, 37)]  # several tiles; aligned n; n % 4 != 0 (per-element Philox)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_noisy_copy_matches_reference(dtype, shape):
+    m, n = shape
+    g = torch.Generator().manual_seed(m * n)
+    w = (torch.randn(m, n, generator=g) * 0.02).to(dtype).to(DEV)
+    std = (torch.rand(m, generator=g) * 0.01).to(DEV)
+    key, row0 = 123456789012345, 3
+    out = K.noisy_copy(w, std, key, row0)
+    z = philox.standard_normal_rows(key, m + row0, n, DEV, slice(row0, m + row0))
+    ref = (w.float() + std[:, None] * z).to(dtype)
+    # bit-exact rounding; a few fp32 ulps from the transcendentals can flip a rounding of w + eps
+    assert (out.float() - ref.float()).abs().max() <= 2 * torch.finfo(dtype).eps * w.float().abs().max() + 1e-6
+    if dtype != torch.float32:
+        assert (bits(out) != bits(ref)).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_perturb_is_the_noisy_copy_and_restore_is_exact(dtype):
+    m, n = 20, 1030
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(m, n, generator=g) * 0.02).to(dtype).to(DEV)
+    std = (torch.rand(m, generator=g) * 0.005).to(DEV)
+    w0, key = w.clone(), 42
+    copy = K.noisy_copy(w, std, key, 0)
+    layers = [K.Layer(w, std, key)]
+    rec = K.perturb_group(layers, capacity=0.5)  # room enough: no retry, so no holes in the record
+    assert torch.equal(bits(w), bits(copy))
+    assert 0 < rec.entries < w.numel() // 2
+    # 4-byte counter, (slot, count) per tile, then an int16 offset + the original bits per entry
+    assert rec.nbytes == 4 + 8 * K._tiles(m, n) + rec.entries * (2 + w.element_size())
+    K.restore_group(layers, rec)
+    assert torch.equal(bits(w), bits(w0))
+
+
+def test_record_overflow_retries_only_the_failed_tiles():
+    m, n = 40, 1024
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(m, n, generator=g) * 0.02).to(torch.bfloat16).to(DEV)
+    std = torch.full((m,), 0.02, device=DEV)
+    w0 = w.clone()
+    layers = [K.Layer(w, std, 7)]
+    rec = K.perturb_group(layers, capacity=0.01)  # far too small: most tiles fail the first pass
+    assert torch.equal(bits(w), bits(K.noisy_copy(w0, std, 7, 0)))
+    assert (rec.hslot >= 0).all()
+    K.restore_group(layers, rec)
+    assert torch.equal(bits(w), bits(w0))
+
+
+def test_grouped_launch_with_strides_and_row_offsets():
+    g = torch.Generator().manual_seed(3)
+    base = [(torch.randn(s, generator=g) * 0.05).to(torch.bfloat16).to(DEV) for s in [(16, 64), (40, 24), (5, 1030)]]
+    views = [base[0], base[1].t(), base[2]]  # a transposed (fan_in_fan_out) storage
+    stds = [(torch.rand(v.shape[0], generator=g) * 0.01).to(DEV) for v in views]
+    keys, row0s = [11, 12, 13], [0, 8, 100]
+    copies = [K.noisy_copy(v, s, k, r) for v, s, k, r in zip(views, stds, keys, row0s)]
+    snap = [b.clone() for b in base]
+    layers = [K.Layer(v, s, k, r) for v, s, k, r in zip(views, stds, keys, row0s)]
+    rec = K.perturb_group(layers)
+    for v, c in zip(views, copies):
+        assert torch.equal(bits(v.contiguous()), bits(c))
+    K.restore_group(layers, rec)
+    for b, s in zip(base, snap):
+        assert torch.equal(bits(b), bits(s))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rank", [0, 3, 20])
+def test_row_norm_parts(dtype, rank):
+    m, n = 37, 300
+    g = torch.Generator().manual_seed(rank)
+    w = torch.randn(n, m, generator=g).to(dtype).to(DEV).t()  # strided logical view
+    a = torch.randn(rank, n, generator=g).to(DEV) if rank else None
+    sq, wa = K.row_norm_parts(w, a)
+    torch.testing.assert_close(sq, w.float().pow(2).sum(1), rtol=1e-5, atol=1e-4)
+    if rank:
+        torch.testing.assert_close(wa, w.float() @ a.t(), rtol=1e-4, atol=1e-3)
+    else:
+        assert wa is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_thousand_round_trips_are_exact(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(4096, 4096, device="cuda", generator=g) * 0.02).to(dtype)
+    w0 = w.clone()
+    std = w.float().norm(dim=1) * (0.1 / 64)
+    for step in range(1000):
+        layers = [K.Layer(w, std, step)]
+        rec = K.perturb_group(layers)
+        K.restore_group(layers, rec)
+    assert torch.equal(bits(w), bits(w0))
+
+
+# ---------------------------------------------------------------- the engine through the kernels
+
+
+@pytest.fixture
+def force_triton(monkeypatch):
+    import flatlora.kernels as kernels
+
+    monkeypatch.setattr(kernels, "FORCE_TRITON", True)
+
+
+def _train(mode, dtype, generator="philox", steps=4):
+    from flatlora import FlatLoRA, FlatLoRAConfig
+    from tests.conftest import batches, frozen_bits, make_lora_mlp, trainable
+
+    pm = make_lora_mlp(dtype=dtype).to(DEV)
+    before = frozen_bits(pm)
+    flat = FlatLoRA(pm, FlatLoRAConfig(sigma=0.3, total_steps=steps, mode=mode, generator=generator))
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.05)
+    for t, x in enumerate(batches(steps, dtype=dtype)):
+        with flat.step(t):
+            pm(x.to(DEV)).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    after = frozen_bits(pm)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    return trainable(pm), flat
+
+
+@pytest.mark.parametrize("mode", ["inplace", "forward"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_engine_through_kernels_is_exact(force_triton, mode, dtype):
+    _train(mode, dtype)
+
+
+@pytest.mark.parametrize("mode", ["inplace", "forward"])
+def test_engine_kernels_match_the_torch_philox_path(monkeypatch, mode):
+    import flatlora.kernels as kernels
+
+    ref, _ = _train(mode, torch.float32)  # pure-torch Philox (kernels off on CPU)
+    monkeypatch.setattr(kernels, "FORCE_TRITON", True)
+    got, flat = _train(mode, torch.float32)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
+
+
+def test_engine_noise_is_the_philox_stream():
+    from flatlora import FlatLoRA, FlatLoRAConfig
+    from tests.conftest import make_lora_mlp
+
+    pm = make_lora_mlp()
+    flat = FlatLoRA(pm, FlatLoRAConfig(sigma=0.1, total_steps=3, generator="philox"))
+    t = flat.targets[0]
+    eps = flat.noise(t.name, 2)
+    std = flat.row_std(t.name, 2)
+    from flatlora.rng import noise_key
+
+    z = philox.standard_normal_rows(noise_key(0, 2, t.layer_id), t.m, t.n, "cpu")
+    torch.testing.assert_close(eps, z * std[:, None])
+
+
+def test_generator_field_is_validated():
+    from flatlora import FlatLoRAConfig
+    from flatlora.kernels import resolve_generator
+
+    assert FlatLoRAConfig().generator == "auto"
+    with pytest.raises(ValueError, match="generator"):
+        FlatLoRAConfig(generator="curand")
+    assert resolve_generator("auto", "cpu") == "torch"
+    assert resolve_generator("philox", "cpu") == "philox"
