@@ -1,0 +1,357 @@
+"""Overhead of Flat-LoRA next to plain LoRA, the reference behaviour and SAM: one script, one GPU call.
+
+    python benchmarks/overhead/run.py --out $OUT [--anchor .carry/anchor_overhead.py] [--only acc1,acc16,...]
+    python benchmarks/overhead/run.py --smoke --out /tmp/ovh          # tiny shapes, CPU, < 30 s
+
+Variants per setting: `lora` (plain PEFT LoRA step), `flatlora-inplace`, `flatlora-forward` (the engine,
+generator=auto: Triton Philox kernels on CUDA), `reference` (the public reference code's perturb/restore,
+taken from the carried anchor_overhead.py at run time and applied to this very model), `sam` (SAM on
+the LoRA parameters: two forward/backward passes per step). Settings: Llama-2-7B shapes at accumulation
+1 (micro 4x512) and 16 (micro 2x1024); a MiniLM-L6-shaped text classifier (batch 32x64); a size sweep
+(~1B/3B/7B Llama shapes; plus two token counts at ~1B) and an exactness check (bf16/fp16 weights
+bit-identical after 1000 steps, both modes). Median of CUDA-synchronised step times after warm-up;
+peak memory per variant. Writes overhead-<device>.json (rows + provenance) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src"))
+
+from flatlora import FlatLoRA, FlatLoRAConfig  # noqa: E402
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SIZES = {  # hidden, intermediate, layers, heads
+    "llama-1b": (2048, 5632, 22, 16),
+    "llama-3b": (3200, 8640, 26, 32),
+    "llama-7b": (4096, 11008, 32, 32),
+    "tiny": (64, 128, 2, 4),
+    "tiny2": (128, 256, 2, 4),
+}
+
+
+# ------------------------------------------------------------------------------------ models
+def build_llama(size: str, dev: str, vocab: int):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h, inter, nl, heads = SIZES[size]
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=nl, num_attention_heads=heads,
+                      num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=4096)
+    cfg._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    g = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02, generator=g)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=PROJ, lora_dropout=0.0))
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, LoraLinear):
+                for ab in (mod.lora_A.default, mod.lora_B.default):
+                    ab.weight.data = ab.weight.data.float()  # fp32 adapters on a 16-bit base (the paper's setup)
+                mod.lora_B.default.weight.normal_(0, 1e-3, generator=g)
+    return model
+
+
+def build_minilm(dev: str, tiny: bool):
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    h, layers, heads, inter = (64, 2, 4, 128) if tiny else (384, 6, 12, 1536)
+    cfg = BertConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=inter,
+                     vocab_size=30522, num_labels=2)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(cfg).to(dev)
+    lcfg = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"], lora_dropout=0.0,
+                      task_type="SEQ_CLS")
+    return get_peft_model(model, lcfg)
+
+
+# ------------------------------------------------------------------------------------ timing
+def sync(dev):
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(body, dev, n, warm):
+    for _ in range(warm):
+        body()
+    sync(dev)
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ts = []
+    for _ in range(n):
+        sync(dev)
+        t0 = time.perf_counter()
+        body()
+        sync(dev)
+        ts.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
+    return {"median_ms": 1000 * statistics.median(ts), "min_ms": 1000 * min(ts), "peak_mem_gib": peak, "n_steps": n}
+
+
+def load_reference(path: str | None, namespace: dict):
+    """perturb_official / restore_official from the anchor script, bound to `namespace` (no code copied:
+    the function definitions are read from the carried file at run time; its top-level code is not run)."""
+    if not path or not Path(path).exists():
+        return None
+    tree = ast.parse(Path(path).read_text())
+    keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("perturb_official", "restore_official")]
+    if len(keep) != 2:
+        return None
+    exec(compile(ast.Module(body=keep, type_ignores=[]), path, "exec"), namespace)
+    return namespace["perturb_official"], namespace["restore_official"]
+
+
+def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05):
+    """{variant: (step closure, engine or None)}; each closure runs one optimizer step."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    batches = [batch_fn(i) for i in range(ga)]
+
+    def fwd_bwd(b):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            loss = model(**b).loss
+        loss.backward()
+
+    def lora():
+        opt.zero_grad(set_to_none=True)
+        for b in batches:
+            fwd_bwd(b)
+        opt.step()
+
+    out = {"lora": (lora, None)}
+    for mode in ("inplace", "forward"):
+        flat = FlatLoRA(model, FlatLoRAConfig(sigma=sigma, schedule="constant", mode=mode, seed=0))
+
+        def flat_step(flat=flat):
+            opt.zero_grad(set_to_none=True)
+            with flat.step():
+                for b in batches:
+                    fwd_bwd(b)
+            opt.step()
+
+        out[f"flatlora-{mode}"] = (flat_step, flat)
+
+    ns = {"np": np, "torch": torch, "time": time, "math": math, "state": {"seed": 0, "norms": []},
+          "lora_mods": [m for m in model.modules() if isinstance(m, LoraLinear)]}
+    ref = load_reference(anchor, ns)
+    if ref is not None:
+        perturb_official, restore_official = ref
+
+        def reference():
+            opt.zero_grad(set_to_none=True)
+            perturb_official()
+            for b in batches:
+                fwd_bwd(b)
+            restore_official()
+            opt.step()
+
+        out["reference"] = (reference, None)
+
+    def sam(rho=0.05):
+        opt.zero_grad(set_to_none=True)
+        for b in batches:
+            fwd_bwd(b)
+        with torch.no_grad():
+            gn = torch.norm(torch.stack([p.grad.norm() for p in params]))
+            es = [p.grad * (rho / (gn + 1e-12)) for p in params]
+            for p, e in zip(params, es):
+                p.add_(e)
+        opt.zero_grad(set_to_none=True)
+        for b in batches:
+            fwd_bwd(b)
+        with torch.no_grad():
+            for p, e in zip(params, es):
+                p.sub_(e)
+        opt.step()
+
+    out["sam"] = (sam, None)
+    return out
+
+
+def run_setting(name, model, batch_fn, ga, args, rows, variants=None, extra=None):
+    fns = step_fns(model, batch_fn, ga, args.dev, args.anchor)
+    base = None
+    for variant, (fn, flat) in fns.items():
+        if variants and variant not in variants:
+            continue
+        r = timed(fn, args.dev, args.steps if ga == 1 else args.steps_ga, 1 if ga > 1 or args.smoke else args.warmup)
+        row = {"setting": name, "variant": variant, **r, **(extra or {})}
+        if flat is not None and flat.mode == "inplace":
+            row["restore_record_bytes"] = flat.metrics().get("flatlora/restore_record_bytes", 0.0)
+            row["base_weight_bytes"] = sum(t.weight.numel() * t.weight.element_size() for t in flat.targets)
+        if flat is not None:
+            row["generator"] = flat.config.generator
+        if variant == "lora":
+            base = r["median_ms"]
+        row["ratio_vs_lora"] = r["median_ms"] / base if base else None
+        rows.append(row)
+        print(f"  {name:<22} {variant:<18} {r['median_ms']:10.2f} ms  x{row['ratio_vs_lora'] or 0:6.3f}  "
+              f"peak {r['peak_mem_gib']:7.2f} GiB" + (f"  record {row['restore_record_bytes'] / 2**20:.1f} MiB"
+                                                     if "restore_record_bytes" in row else ""), flush=True)
+        gc.collect()
+
+
+def llama_batch(vocab, bs, seq, dev):
+    def make(i):
+        g = torch.Generator(device=dev).manual_seed(100 + i)
+        x = torch.randint(0, vocab, (bs, seq), device=dev, generator=g)
+        return {"input_ids": x, "labels": x}
+
+    return make
+
+
+def bench_llama(args, rows, setting, size, bs, seq, ga, variants=None):
+    vocab = 256 if args.smoke else 32000
+    model = build_llama(size, args.dev, vocab)
+    n_params = sum(p.numel() for n, p in model.named_parameters() if any(k in n for k in PROJ) and "lora" not in n)
+    run_setting(setting, model, llama_batch(vocab, bs, seq, args.dev), ga, args, rows, variants,
+                {"model": size, "micro_batch": [bs, seq], "accumulation": ga, "tokens_per_step": bs * seq * ga,
+                 "base_linear_params": n_params})
+    del model
+    gc.collect()
+    if args.dev == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_minilm(args, rows):
+    model = build_minilm(args.dev, args.smoke)
+
+    def make(i):
+        g = torch.Generator(device=args.dev).manual_seed(i)
+        x = torch.randint(0, 30522, (32, 64), device=args.dev, generator=g)
+        return {"input_ids": x, "labels": torch.randint(0, 2, (32,), device=args.dev, generator=g)}
+
+    steps = args.steps
+    args.steps = max(args.steps, 3 if args.smoke else 50)
+    run_setting("minilm-l6 32x64", model, make, 1, args, rows, None, {"model": "minilm-l6-shape", "micro_batch": [32, 64]})
+    args.steps = steps
+
+
+def bench_exact(args, rows):
+    """bf16/fp16 frozen weights bit-identical after N steps, both modes (engine on one 4096^2 LoRA layer)."""
+    from peft import LoraConfig, get_peft_model
+
+    n, steps = (64, 20) if args.smoke else (4096, 1000)
+    for dtype in (torch.bfloat16, torch.float16):
+        for mode in ("inplace", "forward"):
+            torch.manual_seed(0)
+            lin = torch.nn.Sequential(torch.nn.Linear(n, n, bias=False)).to(args.dev)
+            with torch.no_grad():
+                lin[0].weight.normal_(0, 0.02)
+            lin = lin.to(dtype)
+            pm = get_peft_model(lin, LoraConfig(r=8, lora_alpha=16, target_modules=["0"], init_lora_weights=False))
+            w = pm.base_model.model[0].base_layer.weight
+            w0 = w.detach().clone()
+            flat = FlatLoRA(pm, FlatLoRAConfig(sigma=0.1, total_steps=steps, mode=mode, seed=1))
+            opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
+            x = torch.randn(8, n, device=args.dev, dtype=dtype)
+            records, t0 = [], time.perf_counter()
+            for t in range(steps):
+                with flat.step(t):
+                    pm(x).float().pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                records.append(flat.metrics().get("flatlora/restore_record_bytes", 0.0))
+            sync(args.dev)
+            ints = torch.int16
+            same = bool(torch.equal(w.detach().view(ints), w0.view(ints)))
+            row = {"setting": "exactness", "variant": f"flatlora-{mode}", "dtype": str(dtype).split(".")[-1],
+                   "steps": steps, "bit_identical": same, "secs": time.perf_counter() - t0,
+                   "max_record_bytes": max(records), "weight_bytes": w.numel() * w.element_size(),
+                   "generator": flat.config.generator}
+            rows.append(row)
+            print(f"  exactness {row['dtype']:<9} {mode:<8} {steps} steps: bit-identical={same}  "
+                  f"max record {max(records) / 2**20:.2f} MiB of {row['weight_bytes'] / 2**20:.0f} MiB", flush=True)
+
+
+def provenance(args):
+    info = {"device": torch.cuda.get_device_name(0) if args.dev == "cuda" else platform.processor() or "cpu",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "command": " ".join([Path(sys.executable).name] + sys.argv), "smoke": args.smoke,
+            "anchor": args.anchor if args.anchor and Path(args.anchor).exists() else None}
+    for mod in ("triton", "peft", "transformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as e:  # a missing optional package is recorded, not fatal
+            info[mod] = f"missing ({type(e).__name__})"
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--anchor", default=".carry/anchor_overhead.py", help="the carried reference script")
+    ap.add_argument("--only", default="acc1,acc16,minilm,sweep,exact")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (accumulation 1)")
+    ap.add_argument("--steps-ga", type=int, default=4, help="timed steps (accumulation 16; each is 16 micro-batches)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device (checks the script, not speed)")
+    args = ap.parse_args(argv)
+    args.dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.smoke:
+        args.steps, args.steps_ga, args.warmup = 2, 1, 1
+    only = set(args.only.split(","))
+    big = "tiny" if args.smoke else "llama-7b"
+    rows: list[dict] = []
+    info = provenance(args)
+    print(json.dumps(info), flush=True)
+    t_all = time.perf_counter()
+    if "acc1" in only:
+        bench_llama(args, rows, "acc1 micro 4x512", big, 4, 16 if args.smoke else 512, 1)
+    if "acc16" in only:
+        bench_llama(args, rows, "acc16 micro 2x1024", big, 2, 32 if args.smoke else 1024, 2 if args.smoke else 16)
+    if "minilm" in only:
+        bench_minilm(args, rows)
+    if "sweep" in only:
+        sizes = ["tiny", "tiny2"] if args.smoke else ["llama-1b", "llama-3b", "llama-7b"]
+        keep = ["lora", "flatlora-inplace", "flatlora-forward"]
+        for size in sizes:
+            bench_llama(args, rows, f"sweep {size} 4x512", size, 4, 16 if args.smoke else 512, 1, keep)
+        for bs in (1, 8):  # tokens: the in-place overhead should not move; forward mode's share does
+            bench_llama(args, rows, f"sweep {sizes[0]} {bs}x512", sizes[0], bs, 16 if args.smoke else 512, 1, keep)
+    if "exact" in only:
+        bench_exact(args, rows)
+    info["total_secs"] = time.perf_counter() - t_all
+    slug = "smoke-" + args.dev if args.smoke else torch.cuda.get_device_name(0).lower().replace(" ", "-") if args.dev == "cuda" else "cpu"
+    if args.only != ap.get_default("only"):
+        slug += "-" + args.only.replace(",", "+")  # a partial run: merge the parts' rows into one file later
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"overhead-{slug}.json"
+    path.write_text(json.dumps({"provenance": info, "rows": rows}, indent=1))
+    print(f"wrote {path} ({info['total_secs']:.0f} s)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

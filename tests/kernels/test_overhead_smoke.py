@@ -1,0 +1,32 @@
+"""benchmarks/overhead/run.py --smoke: tiny shapes on CPU, every setting and variant, JSON rows written."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ANCHOR = Path("/work/shared/bench/anchor_overhead.py")
+
+
+def test_overhead_benchmark_smoke(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("overhead_run", ROOT / "benchmarks/overhead/run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    rows = run.main(["--smoke", "--out", str(tmp_path), "--anchor", str(ANCHOR)])
+    data = json.loads(next(tmp_path.glob("overhead-*.json")).read_text())
+    assert data["rows"] == json.loads(json.dumps(rows))
+    for key in ("device", "date", "torch", "triton", "peft", "command"):
+        assert key in data["provenance"]
+    timed = [r for r in rows if r["setting"] != "exactness"]
+    assert {r["variant"] for r in timed} >= {"lora", "flatlora-inplace", "flatlora-forward", "sam"}
+    for r in timed:
+        assert r["median_ms"] > 0 and r["ratio_vs_lora"] > 0 and "peak_mem_gib" in r
+    assert all("restore_record_bytes" in r for r in timed if r["variant"] == "flatlora-inplace")
+    exact = [r for r in rows if r["setting"] == "exactness"]
+    assert len(exact) == 4 and all(r["bit_identical"] for r in exact)
+    if ANCHOR.exists():
+        assert any(r["variant"] == "reference" for r in timed)
