@@ -49,7 +49,7 @@ class _Window:
     step: int
     sigma: float
     draws: dict[str, Draw] = field(default_factory=dict)
-    patches: dict[str, inplace.Patch] = field(default_factory=dict)
+    applied: list[inplace.Applied] = field(default_factory=list)
     data_ptrs: dict[str, int] = field(default_factory=dict)
     armed: list[Target] = field(default_factory=list)
 
@@ -208,12 +208,13 @@ class FlatLoRA:
         try:
             with deferred_sigint():
                 if self.mode == "inplace":
+                    # All draws first (the std is fixed from the clean weights), then apply them.
                     for t in self.targets:
-                        rows = _local_rows(t.weight)
-                        draw = self._draw(t, step, sigma, rows)
-                        window.draws[t.name] = draw
+                        window.draws[t.name] = self._draw(t, step, sigma, _local_rows(t.weight))
                         window.data_ptrs[t.name] = inplace._local(t.weight).data_ptr()
-                        window.patches[t.name] = inplace.perturb(t, draw)
+                    pairs = [(t, window.draws[t.name]) for t in self.targets]
+                    for applied in inplace.perturb_all(pairs):
+                        window.applied.append(applied)
                 else:
                     for t in self.targets:
                         forward.arm(t, self._lazy_draw(window, t))
@@ -269,7 +270,7 @@ class FlatLoRA:
         window = self._window
         if window is None:
             raise RuntimeError("end_step() without an open window: call begin_step(t) first (or use `with flat.step(t):`).")
-        self._record_bytes = sum(p.nbytes for p in window.patches.values())
+        self._record_bytes = sum(a.nbytes for a in window.applied)
         try:
             with deferred_sigint():
                 self._close(window)
@@ -282,12 +283,13 @@ class FlatLoRA:
     def _close(self, window: _Window) -> None:
         # Entries are popped as they are undone, so a close that fails part-way can be finished later.
         errors = []
-        for name in list(window.patches):
-            t = self._by_name[name]
-            if inplace._local(t.weight).data_ptr() != window.data_ptrs[name]:
-                errors.append(name)
+        while window.applied:
+            applied = window.applied.pop()
+            replaced = [t.name for t in applied.targets if inplace._local(t.weight).data_ptr() != window.data_ptrs[t.name]]
+            if replaced:
+                errors += replaced
                 continue
-            inplace.restore(t, window.draws[name], window.patches.pop(name))
+            inplace.restore_applied(applied)
         while window.armed:
             forward.disarm(window.armed.pop())
         self._bn.thaw()
@@ -323,7 +325,7 @@ class FlatLoRA:
     # ------------------------------------------------------------------ reporting and state
     def _metrics(self, window: _Window) -> dict[str, float]:
         m = {"flatlora/sigma": window.sigma, "flatlora/step": float(window.step)}
-        if window.patches or self.mode == "inplace":
+        if self.mode == "inplace":
             m["flatlora/restore_record_bytes"] = float(self._record_bytes)
         return m
 
@@ -335,7 +337,7 @@ class FlatLoRA:
     def restore_record_bytes(self) -> int:
         """Bytes of the in-place restore record held by the open window (0 when closed)."""
         w = self._window
-        return sum(p.nbytes for p in w.patches.values()) if w else 0
+        return sum(a.nbytes for a in w.applied) if w else 0
 
     def state_dict(self) -> dict[str, Any]:
         """What resuming needs: the config (seed, schedule, ...) and the last step. The noise itself is

@@ -15,6 +15,7 @@ draw, write round(W + eps), append the off entries to a per-tile record) and res
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 
@@ -68,15 +69,9 @@ def check_dtype(t: Target) -> None:
 
 
 @torch.no_grad()
-def perturb(t: Target, draw: Draw):
-    """W <- round(W + eps); returns what `restore` needs to give W back bit for bit (a Patch, or a
-    kernel Record)."""
+def perturb(t: Target, draw: Draw) -> Patch:
+    """W <- round(W + eps) with the torch ops; returns the Patch that makes `restore` exact."""
     w = _local(t.weight)
-    layer = _kernel_layer(t, w, draw)
-    if layer is not None:
-        from ..kernels import triton_noise
-
-        return triton_noise.perturb_group([layer])
     eps = draw.storage(t, w)
     noisy = (w.float() + eps).to(w.dtype)
     replay = (noisy.float() - eps).to(w.dtype)
@@ -88,14 +83,53 @@ def perturb(t: Target, draw: Draw):
 
 
 @torch.no_grad()
-def restore(t: Target, draw: Draw, patch) -> None:
+def restore(t: Target, draw: Draw, patch: Patch) -> None:
     w = _local(t.weight)
-    if not isinstance(patch, Patch):  # a kernel record (triton_noise.Record)
-        from ..kernels import triton_noise
-
-        triton_noise.restore_group([_kernel_layer(t, w, draw)], patch)
-        return
     eps = draw.storage(t, w)
     clean = (w.float() - eps).to(w.dtype).contiguous()
     clean.view(-1)[patch.index.long()] = patch.values
     w.copy_(clean)
+
+
+@dataclass
+class Applied:
+    """Noise applied to one layer (torch path) or to a group of same-dtype layers in one kernel launch."""
+
+    targets: list[Target]
+    draws: list[Draw]
+    record: Any  # Patch, or a kernel Record for a group
+    layers: list | None = None  # kernel Layers of a group; None for the torch path
+
+    @property
+    def nbytes(self) -> int:
+        return self.record.nbytes
+
+
+def perturb_all(pairs: list[tuple[Target, Draw]]) -> Iterator[Applied]:
+    """Perturb every (target, draw); yields each Applied as soon as it is in place, so a failure part-way
+    leaves the caller knowing exactly what to undo. Layers the Triton kernels serve go in one launch per
+    dtype (small models are launch-bound); the rest take the torch path one by one."""
+    groups: dict[torch.dtype, list[tuple[Target, Draw, Any]]] = {}
+    for t, draw in pairs:
+        w = _local(t.weight)
+        layer = _kernel_layer(t, w, draw)
+        if layer is None:
+            yield Applied([t], [draw], perturb(t, draw))
+        else:
+            groups.setdefault(w.dtype, []).append((t, draw, layer))
+    if groups:
+        from ..kernels import triton_noise
+
+        for items in groups.values():
+            layers = [layer for _, _, layer in items]
+            record = triton_noise.perturb_group(layers)
+            yield Applied([t for t, _, _ in items], [d for _, d, _ in items], record, layers)
+
+
+def restore_applied(a: Applied) -> None:
+    if a.layers is None:
+        restore(a.targets[0], a.draws[0], a.record)
+    else:
+        from ..kernels import triton_noise
+
+        triton_noise.restore_group(a.layers, a.record)
