@@ -1,0 +1,130 @@
+"""Methods compared by the runner: LoRA and its variants (paper Table 4), full fine-tuning, SAM baselines,
+and the Flat- version of each (the same method with the Flat-LoRA engine switched on).
+
+Variants come from PEFT itself: DoRA (`use_dora`), PiSSA (`init_lora_weights="pissa"`), LoRA-GA
+(`init_lora_weights="lora_ga"` after `peft.preprocess_loraga`), rsLoRA (`use_rslora`) and LoRA+
+(`peft.optimizers.create_loraplus_optimizer`). SAM baselines (paper v2 Table 6) live in
+`flatlora.baselines.sam`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+ADAPTERS = ("lora", "dora", "pissa", "lora-ga", "rslora", "lora+", "full")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    adapter: str                 # one of ADAPTERS
+    flat: bool = False           # Flat-LoRA engine on
+    sam: str | None = None       # None | "ab" (LoRA-SAM on A, B) | "w" (SAM on the merged weight)
+    help: str = ""
+
+    @property
+    def full(self) -> bool:
+        return self.adapter == "full"
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if method.name in _METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    if method.adapter not in ADAPTERS:
+        raise ValueError(f"method {method.name!r}: adapter must be one of {ADAPTERS}, got {method.adapter!r}")
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
+    return _METHODS[name]
+
+
+def list_methods() -> list[str]:
+    return list(_METHODS)
+
+
+def paired_baseline(name: str) -> str | None:
+    """The method a result is compared with by default: flat-X -> X, SAM baselines -> lora."""
+    m = get_method(name)
+    if m.flat:
+        return m.name[len("flat-"):]
+    if m.sam:
+        return "lora"
+    return None
+
+
+_HELP = {
+    "lora": "LoRA (Hu et al. 2022)",
+    "dora": "DoRA: weight-decomposed LoRA (PEFT use_dora)",
+    "pissa": "PiSSA: LoRA initialised from the principal singular vectors (PEFT init_lora_weights='pissa')",
+    "lora-ga": "LoRA-GA: LoRA initialised from gradient SVD (PEFT preprocess_loraga)",
+    "rslora": "rsLoRA: scale alpha/sqrt(r) (PEFT use_rslora)",
+    "lora+": "LoRA+: lr of B = ratio x lr of A (PEFT create_loraplus_optimizer)",
+    "full": "full fine-tuning (every parameter trained, lr = train.full_lr)",
+}
+for _a in ADAPTERS:
+    register_method(Method(_a, _a, help=_HELP[_a]))
+    register_method(Method(f"flat-{_a}", _a, flat=True, help=f"Flat-{_HELP[_a].split(':')[0]} (+ Flat-LoRA noise)"))
+register_method(Method("lora-sam", "lora", sam="ab", help="LoRA-SAM: SAM on the adapter parameters A, B (rho = sam_rho)"))
+register_method(Method("sam-w", "lora", sam="w", help="LoRA + SAM on the merged weight W + sBA (rho = sam_rho)"))
+
+
+def lora_config(method: Method, *, r: int, alpha: float, dropout: float, targets: Any, modules_to_save: Any):
+    """The PEFT LoraConfig of an adapter method."""
+    import peft
+
+    kw: dict[str, Any] = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                              modules_to_save=modules_to_save)
+    if method.adapter == "dora":
+        kw["use_dora"] = True
+    elif method.adapter == "pissa":
+        kw["init_lora_weights"] = "pissa"
+    elif method.adapter == "rslora":
+        kw["use_rslora"] = True
+    elif method.adapter == "lora-ga":
+        kw["init_lora_weights"] = "lora_ga"
+        kw["lora_ga_config"] = peft.LoraGAConfig()
+    return peft.LoraConfig(**kw)
+
+
+def prepare_model(method: Method, model: nn.Module, *, lora_cfg=None, grad_step: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """Wrap `model` for `method`: PEFT adapters, or every parameter trainable for full fine-tuning.
+
+    Args:
+        grad_step: LoRA-GA only: runs forward + backward of a few training batches on the given model
+            (its gradients pick the initial subspace).
+    """
+    if method.full:
+        model.requires_grad_(True)
+        return model
+    import peft
+
+    if method.adapter == "lora-ga":
+        if grad_step is None:
+            raise ValueError("lora-ga needs training batches to estimate gradients (grad_step)")
+        peft.preprocess_loraga(model, lora_cfg, lambda: grad_step(model))
+        model.zero_grad(set_to_none=True)
+    return peft.get_peft_model(model, lora_cfg)
+
+
+def create_optimizer(method: Method, model: nn.Module, *, lr: float, weight_decay: float, loraplus_ratio: float):
+    """AdamW over the trainable parameters (LoRA+ gives B a `loraplus_ratio` times larger lr)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"method {method.name!r} left no trainable parameter: check lora.targets")
+    if method.adapter == "lora+":
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=loraplus_ratio,
+                                         weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
