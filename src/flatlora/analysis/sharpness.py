@@ -152,7 +152,8 @@ def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, *, rho: float = 0.05
     """max_{δ ∈ B_ρ} L(W' + δ) − L(W'), lower-bounded by `steps` projected normalised-gradient ascent steps.
 
     Returns:
-        rho, ball, steps, increase (best loss − base), losses (loss at each iterate, starting at δ = 0).
+        rho, ball, steps, increase (best loss − base), losses (loss at each iterate, starting at δ = 0),
+        radius (the final δ's size in units of the ball: max_i ‖δ_i‖/‖W'_i‖, or ‖δ‖/‖W'‖; ≤ ρ).
 
     Example:
         >>> net = nn.Linear(4, 1)
@@ -183,7 +184,12 @@ def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, *, rho: float = 0.05
             losses.append(_value(loss))
             step = _ascent_step(g, r, R, ball)
             delta = _project(combine([1.0, eta], [delta, step]), r, R, rho, ball)
-    return {"rho": rho, "ball": ball, "steps": steps, "increase": max(losses) - losses[0], "losses": losses}
+        if ball == "filter":
+            radius = max(float((d.norm(dim=1) / ri.clamp_min(1e-30)).max()) for d, ri in zip(delta, r))
+        else:
+            radius = float(norm(delta)) / max(R, 1e-30)
+    return {"rho": rho, "ball": ball, "steps": steps, "increase": max(losses) - losses[0], "losses": losses,
+            "radius": radius}
 
 
 # ---------------------------------------------------------------------- (c) Hessian
