@@ -75,16 +75,17 @@ _HELP = {
 for _a in ADAPTERS:
     register_method(Method(_a, _a, help=_HELP[_a]))
     register_method(Method(f"flat-{_a}", _a, flat=True, help=f"Flat-{_HELP[_a].split(':')[0]} (+ Flat-LoRA noise)"))
-register_method(Method("lora-sam", "lora", sam="ab", help="LoRA-SAM: SAM on the adapter parameters A, B (rho = sam_rho)"))
-register_method(Method("sam-w", "lora", sam="w", help="LoRA + SAM on the merged weight W + sBA (rho = sam_rho)"))
+register_method(Method("lora-sam", "lora", sam="ab", help="LoRA-SAM: SAM on the adapter parameters A, B (rho = sam_rho_ab)"))
+register_method(Method("sam-w", "lora", sam="w", help="LoRA + SAM on the merged weight W + sBA (rho = sam_rho_w)"))
 
 
-def lora_config(method: Method, *, r: int, alpha: float, dropout: float, targets: Any, modules_to_save: Any):
-    """The PEFT LoraConfig of an adapter method."""
+def lora_config(method: Method, *, r: int, alpha: float, dropout: float, targets: Any, modules_to_save: Any,
+                task_type: str | None = None):
+    """The PEFT LoraConfig of an adapter method (task_type="CAUSAL_LM" gives the PEFT model `generate`)."""
     import peft
 
     kw: dict[str, Any] = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                              modules_to_save=modules_to_save)
+                              modules_to_save=modules_to_save, task_type=task_type)
     if method.adapter == "dora":
         kw["use_dora"] = True
     elif method.adapter == "pissa":

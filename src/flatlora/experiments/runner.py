@@ -41,7 +41,7 @@ from .tasks.base import Task
 
 # Data orders outside the training epochs, so they never coincide with an epoch of the run.
 LORA_GA_EPOCH, CALIBRATION_EPOCH = 1_000_000, 1_000_001
-RUN_FIELDS = ("task", "task_args", "model", "lora", "train", "flat", "sam_rho")  # what makes two runs comparable
+RUN_FIELDS = ("task", "task_args", "model", "lora", "train", "flat", "sam_rho_ab", "sam_rho_w")  # what makes two runs comparable
 
 
 def run_key(spec: ExperimentSpec) -> dict[str, Any]:
@@ -102,7 +102,8 @@ def _build(spec: ExperimentSpec, method: Method, rank: int, seed: int, task: Tas
         lo = spec.lora
         cfg = lora_config(method, r=rank, alpha=lo.alpha, dropout=lo.dropout,
                           targets=lo.targets if lo.targets is not None else task.default_targets,
-                          modules_to_save=lo.modules_to_save if lo.modules_to_save is not None else task.default_modules_to_save)
+                          modules_to_save=lo.modules_to_save if lo.modules_to_save is not None else task.default_modules_to_save,
+                          task_type=task.peft_task_type)
 
         def grad_step(m):  # LoRA-GA: gradients of a few seeded training batches pick the init
             for i, b in enumerate(task.batches(spec.train.batch_size, seed, LORA_GA_EPOCH, device)):
@@ -165,11 +166,11 @@ def run_one(spec: ExperimentSpec, run_dir: str | Path, *, method: str | None = N
     if m.sam == "ab":
         from ..baselines.sam import LoRASAM
 
-        sam = LoRASAM(trainable, rho=spec.sam_rho)
+        sam = LoRASAM(trainable, rho=spec.sam_rho_ab)
     elif m.sam == "w":
         from ..baselines.sam import MergedWeightSAM
 
-        sam = MergedWeightSAM(model, rho=spec.sam_rho)
+        sam = MergedWeightSAM(model, rho=spec.sam_rho_w)
 
     partial = run_dir.with_name(run_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # an interrupted attempt: start it over
@@ -197,6 +198,8 @@ def run_one(spec: ExperimentSpec, run_dir: str | Path, *, method: str | None = N
                 sigma = flat.sigma_at(step) if flat else 0.0
                 curve.writerow([step, epoch, f"{loss:.6f}", f"{sched.get_last_lr()[0]:.3e}", f"{sigma:.5f}",
                                 f"{time.time() - start:.2f}"])
+                if step % 20 == 0:
+                    curve_f.flush()  # a long run can be watched (tail -f curve.csv) while it trains
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", sigma=f"{sigma:.3f}")
                 window, step = [], step + 1

@@ -66,7 +66,8 @@ class ExperimentSpec:
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
     flat: dict = field(default_factory=lambda: {"sigma": 0.05}, metadata={"help": "FlatLoRAConfig fields"})
-    sam_rho: float = field(default=0.05, metadata={"help": "SAM radius (paper v2 Table 6: 0.05 on W, 0.003 on A,B)"})
+    sam_rho_ab: float = field(default=0.003, metadata={"help": "LoRA-SAM radius on (A, B) (paper v2 Table 6 best: 0.003)"})
+    sam_rho_w: float = field(default=0.05, metadata={"help": "SAM radius on the merged W (paper v2 Table 6 best: 0.05)"})
     out_dir: str = field(default="runs/default", metadata={"help": "results folder (one sub-folder per run)"})
     plot: bool = field(default=True, metadata={"help": "compare: save plot.png (needs matplotlib)"})
     description: str = field(default="", metadata={"help": "free text recorded with the results"})
@@ -99,7 +100,8 @@ class ExperimentSpec:
         _positive_int("train.eval_batch_size", t.eval_batch_size)
         if t.max_steps is not None:
             _positive_int("train.max_steps", t.max_steps)
-        for name, v in [("train.lr", t.lr), ("train.full_lr", t.full_lr), ("train.epochs", t.epochs)]:
+        for name, v in [("train.lr", t.lr), ("train.full_lr", t.full_lr), ("train.epochs", t.epochs),
+                        ("sam_rho_ab", self.sam_rho_ab), ("sam_rho_w", self.sam_rho_w)]:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
         if not 0 <= t.warmup_ratio < 1:

@@ -24,6 +24,7 @@ class Task:
     primary_metric: str = "test/accuracy"
     default_targets: Any = "all-linear"
     default_modules_to_save: Any = None
+    peft_task_type: str | None = None  # "CAUSAL_LM" for generation tasks (PEFT then offers generate)
 
     def build_model(self) -> nn.Module:
         """The base model (no adapters), in train mode, on CPU."""

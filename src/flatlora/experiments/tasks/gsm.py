@@ -1,0 +1,255 @@
+"""Math word problems with a causal LM: GSM-style templates (offline) and MetaMathQA -> GSM8K (hub).
+
+`gsm-templates`: the 100 GSM8K-derived generators of GSM-Symbolic as packaged in reasoning-gym
+(`generate_N(rng, difficulty)` -> question, metadata.answer_cot ending `#### N`, metadata.answer_value), minus
+the 15 the package marks as needing a fix. Problems are generated, so the split is **by template**:
+a seeded shuffle puts whole templates in train or test, otherwise test questions share their exact
+structure with training ones. Metric: exact match of the final number (after `####`, else the last
+number in the completion), greedy decoding. The model learns the answer tokens only (prompt masked).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..models import HashTokenizer, ModelRef, hub_error, resolve_model, tiny_config
+from . import register_task
+from .base import Task, fingerprint, require_nonempty
+
+NEEDS_FIX = (32, 35, 37, 61, 63, 65, 74, 76, 77, 79, 86, 87, 90, 97, 98)  # reasoning-gym's tasks_need_fix
+_LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+Row = tuple  # (id, prompt, target, answer as float or None, extra)
+
+
+def extract_number(text: str) -> float | None:
+    """The final answer of a completion: the number after '####', else the last number.
+
+    Example:
+        >>> extract_number("so 3 + 4 = 7\\n#### 7"), extract_number("it is 1,250 apples")
+        (7.0, 1250.0)
+    """
+    tail = text.split("####", 1)[1] if "####" in text else text
+    nums = _NUMBER.findall(tail)
+    if not nums:
+        return None
+    try:
+        return float((nums[0] if "####" in text else nums[-1]).replace(",", ""))
+    except ValueError:
+        return None
+
+
+def load_tokenizer_and_model(ref: ModelRef, with_model: bool = True):
+    """(tokenizer, causal LM) for a model reference; SmolLM2's gguf is dequantised once and cached as a folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if ref.kind == "tiny":
+        tok = HashTokenizer(vocab_size=tiny_config(ref.name).vocab_size)
+        return tok, (AutoModelForCausalLM.from_config(tiny_config(ref.name)) if with_model else None)
+    path, kw = ref.path, {}
+    if ref.path.endswith(".gguf"):
+        from ..paths import data_root
+
+        cache = data_root() / "models" / ref.name
+        if (cache / "config.json").exists():
+            path = str(cache)
+        else:  # first use: dequantise (about a minute), then keep a plain fp32 folder
+            gguf = Path(ref.path)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+            model.save_pretrained(cache)
+            tok.save_pretrained(cache)
+            path = str(cache)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32) if with_model else None
+    except OSError as e:
+        raise hub_error(ref, e) from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok, model
+
+
+class CausalLMTask(Task):
+    """Prompt -> target fine-tuning of a causal LM; evaluated by greedy generation (exact match of the number)."""
+
+    peft_task_type = "CAUSAL_LM"
+
+    def __init__(self, name: str, train: list[Row], evals: dict[str, list[Row]], model: str, max_length: int,
+                 max_new_tokens: int, info: dict[str, Any] | None = None, humaneval: int = 0):
+        require_nonempty(name, {"train": train, **evals})
+        self.name, self.max_length, self.max_new_tokens = name, max_length, max_new_tokens
+        self.ref = resolve_model(model)
+        self.tokenizer, _ = load_tokenizer_and_model(self.ref, with_model=False)
+        self.train_rows, self.eval_rows = train, evals
+        self.primary_metric = f"{next(iter(evals))}/exact_match" if evals else "humaneval/pass@1"
+        self.info, self.humaneval = info or {}, humaneval
+        self.default_targets = _LLAMA_TARGETS
+        self._train = [self._encode(r[1], r[2]) for r in train]
+
+    def _ids(self, text: str) -> list[int]:
+        if isinstance(self.tokenizer, HashTokenizer):
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _encode(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
+        p, t = self._ids(prompt), self._ids(target) + [self.tokenizer.eos_token_id]
+        ids = (p + t)[: self.max_length]
+        labels = ([-100] * len(p) + t)[: self.max_length]
+        return ids, labels
+
+    def build_model(self) -> nn.Module:
+        _, model = load_tokenizer_and_model(self.ref)
+        return model.train()
+
+    def num_train(self) -> int:
+        return len(self._train)
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        rows = [self._train[i] for i in indices]
+        n = max(len(r[0]) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(rows), n), pad, dtype=torch.long)
+        labels = torch.full((len(rows), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, (x, y) in enumerate(rows):
+            ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(**batch).loss
+
+    @torch.no_grad()
+    def generate(self, model: nn.Module, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[str]:
+        """Greedy completions (left-padded batches)."""
+        device = next(model.parameters()).device
+        pad = self.tokenizer.pad_token_id or 0
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            enc = [self._ids(p) for p in prompts[i:i + batch_size]]
+            n = max(len(e) for e in enc)
+            ids = torch.full((len(enc), n), pad, dtype=torch.long)
+            mask = torch.zeros((len(enc), n), dtype=torch.long)
+            for j, e in enumerate(enc):
+                ids[j, n - len(e):], mask[j, n - len(e):] = torch.tensor(e), 1
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id)
+            out += [self.tokenizer.decode(g[n:].tolist(), skip_special_tokens=True) for g in gen.cpu()]
+        return out
+
+    def evaluate(self, model: nn.Module, batch_size: int) -> dict[str, float]:
+        metrics = {}
+        for split, rows in self.eval_rows.items():
+            completions = self.generate(model, [r[1] for r in rows], batch_size, self.max_new_tokens)
+            hits = [_same(extract_number(c), r[3]) for c, r in zip(completions, rows)]
+            metrics[f"{split}/exact_match"] = sum(hits) / len(hits)
+        if self.humaneval:
+            from .humaneval import evaluate_humaneval
+
+            metrics["humaneval/pass@1"] = evaluate_humaneval(self, model, limit=self.humaneval)
+        return metrics
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.ref.name, "max_length": self.max_length, "max_new_tokens": self.max_new_tokens,
+                "sizes": {"train": len(self.train_rows), **{k: len(v) for k, v in self.eval_rows.items()}},
+                "fingerprints": {"train": fingerprint([r[0] for r in self.train_rows])}, **self.info}
+
+    def split_record(self) -> dict[str, list]:
+        return {"train": [r[0] for r in self.train_rows], **{k: [r[0] for r in v] for k, v in self.eval_rows.items()}}
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+
+# ---------------------------------------------------------------------- GSM templates (reasoning-gym)
+def load_generators(folder: Path) -> dict[int, Any]:
+    """generate_N functions of the two generator files, loaded by path (the package's __init__ pulls 11
+    unrelated dependencies; the generators need only its standard-library `utils.py`)."""
+    pkg_root = folder.parent.parent
+    if "reasoning_gym.utils" not in sys.modules:
+        pkg = types.ModuleType("reasoning_gym")
+        pkg.__path__ = []  # a namespace stub: only `utils` is ever imported from it
+        sys.modules.setdefault("reasoning_gym", pkg)
+        spec = importlib.util.spec_from_file_location("reasoning_gym.utils", pkg_root / "utils.py")
+        utils = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(utils)
+        sys.modules["reasoning_gym.utils"] = utils
+    gens: dict[int, Any] = {}
+    for f in ("generators_00_49.py", "generators_50_99.py"):
+        spec = importlib.util.spec_from_file_location(f"flatlora_gsm_{f[:-3]}", folder / f)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        gens.update({int(k.split("_")[1]): getattr(mod, k) for k in dir(mod) if re.fullmatch(r"generate_\d+", k)})
+    return gens
+
+
+def gsm_prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+@register_task("gsm-templates", "GSM-style math word problems from 85 GSM-Symbolic templates, train/test split BY "
+               "TEMPLATE, exact match of the final number (causal LM, greedy)", default_model="smollm2-135m", requires="math")
+def gsm_templates(*, model: str, train_per_template: int = 20, test_per_template: int = 5, test_fraction: float = 0.2,
+                  split_seed: int = 0, difficulty: float = 1.0, max_length: int = 320, max_new_tokens: int = 192,
+                  humaneval: int = 0) -> Task:
+    from ..fetch import gsm_dir
+    from ..paths import fetch_hint
+
+    d = gsm_dir()
+    if d is None:
+        raise ValueError(f"task 'gsm-templates' needs the GSM-Symbolic generators: {fetch_hint('math-data')}")
+    gens = load_generators(d)
+    templates = sorted(t for t in gens if t not in NEEDS_FIX)
+    random.Random(split_seed).shuffle(templates)
+    n_test = max(1, round(test_fraction * len(templates)))
+    test_t, train_t = sorted(templates[:n_test]), sorted(templates[n_test:])
+
+    def rows(ts: list[int], per: int, split: str) -> list[Row]:
+        out = []
+        for t in ts:
+            for i in range(per):
+                rng = random.Random(f"{split_seed}:{split}:{t}:{i}")
+                try:
+                    ex = gens[t](rng, difficulty)
+                except Exception:  # noqa: BLE001  (a generator can fail for some draws; skip the draw)
+                    continue
+                meta = ex.get("metadata", {})
+                cot = meta.get("answer_cot")
+                if not cot:
+                    continue
+                value = meta.get("answer_value")
+                out.append((f"t{t}:{split}{i}", gsm_prompt(ex["question"]), " " + cot,
+                            float(value) if isinstance(value, (int, float)) else extract_number(cot), t))
+        return out
+
+    info = {"source": "reasoning-gym 0.1.25 gsm_symbolic generators (GSM-Symbolic, from GSM8K)", "split_seed": split_seed,
+            "train_templates": train_t, "test_templates": test_t, "difficulty": difficulty}
+    return CausalLMTask("gsm-templates", rows(train_t, train_per_template, "train"),
+                        {"test": rows(test_t, test_per_template, "test")}, model, max_length, max_new_tokens, info,
+                        humaneval=humaneval)
+
+
+# ---------------------------------------------------------------------- MetaMathQA -> GSM8K (hub), the paper's protocol
+@register_task("metamathqa-gsm8k", "MetaMathQA (train, first train_size) -> GSM8K test, exact match (hub; the paper's "
+               "Llama-2-7B math protocol)", default_model="meta-llama/Llama-2-7b-hf", requires="hub")
+def metamathqa_gsm8k(*, model: str, train_size: int | None = 100000, test_size: int | None = None, max_length: int = 1024,
+                     max_new_tokens: int = 512) -> Task:
+    from .text import load_hub_dataset
+
+    train = load_hub_dataset("meta-math/MetaMathQA", None, "train")[:train_size]
+    test = load_hub_dataset("openai/gsm8k", "main", "test")[:test_size]
+    tr = [(f"mm:{i}", gsm_prompt(r["query"]), " " + r["response"], None, None) for i, r in enumerate(train)]
+    te = [(f"gsm8k:{i}", gsm_prompt(r["question"]), "", extract_number(r["answer"]), None) for i, r in enumerate(test)]
+    return CausalLMTask("metamathqa-gsm8k", tr, {"test": te}, model, max_length, max_new_tokens,
+                        {"source": "meta-math/MetaMathQA -> openai/gsm8k test"})
