@@ -1,0 +1,78 @@
+"""`flatlora landscape RUN_DIR ...` on runs of a tiny model: files written, model rebuilt from the folder."""
+
+import json
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("transformers")
+pytest.importorskip("yaml")
+
+from flatlora.cli import landscape as cli  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from flatlora.experiments import runner
+    from flatlora.experiments.spec import load_spec
+
+    root = tmp_path_factory.mktemp("runs")
+    data = root / "data.csv"
+    data.write_text("text,label\n" + "".join(f"{'good fine great' if i % 2 else 'bad awful poor'} {i},{i % 2}\n"
+                                           for i in range(40)))
+    spec = load_spec(None, [f"task=byo-text", f"task_args.path={data}", "model=tiny-bert", "train.max_steps=2",
+                            "train.batch_size=8", "lora.r=2", "train.threads=1"])
+    kept, build = {}, runner._build
+
+    def keep(*a, **k):
+        kept["m"] = build(*a, **k)
+        return kept["m"]
+
+    runner._build = keep
+    try:
+        dirs = []
+        for method in ("lora", "flat-lora"):
+            d = root / method
+            runner.run_one(spec, d, method=method, seed=0, progress=False)
+            from safetensors.torch import save_file
+
+            m = kept.pop("m")
+            train = {n for n, p in m.named_parameters() if p.requires_grad}
+            save_file({k: v.contiguous() for k, v in m.state_dict().items() if k in train}, str(d / "weights.safetensors"))
+            dirs.append((d, {k: v.clone() for k, v in m.state_dict().items()}))
+    finally:
+        runner._build = build
+    return dirs
+
+
+def test_load_run_rebuilds_the_trained_model(runs):
+    d, state = runs[1]
+    loaded = cli.load_run(d)
+    for k, v in loaded.model.state_dict().items():
+        assert v.dtype == state[k].dtype and bool((v == state[k]).all()), k
+    assert loaded.label == "flat-lora r=2"
+
+
+def test_cli_writes_figures_and_json(runs, tmp_path):
+    from flatlora.cli.main import main
+
+    out = tmp_path / "ls"
+    rc = main(["landscape", str(runs[0][0]), str(runs[1][0]), "--out", str(out), "--steps", "3", "--curve-steps", "3",
+               "--batches", "1", "--batch-size", "8", "--samples", "2", "--ascent-steps", "1", "--power-iters", "2",
+               "--trace-probes", "2", "--hvp", "fd", "--sigmas", "0.05"])
+    assert rc == 0
+    for f in ("surfaces.png", "curves.png", "sharpness.png", "sharpness.md", "landscape.json"):
+        assert (out / f).stat().st_size > 0
+    js = json.loads((out / "landscape.json").read_text())
+    assert list(js["models"]) == ["lora r=2", "flat-lora r=2"]
+    assert len(js["models"]["lora r=2"]["surface"]["loss"]) == 3
+
+
+def test_run_without_weights_says_what_is_missing(runs, tmp_path):
+    import shutil
+
+    d = tmp_path / "noweights"
+    shutil.copytree(runs[0][0], d)
+    (d / "weights.safetensors").unlink()
+    with pytest.raises(ValueError, match="weights.safetensors or adapter"):
+        cli.load_run(d)
