@@ -1,0 +1,53 @@
+"""Every integration example runs on its tiny default model (in-process; the scripts' main() with small args)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_plain_loop():
+    pytest.importorskip("peft")
+    assert load("plain_loop").main(steps=6, grad_accum=2)["sigma_last"] == 0.05
+
+
+def test_hf_trainer(tmp_path):
+    pytest.importorskip("transformers")
+    out = load("hf_trainer").main(steps=4, output_dir=str(tmp_path))
+    assert out["logged"][-1]["flatlora/sigma"] == 0.05 and out["sigma_last"] == 0.05
+
+
+def test_trl_sft(tmp_path):
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    out = load("trl_sft").main(steps=3, output_dir=str(tmp_path))
+    assert out["targets"] == 14 and out["sigmas"][-1] == 0.05  # 7 projections x 2 layers; ramp ends at sigma
+
+
+def test_lightning_loop():
+    pytest.importorskip("pytorch_lightning")
+    assert load("lightning_loop").main(max_steps=6)["flatlora/sigma"] == pytest.approx(0.05)
+
+
+def test_accelerate_loop():
+    pytest.importorskip("accelerate")
+    out = load("accelerate_loop").main(epochs=1)
+    assert out["steps"] == 8 and out["sigma_last"] == 0.05
+
+
+def test_torchrun_ddp_single_process(monkeypatch):
+    pytest.importorskip("peft")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29541")
+    out = load("torchrun_ddp").main(steps=4)
+    assert out["world"] == 1 and out["sigma_last"] == 0.05
