@@ -124,6 +124,11 @@ def test_flatter_minimum_ranks_flatter_under_all_metrics():
     assert rf.hessian["trace"] < rs.hessian["trace"]
     # paired draws: same seed -> same standard normals -> ratio of the expected increases is the curvature ratio
     assert rs.expected[0]["increase"] / rf.expected[0]["increase"] == pytest.approx(A_SHARP / A_FLAT, rel=0.05)
+    # paired over the same draws, the sharp minimum's excess is significant
+    from flatlora.analysis import paired_difference
+
+    diff = paired_difference(rf.expected[0], rs.expected[0])
+    assert diff["difference"] - diff["ci95"] > 0
     # the curves agree: the flat one rises less at every nonzero step
     cf = loss_landscape(flat, two_wells, dims=1, steps=5, span=0.2)
     cs = loss_landscape(sharp, two_wells, dims=1, steps=5, span=0.2)

@@ -9,9 +9,9 @@ Plots live in `flatlora.analysis.plot` (matplotlib, the [plot] extra), imported 
 """
 
 from .landscape import (LandscapeResult, WeightSpace, create_weight_space, eval_mode, loss_landscape, mean_over)
-from .sharpness import (HessianOperator, SharpnessResult, expected_sharpness, hessian_trace, sharpness_report,
-                        top_hessian_eigenvalue, worst_case_sharpness)
+from .sharpness import (HessianOperator, SharpnessResult, expected_sharpness, hessian_trace, paired_difference,
+                        sharpness_report, top_hessian_eigenvalue, worst_case_sharpness)
 
 __all__ = ["HessianOperator", "LandscapeResult", "SharpnessResult", "WeightSpace", "create_weight_space", "eval_mode",
-           "expected_sharpness", "hessian_trace", "loss_landscape", "mean_over", "sharpness_report",
+           "expected_sharpness", "hessian_trace", "loss_landscape", "mean_over", "paired_difference", "sharpness_report",
            "top_hessian_eigenvalue", "worst_case_sharpness"]

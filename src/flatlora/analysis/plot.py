@@ -57,7 +57,7 @@ def plot_surfaces(results: Mapping[str, LandscapeResult], path: str | Path, *, k
     lo, hi = shared_range([r for _, r in items], key, vmax)
     norm = colors.Normalize(vmin=lo, vmax=hi)
     lv = np.linspace(lo, hi, levels)
-    fig = plt.figure(figsize=(4.2 * len(items) + 0.8, 8))
+    fig = plt.figure(figsize=(5.0 * len(items) + 1.0, 9))
     mappable = None
     for col, (label, r) in enumerate(items):
         X, Y = np.meshgrid(np.array(r.axes[0]), np.array(r.axes[1]), indexing="ij")
@@ -75,7 +75,9 @@ def plot_surfaces(results: Mapping[str, LandscapeResult], path: str | Path, *, k
         ax3.set_zlim(lo, hi)
         ax3.set_xlabel("α")
         ax3.set_ylabel("β")
-        ax3.set_zlabel(key)
+        ax3.set_zlabel(key, labelpad=12)
+        ax3.tick_params(axis="z", pad=6)
+    fig.subplots_adjust(wspace=0.45, hspace=0.25)
     fig.colorbar(mappable, ax=fig.axes, shrink=0.6, label=key)
     if title:
         fig.suptitle(title)

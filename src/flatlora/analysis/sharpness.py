@@ -99,7 +99,8 @@ def expected_sharpness(model: nn.Module, loss_fn: LossFn, *, sigmas: Sequence[fl
     """E_ε L(W' + ε) − L(W') under Flat-LoRA noise at each σ, by Monte Carlo.
 
     Returns:
-        One dict per σ: sigma, increase (mean), sd, ci95 (half-width), n, loss (E L(W' + ε)).
+        One dict per σ: sigma, increase (mean), sd, ci95 (half-width), n, loss (E L(W' + ε)), draws (the
+        increase of every draw, for paired comparisons: see `paired_difference`).
 
     Example:
         >>> net = nn.Linear(4, 1)
@@ -124,8 +125,20 @@ def expected_sharpness(model: nn.Module, loss_fn: LossFn, *, sigmas: Sequence[fl
     out = []
     for s, v in incs.items():
         mean, sd = _mean_sd(v)
-        out.append({"sigma": s, "increase": mean, "sd": sd, "ci95": t_halfwidth(v), "n": len(v), "loss": base + mean})
+        out.append({"sigma": s, "increase": mean, "sd": sd, "ci95": t_halfwidth(v), "n": len(v), "loss": base + mean,
+                    "draws": v})
     return out
+
+
+def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    """Mean ± 95 % t-interval of b − a over paired draws of two `expected_sharpness` rows (same seed and σ).
+
+    Draw k of both models uses the same standard normals (blocks keyed by layer name), so the paired
+    interval is much tighter than comparing the two means' intervals."""
+    if a["sigma"] != b["sigma"] or len(a["draws"]) != len(b["draws"]):
+        raise ValueError("paired rows need the same sigma and number of draws (and the same seed)")
+    diff = [y - x for x, y in zip(a["draws"], b["draws"])]
+    return {"sigma": a["sigma"], "difference": sum(diff) / len(diff), "ci95": t_halfwidth(diff), "n": len(diff)}
 
 
 # ---------------------------------------------------------------------- (b) worst-case sharpness

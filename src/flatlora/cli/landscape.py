@@ -222,6 +222,11 @@ def run(args) -> int:
     if curves:
         files["curves"] = plot_curves(curves, out / "curves.png", title=title).name
     md = sharpness_markdown(reports)
+    paired = _paired(reports, labels)
+    if paired:
+        md += "\n\nExpected sharpness, paired over the same noise draws, vs " + labels[0] + " (mean ± 95% CI):\n\n"
+        md += "\n".join(f"- {lab}, σ={p['sigma']:g}: {p['difference']:+.3g} ± {p['ci95']:.2g}"
+                        for lab, rows in paired.items() for p in rows)
     (out / "sharpness.md").write_text(md + "\n")
     files["sharpness_md"] = "sharpness.md"
     payload = {"argv": sys.argv,
@@ -229,11 +234,24 @@ def run(args) -> int:
                "models": {lab: {**records[lab], "surface": surfaces[lab].to_dict(),
                                 "curve": curves[lab].to_dict() if lab in curves else None,
                                 "sharpness": reports[lab].to_dict()} for lab in labels},
-               "files": files}
+               "paired_expected_sharpness": paired, "files": files}
     (out / "landscape.json").write_text(json.dumps(payload, indent=1, default=str))
     print(md)
     print(f"wrote {', '.join(sorted(set(files.values())))}, landscape.json in {out}/")
     return 0
+
+
+def _paired(reports, labels) -> dict[str, list]:
+    """Expected-sharpness differences of every model against the first, paired draw by draw (same seed)."""
+    from ..analysis.sharpness import paired_difference
+
+    first = reports[labels[0]].expected
+    out = {}
+    for lab in labels[1:]:
+        rows = reports[lab].expected
+        if [r["sigma"] for r in rows] == [r["sigma"] for r in first]:
+            out[lab] = [paired_difference(a, b) for a, b in zip(first, rows)]
+    return out
 
 
 def _same_task(loaded: list[LoadedRun], run_dir: str) -> bool:
