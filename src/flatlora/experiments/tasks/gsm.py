@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..models import HashTokenizer, ModelRef, hub_error, resolve_model, tiny_config
-from . import register_task
+from . import hub, register_task
 from .base import Task, fingerprint, require_nonempty
 
 NEEDS_FIX = (32, 35, 37, 61, 63, 65, 74, 76, 77, 79, 86, 87, 90, 97, 98)  # reasoning-gym's tasks_need_fix
@@ -245,10 +245,8 @@ def gsm_templates(*, model: str, train_per_template: int = 20, test_per_template
                "Llama-2-7B math protocol)", default_model="meta-llama/Llama-2-7b-hf", requires="hub")
 def metamathqa_gsm8k(*, model: str, train_size: int | None = 100000, test_size: int | None = None, max_length: int = 1024,
                      max_new_tokens: int = 512) -> Task:
-    from .text import load_hub_dataset
-
-    train = load_hub_dataset("meta-math/MetaMathQA", None, "train")[:train_size]
-    test = load_hub_dataset("openai/gsm8k", "main", "test")[:test_size]
+    train = hub.load_hub_dataset("meta-math/MetaMathQA", None, "train")[:train_size]
+    test = hub.load_hub_dataset("openai/gsm8k", "main", "test")[:test_size]
     tr = [(f"mm:{i}", gsm_prompt(r["query"]), " " + r["response"], None, None) for i, r in enumerate(train)]
     te = [(f"gsm8k:{i}", gsm_prompt(r["question"]), "", extract_number(r["answer"]), None) for i, r in enumerate(test)]
     return CausalLMTask("metamathqa-gsm8k", tr, {"test": te}, model, max_length, max_new_tokens,

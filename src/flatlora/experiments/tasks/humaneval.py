@@ -62,10 +62,10 @@ def evaluate_humaneval(task, model: nn.Module, limit: int | None = None, max_new
                "(the paper's Llama-2-7B code protocol)", default_model="meta-llama/Llama-2-7b-hf", requires="hub")
 def code_feedback(*, model: str, train_size: int | None = 100000, max_length: int = 1024, humaneval: int = 164) -> Task:
     from .gsm import CausalLMTask
-    from .text import load_hub_dataset
+    from . import hub
 
     rows = []
-    for i, r in enumerate(load_hub_dataset("m-a-p/Code-Feedback", None, "train")[:train_size]):
+    for i, r in enumerate(hub.load_hub_dataset("m-a-p/Code-Feedback", None, "train")[:train_size]):
         msgs = r.get("messages") or []
         user = next((m["content"] for m in msgs if m.get("role") == "user"), None)
         reply = next((m["content"] for m in msgs if m.get("role") == "assistant"), None)

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import ModelRef, hub_error, resolve_model, tiny_config
-from . import register_task
+from . import hub, register_task
 from .base import Task, fingerprint, require_nonempty, stratified_split, stratified_subsample
-from .text import check_labels, load_hub_dataset
+from .text import check_labels
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -220,7 +220,7 @@ def _hub_images(dataset: str, image_col: str, label_col: str, num_labels: int, n
         import numpy as np
 
         def load(split: str):
-            rows = load_hub_dataset(dataset, None, split)
+            rows = hub.load_hub_dataset(dataset, None, split)
             x = torch.from_numpy(np.stack([np.asarray(r[image_col].convert("RGB"), dtype=np.uint8) for r in rows]))
             return x, torch.tensor([int(r[label_col]) for r in rows])
 

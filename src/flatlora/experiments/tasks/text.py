@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import HashTokenizer, ModelRef, hub_error, resolve_model, tiny_config
-from . import register_task
+from . import hub, register_task
 from .base import Task, fingerprint, require_nonempty, stratified_split, stratified_subsample
 
 Row = tuple  # (id, text or (text_a, text_b), label)
@@ -291,21 +291,12 @@ GLUE = {"sst2": (("sentence",), 2, "validation"), "cola": (("sentence",), 2, "va
         "mnli": (("premise", "hypothesis"), 3, "validation_matched"), "rte": (("sentence1", "sentence2"), 2, "validation")}
 
 
-def load_hub_dataset(path: str, name: str | None, split: str) -> list[dict]:
-    """Rows of a hub dataset split (needs the `datasets` package and a reachable hub). Tests replace this."""
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError("hub datasets need `pip install datasets` (and a reachable hub)") from None
-    return list(datasets.load_dataset(path, name, split=split))
-
-
 def _glue_factory(task: str):
     cols, k, dev_split = GLUE[task]
 
     def factory(*, model: str, max_length: int = 128, train_size: int | None = None, split_seed: int = 0) -> Task:
         def rows(split: str) -> list[Row]:
-            data = load_hub_dataset("nyu-mll/glue", task, split)
+            data = hub.load_hub_dataset("nyu-mll/glue", task, split)
             return [(f"{split}:{i}", r[cols[0]] if len(cols) == 1 else tuple(r[c] for c in cols), int(r["label"]))
                     for i, r in enumerate(data)]
 

@@ -1,0 +1,165 @@
+"""Every task builds on a small slice (offline ones when fetched, hub ones on tiny models with a stub
+loader), and bad input fails before training with the problem named."""
+
+import pytest
+import torch
+
+from flatlora.experiments import fetch
+from flatlora.experiments.tasks import create_task, list_tasks
+from flatlora.experiments.tasks import hub
+from flatlora.experiments.tasks import text as text_mod
+
+needs = lambda item: pytest.mark.skipif(not fetch.status()[item],  # noqa: E731
+                                        reason=f"needs `python -m flatlora.experiments.fetch {item}`")
+
+
+def _one_step(task):
+    torch.manual_seed(0)
+    model = task.build_model()
+    batch = next(task.batches(4, seed=0, epoch=0))
+    loss = task.loss(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    return model
+
+
+def test_byo_text_csv_maps_string_labels_and_splits_stratified(byo_csv):
+    t = create_task("byo-text", model="tiny-bert", path=str(byo_csv), text_column="sentence", label_column="sentiment")
+    assert t.info["label_names"] == ["neg", "pos"] and t.num_labels == 2
+    assert (len(t.train_rows), len(t.eval_rows["test"])) == (64, 16)
+    assert sum(r[2] for r in t.eval_rows["test"]) == 8  # stratified: half positive
+    _one_step(t)
+    model = t.build_model().eval()
+    m = t.evaluate(model, 8)
+    assert set(m) == {"test/accuracy", "test/mcc"} and 0 <= m["test/accuracy"] <= 1
+
+
+def test_byo_jsonl_with_integer_labels_and_a_test_file(byo_jsonl, byo_csv):
+    t = create_task("byo-text", model="tiny-t5", path=str(byo_jsonl), test_path=str(byo_jsonl), text_column="sentence",
+                    label_column="y")
+    assert len(t.train_rows) == len(t.eval_rows["test"]) == 80
+    _one_step(t)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"path": "missing.csv"}, "does not exist"),
+    ({"text_column": "text"}, "has no column 'text'"),
+    ({"label_column": "y", "num_labels": 1}, "do not match num_labels=1"),
+    ({"num_labels": 3}, "2 distinct labels"),
+    ({"train_size": 0}, "train split is empty"),
+    ({}, None),
+])
+def test_byo_text_errors(byo_csv, kwargs, message):
+    args = {"path": str(byo_csv), "text_column": "sentence", "label_column": "sentiment", **kwargs}
+    if message is None:
+        create_task("byo-text", model="tiny-bert", **args)
+        return
+    with pytest.raises(ValueError, match=message):
+        create_task("byo-text", model="tiny-bert", **args)
+
+
+def test_model_references_fail_clearly(tmp_path, byo_csv):
+    args = {"path": str(byo_csv), "text_column": "sentence", "label_column": "sentiment"}
+    empty = tmp_path / "model"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="has no weights"):
+        create_task("byo-text", model=str(empty), **args)
+    with pytest.raises(ValueError, match="unknown model 'bertt'"):
+        create_task("byo-text", model="bertt", **args)
+    with pytest.raises(ValueError, match="has no option 'pathh'"):
+        create_task("byo-text", model="tiny-bert", pathh="x")
+
+
+def test_image_folder(image_folder):
+    t = create_task("image-folder", model="tiny-effnet", path=str(image_folder), resolution=32)
+    assert t.info["classes"] == ["dark", "light"] and len(t.train_y) == 16
+    x, y = next(t.batches(4, seed=0, epoch=0))
+    assert x.shape == (4, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    _one_step(t)
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        create_task("image-folder", model="tiny-effnet", path=str(image_folder / "dark"))
+
+
+def test_image_folder_on_tiny_clip(image_folder):
+    t = create_task("image-folder", model="tiny-clip", path=str(image_folder))
+    _one_step(t)
+
+
+def test_seeded_order_is_the_same_for_every_build(byo_csv):
+    args = dict(path=str(byo_csv), text_column="sentence", label_column="sentiment")
+    a = create_task("byo-text", model="tiny-bert", **args)
+    b = create_task("byo-text", model="tiny-bert", **args)
+    assert torch.equal(next(a.batches(8, 3, 1))["input_ids"], next(b.batches(8, 3, 1))["input_ids"])
+    assert not torch.equal(next(a.batches(8, 3, 1))["input_ids"], next(a.batches(8, 4, 1))["input_ids"])
+
+
+# ------------------------------------------------------------------ hub tasks on tiny architectures
+@pytest.fixture
+def fake_hub(monkeypatch):
+    from PIL import Image
+
+    def load(path, name, split):
+        if path == "nyu-mll/glue":
+            cols = text_mod.GLUE[name][0]
+            return [{**{c: f"{'good' if i % 2 else 'bad'} text {i}" for c in cols}, "label": i % text_mod.GLUE[name][1]}
+                    for i in range(12)]
+        if path.startswith("uoft-cs/cifar"):
+            return [{"img": Image.new("RGB", (32, 32), (i * 20, 0, 0)), "label": i % 10, "fine_label": i % 100}
+                    for i in range(20)]
+        if path == "meta-math/MetaMathQA":
+            return [{"query": f"What is {i} + 1?", "response": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(8)]
+        if path == "openai/gsm8k":
+            return [{"question": f"What is {i} + 2?", "answer": f"#### {i + 2}"} for i in range(3)]
+        if path == "m-a-p/Code-Feedback":
+            return [{"messages": [{"role": "user", "content": "add"}, {"role": "assistant", "content": "def f(): pass"}]}] * 4
+        raise AssertionError(path)
+
+    monkeypatch.setattr(hub, "load_hub_dataset", load)
+
+
+@pytest.mark.parametrize("task, model", [("glue-mrpc", "tiny-t5"), ("glue-mnli", "tiny-t5"), ("glue-cola", "tiny-bert"),
+                                         ("cifar100", "tiny-clip"), ("metamathqa-gsm8k", "tiny-llama")])
+def test_hub_tasks_build_on_tiny_models(fake_hub, task, model):
+    t = create_task(task, model=model)
+    _one_step(t)
+
+
+def test_every_registered_task_is_listed_with_availability():
+    names = {e.name for e in list_tasks()}
+    assert {"rt-sentiment", "byo-text", "fashion-mnist", "image-folder", "gsm-templates", "glue-sst2", "cifar10",
+            "metamathqa-gsm8k", "code-feedback-humaneval"} <= names
+    for e in list_tasks():
+        ok, why = e.available()
+        assert isinstance(ok, bool) and why
+
+
+# ------------------------------------------------------------------ offline tasks on the fetched data
+@needs("text")
+def test_rt_sentiment_split_is_stratified_recorded_and_disjoint():
+    t = create_task("rt-sentiment", model="tiny-bert", train_size=200, test_size=100, ood_size=50)
+    rec = t.split_record()
+    assert len(rec["train"]) == 200 and len(rec["test"]) == 100 and len(rec["tweets"]) == 50
+    assert not set(rec["train"]) & set(rec["test"]) and not set(rec["dev"]) & set(rec["test"])
+    full = create_task("rt-sentiment", model="tiny-bert")
+    assert full.describe()["sizes"] == {"train": 7397, "dev": 1057, "test": 2114, "tweets": 4196, "amazon": 3610}  # zero-rated dropped
+    _one_step(t)
+
+
+@needs("image")
+def test_fashion_mnist_slice():
+    t = create_task("fashion-mnist", model="tiny-effnet", train_size=100, test_size=50, resolution=32)
+    assert len(t.train_y) == 100 and sorted(set(t.train_y.tolist())) == list(range(10))
+    _one_step(t)
+
+
+@needs("math-data")
+def test_gsm_templates_split_by_template():
+    t = create_task("gsm-templates", model="tiny-llama", train_per_template=1, test_per_template=1, max_new_tokens=4)
+    train_t, test_t = set(t.info["train_templates"]), set(t.info["test_templates"])
+    assert not train_t & test_t and len(train_t | test_t) == 85
+    assert {r[4] for r in t.train_rows} <= train_t and {r[4] for r in t.eval_rows["test"]} <= test_t
+    assert all(r[3] is not None and "####" in r[2] for r in t.train_rows)
+    model = _one_step(t)
+    m = t.evaluate(model.eval(), 8)
+    assert 0 <= m["test/exact_match"] <= 1
