@@ -65,7 +65,9 @@ def test_cli_writes_figures_and_json(runs, tmp_path):
         assert (out / f).stat().st_size > 0
     js = json.loads((out / "landscape.json").read_text())
     assert list(js["models"]) == ["lora r=2", "flat-lora r=2"]
-    assert len(js["models"]["lora r=2"]["surface"]["loss"]) == 3
+    surf = js["models"]["lora r=2"]["surface"]
+    assert len(surf["loss"]) == 3 and all(0 <= a <= 1 for row in surf["metric"] for a in row)  # accuracy drawn too
+    assert js["paired_expected_sharpness"]["flat-lora r=2"][0]["n"] == 2
 
 
 def test_run_without_weights_says_what_is_missing(runs, tmp_path):

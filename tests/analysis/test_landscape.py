@@ -315,3 +315,10 @@ def test_curvlinops_agrees_when_installed():
     finally:
         p.requires_grad_(False)
     assert torch.allclose(hv, H * v, atol=1e-5)
+
+
+def test_loss_fn_may_return_loss_and_metric_from_one_pass():
+    model = lora_model()
+    res = loss_landscape(model, lambda m: (bowl(m), -bowl(m)), dims=1, steps=3)
+    assert res.metric == [-v for v in res.loss] and res.center_metric == -res.center_loss
+    assert loss_landscape(model, bowl, dims=1, steps=3).metric is None

@@ -323,8 +323,10 @@ def _value(x) -> float:
 
 @torch.no_grad()
 def _evaluate(model, loss_fn: LossFn, metric_fn: MetricFn | None) -> tuple[float, float | None]:
-    loss = _value(loss_fn(model))
-    return loss, (None if metric_fn is None else _value(metric_fn(model)))
+    out = loss_fn(model)
+    if isinstance(out, (tuple, list)) or (isinstance(out, torch.Tensor) and out.numel() == 2):
+        return _value(out[0]), _value(out[1])  # (loss, metric) from one forward pass
+    return _value(out), (None if metric_fn is None else _value(metric_fn(model)))
 
 
 # ---------------------------------------------------------------------- surfaces
@@ -374,7 +376,8 @@ def loss_landscape(model: nn.Module, loss_fn: LossFn, *, metric_fn: MetricFn | N
     bit-identical on return, also when `loss_fn` raises.
 
     Args:
-        loss_fn: the user's closure `model -> scalar loss` over a fixed evaluation set (see `mean_over`).
+        loss_fn: the user's closure `model -> scalar loss` over a fixed evaluation set (see `mean_over`);
+            it may return (loss, metric) — or a 2-element tensor — to get both from one forward pass.
         metric_fn: optional closure `model -> accuracy` (or any scalar), evaluated at the same points.
         dims: 1 (a curve) or 2 (a surface).
         seed: seed of the filter-normalised directions (`WeightSpace.random_direction(seed, k)`).
@@ -417,4 +420,5 @@ def loss_landscape(model: nn.Module, loss_fn: LossFn, *, metric_fn: MetricFn | N
     meta = {"scope": space.scope, "seed": seed, "blocks": len(space), "numel": space.numel,
             "normalisation": "filter (Li et al. 2018): ||d_i|| = ||W'_i|| per row",
             "random_directions": random}
-    return LandscapeResult(axes, losses, metrics if metric_fn is not None else None, center[0], center[1], meta)
+    has_metric = center[1] is not None
+    return LandscapeResult(axes, losses, metrics if has_metric else None, center[0], center[1], meta)

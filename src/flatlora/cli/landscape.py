@@ -109,24 +109,25 @@ def analysis_batches(task, n_batches: int, batch_size: int, seed: int) -> list:
     return [b for _, b in zip(range(n_batches), task.batches(batch_size, seed, LANDSCAPE_EPOCH))]
 
 
-def _accuracy_fn(batches):
-    """Batch accuracy when batches carry `labels` and the model returns `.logits` (classification tasks)."""
+def _loss_and_accuracy(task, batches):
+    """Closure model -> tensor([loss, accuracy]) from one forward pass per batch, when batches carry `labels`
+    and the model returns `.logits` (classification); None otherwise (then only the loss is drawn)."""
     if not all(isinstance(b, dict) and "labels" in b for b in batches):
         return None
+    from torch.nn import functional as F
 
-    def acc(model):
-        hits = total = 0
+    def both(model):
+        loss, hits, total = 0.0, 0, 0
         for b in batches:
-            inputs = {k: v for k, v in b.items() if k != "labels"}
-            out = model(**inputs)
-            logits = getattr(out, "logits", None)
+            logits = getattr(model(**{k: v for k, v in b.items() if k != "labels"}), "logits", None)
             if logits is None or logits.dim() != 2:
-                return float("nan")
+                return None
+            loss = loss + F.cross_entropy(logits.float(), b["labels"])
             hits += int((logits.argmax(-1) == b["labels"]).sum())
             total += len(b["labels"])
-        return hits / total
+        return torch.stack([loss / len(batches), torch.tensor(hits / total)])
 
-    return acc
+    return both
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -170,7 +171,7 @@ def _log(msg: str) -> None:
 def run(args) -> int:
     import yaml
 
-    from ..analysis import loss_landscape, mean_over, sharpness_report
+    from ..analysis import eval_mode, loss_landscape, mean_over, sharpness_report
     from ..analysis.plot import plot_curves, plot_sharpness_table, plot_surfaces, sharpness_markdown
 
     if not args.run_dirs and not args.adapter:
@@ -199,13 +200,18 @@ def run(args) -> int:
         model = run_.model.to(args.device)
         batches = [_to(b, args.device) for b in analysis_batches(run_.task, args.batches, args.batch_size, args.seed)]
         loss_fn = mean_over(batches, run_.task.loss)
-        metric_fn = _accuracy_fn(batches)
+        # Classification: loss and accuracy from one forward per point, if it reproduces the task's own loss.
+        both = _loss_and_accuracy(run_.task, batches)
+        with torch.no_grad(), eval_mode(model):
+            if both is not None and (both(model) is None or abs(float(both(model)[0]) - float(loss_fn(model))) > 1e-4):
+                both = None
+        surface_fn = both or loss_fn
         t0 = time.time()
         _log(f"[{label}] 2-D surface {args.steps}x{args.steps} over ±{args.span} ...")
-        surfaces[label] = loss_landscape(model, loss_fn, metric_fn=metric_fn, dims=2, steps=args.steps, span=args.span,
+        surfaces[label] = loss_landscape(model, surface_fn, dims=2, steps=args.steps, span=args.span,
                                          seed=args.seed, scope=args.scope)
         if args.curve_steps:
-            curves[label] = loss_landscape(model, loss_fn, metric_fn=metric_fn, dims=1, steps=args.curve_steps,
+            curves[label] = loss_landscape(model, surface_fn, dims=1, steps=args.curve_steps,
                                            span=args.span, seed=args.seed, scope=args.scope)
         _log(f"[{label}] sharpness ...")
         reports[label] = sharpness_report(model, loss_fn, sigmas=args.sigmas, n_samples=args.samples, rho=args.rho,
