@@ -1,0 +1,88 @@
+"""Every method trains two steps on a tiny model; frozen weights end bit-identical; SAM is SAM."""
+
+import json
+
+import pytest
+import torch
+
+from flatlora.experiments.methods import list_methods, paired_baseline
+from flatlora.experiments.runner import run_one
+from flatlora.experiments.spec import load_spec
+
+from .conftest import tiny_text_overrides
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_each_method_runs(method, byo_csv, tmp_path):
+    spec = load_spec(None, tiny_text_overrides(byo_csv, tmp_path, method=method))
+    rec = run_one(spec, tmp_path / method, progress=False)
+    assert rec["steps"] == 2 and 0 <= rec["metrics"]["test/accuracy"] <= 1
+    assert rec["trainable_params"] > 0
+    if method.startswith("flat-"):
+        assert rec["flatlora_mode"] == "inplace"
+        curve = (tmp_path / method / "curve.csv").read_text().splitlines()
+        assert float(curve[-1].split(",")[4]) > 0  # the last step had noise on
+    if method in ("full", "flat-full"):
+        assert rec["trainable_params"] == 54_434  # every weight of tiny-bert, not an adapter
+
+
+def test_paired_baselines():
+    assert paired_baseline("flat-dora") == "dora" and paired_baseline("sam-w") == "lora"
+    assert paired_baseline("lora") is None
+
+
+def _lora_mlp():
+    import peft
+    from torch import nn
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    return peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
+
+
+def test_merged_weight_sam_uses_the_gradient_at_the_perturbed_merged_weight():
+    from flatlora.baselines.sam import MergedWeightSAM
+
+    model = _lora_mlp()
+    x, y = torch.randn(5, 6, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1])
+    loss = lambda: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    bases = [m.get_base_layer().weight for m in model.modules() if hasattr(m, "lora_A")]
+    clean = [w.detach().clone() for w in bases]
+    # Expected: g_W at the point, eps = rho g / ||g||, then grads of A, B at W + eps.
+    for w in bases:
+        w.requires_grad_(True)
+    gw = torch.autograd.grad(loss(), bases)
+    for w in bases:
+        w.requires_grad_(False)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in gw))
+    with torch.no_grad():
+        for w, g in zip(bases, gw):
+            w.add_(0.05 * g / norm)
+    expected = torch.autograd.grad(loss(), trainable)
+    with torch.no_grad():
+        for w, c in zip(bases, clean):
+            w.copy_(c)
+
+    sam = MergedWeightSAM(model, rho=0.05)
+    sam.step(lambda: loss().backward(), zero=trainable)
+    for p, e in zip(trainable, expected):
+        torch.testing.assert_close(p.grad, e)
+    for w, c in zip(bases, clean):
+        assert torch.equal(w, c) and not w.requires_grad and w.grad is None
+
+
+def test_lora_sam_perturbs_only_the_adapter_and_restores_it_exactly():
+    from flatlora.baselines.sam import LoRASAM
+
+    model = _lora_mlp()
+    x, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    g0 = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), trainable)
+    sam = LoRASAM(trainable, rho=0.01)
+    sam.step(lambda: torch.nn.functional.cross_entropy(model(x), y).backward(), zero=trainable)
+    assert all(torch.equal(p, b) for p, b in zip(trainable, before))
+    assert any(not torch.allclose(p.grad, g) for p, g in zip(trainable, g0))  # the gradient moved with the point
+    with pytest.raises(ValueError, match="rho > 0"):
+        LoRASAM(trainable, rho=0)
