@@ -156,7 +156,8 @@ class CausalLMTask(Task):
         if self.humaneval:
             from .humaneval import evaluate_humaneval
 
-            metrics["humaneval/pass@1"] = evaluate_humaneval(self, model, limit=self.humaneval)
+            metrics["humaneval/pass@1"] = evaluate_humaneval(self, model, limit=self.humaneval, batch_size=batch_size,
+                                                             max_new_tokens=max(self.max_new_tokens, 384) if self.eval_rows else self.max_new_tokens)
         return metrics
 
     def describe(self) -> dict[str, Any]:

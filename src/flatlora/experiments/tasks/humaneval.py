@@ -60,7 +60,8 @@ def evaluate_humaneval(task, model: nn.Module, limit: int | None = None, max_new
 
 @register_task("code-feedback-humaneval", "Code-Feedback (hub, first train_size dialogues) -> HumanEval pass@1 "
                "(the paper's Llama-2-7B code protocol)", default_model="meta-llama/Llama-2-7b-hf", requires="hub")
-def code_feedback(*, model: str, train_size: int | None = 100000, max_length: int = 1024, humaneval: int = 164) -> Task:
+def code_feedback(*, model: str, train_size: int | None = 100000, max_length: int = 1024, humaneval: int = 164,
+                  max_new_tokens: int = 384) -> Task:
     from .gsm import CausalLMTask
     from . import hub
 
@@ -71,5 +72,5 @@ def code_feedback(*, model: str, train_size: int | None = 100000, max_length: in
         reply = next((m["content"] for m in msgs if m.get("role") == "assistant"), None)
         if user and reply:
             rows.append((f"cf:{i}", f"{user}\n", reply, None, None))
-    return CausalLMTask("code-feedback-humaneval", rows, {}, model, max_length, 0,
+    return CausalLMTask("code-feedback-humaneval", rows, {}, model, max_length, max_new_tokens,
                         {"source": "m-a-p/Code-Feedback -> HumanEval"}, humaneval=humaneval)
