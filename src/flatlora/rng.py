@@ -29,10 +29,14 @@ def _splitmix64(x: int) -> int:
 
 
 def canonical_name(name: str) -> str:
-    """Module name with wrapper prefixes removed (`module.base_model.x` -> `base_model.x`)."""
+    """Module name as the user's own model calls it: wrapper prefixes removed, and for PEFT layers the path
+    below PEFT's `base_model.model.` (`model.base_model.model.layers.0.q` -> `layers.0.q`), so a plain loop,
+    a Lightning module holding the PEFT model as `self.model`, DDP and FSDP all key the same noise."""
     parts = [p for p in name.split(".") if p]
     wrappers = {w.rstrip(".") for w in _WRAPPER_PREFIXES}
-    return ".".join(p for p in parts if p not in wrappers)
+    name = ".".join(p for p in parts if p not in wrappers)
+    marker = "base_model.model."
+    return name[name.rindex(marker) + len(marker):] if marker in name else name
 
 
 def layer_id(name: str) -> int:

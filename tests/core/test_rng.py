@@ -100,8 +100,10 @@ def test_state_dict_rejects_other_targets_and_garbage():
 
 
 def test_keys_are_stable_and_distinct():
-    assert canonical_name("module._fsdp_wrapped_module.base_model.model.lin0") == "base_model.model.lin0"
-    assert layer_id("module.base_model.model.lin0") == layer_id("base_model.model.lin0")
+    assert canonical_name("module._fsdp_wrapped_module.base_model.model.lin0") == "lin0"
+    assert canonical_name("model.base_model.model.layers.0.q") == "layers.0.q"  # Lightning's self.model
+    assert canonical_name("module.encoder.lin0") == "encoder.lin0"
+    assert layer_id("module.base_model.model.lin0") == layer_id("base_model.model.lin0") == layer_id("lin0")
     keys = {noise_key(s, t, l, r) for s in (0, 1) for t in range(50) for l in (1, 2, 3) for r in (None, 0, 1)}
     assert len(keys) == 2 * 50 * 3 * 3
     assert all(0 <= k < 2**63 for k in keys)

@@ -57,7 +57,8 @@ class Target:
 
     def as_matrix(self, w: torch.Tensor) -> torch.Tensor:
         """Storage layout -> logical (m, n) view."""
-        return w.t() if self.transposed else w.reshape(self.m, self.n)
+        # -1 rows: an FSDP2 shard holds only some of the m rows.
+        return w.t() if self.transposed else w.reshape(-1, self.n)
 
     def to_storage(self, mat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Logical (m, n) -> a view with the storage shape of `like`."""
