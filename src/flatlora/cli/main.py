@@ -66,7 +66,7 @@ def cmd_tasks(args) -> int:
     print("tasks (task=<name>; options go in task_args.<option>):")
     for e in list_tasks():
         ok, why = e.available()
-        print(f"  {'✓' if ok else '·'} {e.name:14s} {e.help}")
+        print(f"  {'✓' if ok else '·'} {e.name:24s} {e.help}")
         print(f"      default model: {e.default_model}; {why}")
         if args.verbose:
             print("      options: " + ", ".join(f"{k}={v!r}" for k, v in e.options().items()))

@@ -74,7 +74,9 @@ _HELP = {
 }
 for _a in ADAPTERS:
     register_method(Method(_a, _a, help=_HELP[_a]))
-    register_method(Method(f"flat-{_a}", _a, flat=True, help=f"Flat-{_HELP[_a].split(':')[0]} (+ Flat-LoRA noise)"))
+    _where = "every Linear/Conv weight" if _a == "full" else "the adapted weights W + sBA"
+    register_method(Method(f"flat-{_a}", _a, flat=True, help=f"{_a} + Flat-LoRA noise on {_where}"
+                           + (" (the paper's method)" if _a == "lora" else "")))
 register_method(Method("lora-sam", "lora", sam="ab", help="LoRA-SAM: SAM on the adapter parameters A, B (rho = sam_rho_ab)"))
 register_method(Method("sam-w", "lora", sam="w", help="LoRA + SAM on the merged weight W + sBA (rho = sam_rho_w)"))
 

@@ -74,4 +74,4 @@ def create_task(name: str, model: str | None = None, **task_args) -> Task:
     return entry.factory(model=model or entry.default_model, **task_args)
 
 
-from . import gsm, humaneval, image, text  # noqa: E402,F401  (registration)
+from . import text, image, gsm, humaneval  # noqa: E402,F401  (registration)

@@ -50,7 +50,7 @@ def extract_number(text: str) -> float | None:
 
 
 def load_tokenizer_and_model(ref: ModelRef, with_model: bool = True):
-    """(tokenizer, causal LM) for a model reference; SmolLM2's gguf is dequantised once and cached as a folder."""
+    """(tokenizer, causal LM) for a model reference (a gguf file is dequantised to fp32 on load)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if ref.kind == "tiny":
@@ -58,21 +58,13 @@ def load_tokenizer_and_model(ref: ModelRef, with_model: bool = True):
         return tok, (AutoModelForCausalLM.from_config(tiny_config(ref.name)) if with_model else None)
     path, kw = ref.path, {}
     if ref.path.endswith(".gguf"):
-        from ..paths import data_root
-
-        cache = data_root() / "models" / ref.name
-        if (cache / "config.json").exists():
-            path = str(cache)
-        else:  # first use: dequantise (about a minute), then keep a plain fp32 folder
-            gguf = Path(ref.path)
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
-            model.save_pretrained(cache)
-            tok.save_pretrained(cache)
-            path = str(cache)
+        # transformers dequantises the gguf into a plain fp32 LlamaForCausalLM (a few seconds; it refuses
+        # to save_pretrained such a model, so it is read from the gguf every time).
+        gguf = Path(ref.path)
+        path, kw = str(gguf.parent), {"gguf_file": gguf.name}
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32) if with_model else None
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw) if with_model else None
     except OSError as e:
         raise hub_error(ref, e) from e
     if tok.pad_token_id is None:
