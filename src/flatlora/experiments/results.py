@@ -107,7 +107,7 @@ def to_markdown(summary: dict[str, Any], title: str = "") -> str:
     lines = [f"## {title}", ""] if title else []
     lines += ["| method | r | n | " + " | ".join(shown) + " | train s |",
               "|---|---|---|" + "---|" * len(shown) + "---|"]
-    for c in sorted(summary["cells"], key=lambda c: (c["rank"], c["method"])):
+    for c in sorted(summary["cells"], key=lambda c: c["rank"]):  # methods in the order of the spec
         vals = [f"{_pct(c[m]['mean'])} ± {_pct(c[m]['std'])}" if m in c else "–" for m in shown]
         lines.append(f"| {c['method']} | {c['rank']} | {c['n']} | " + " | ".join(vals) + f" | {c['train_seconds']:.0f} |")
     pairs = [p for p in summary["pairs"] if p["metric"] in shown]
@@ -158,7 +158,7 @@ def plot_summary(records: list[dict], summary: dict[str, Any], path: str | Path)
     import matplotlib.pyplot as plt
 
     shown = [m for m in summary["metrics"] if m.endswith(("accuracy", "exact_match", "pass@1"))][:4] or summary["metrics"][:4]
-    cells = sorted(summary["cells"], key=lambda c: (c["rank"], c["method"]))
+    cells = sorted(summary["cells"], key=lambda c: c["rank"])  # methods in the order of the spec
     labels = [f"{c['method']}\nr={c['rank']}" for c in cells]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown) + 1, 3.6), squeeze=False)
     for ax, m in zip(axes[0], shown):
