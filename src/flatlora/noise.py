@@ -16,31 +16,25 @@ from typing import Callable
 
 import torch
 
+from .registry import Registry
+
 # (row_sq_norms [m] float32, in_features n, sigma_t) -> std [m] float32
 NoiseStd = Callable[[torch.Tensor, int, float], torch.Tensor]
 
-_NOISES: dict[str, NoiseStd] = {}
+_NOISES: Registry[NoiseStd] = Registry("noise")
 
 
 def register_noise(name: str):
-    def deco(fn: NoiseStd) -> NoiseStd:
-        if name in _NOISES:
-            raise ValueError(f"noise {name!r} is already registered")
-        _NOISES[name] = fn
-        return fn
-
-    return deco
+    """Add a std rule `f(row_sq_norms, n, sigma) -> std` under `name`; a name can be registered once."""
+    return _NOISES.register(name)
 
 
 def list_noises() -> list[str]:
-    return sorted(_NOISES)
+    return sorted(_NOISES.names())
 
 
 def get_noise(name: str) -> NoiseStd:
-    try:
-        return _NOISES[name]
-    except KeyError:
-        raise ValueError(f"noise must be one of {list_noises()}, got {name!r}") from None
+    return _NOISES.get(name)
 
 
 @register_noise("filter")

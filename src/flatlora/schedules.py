@@ -14,32 +14,24 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from .registry import Registry
+
 Schedule = Callable[[int, int], float]
 
-_SCHEDULES: dict[str, Schedule] = {}
+_SCHEDULES: Registry[Schedule] = Registry("schedule")
 
 
 def register_schedule(name: str):
     """Add a schedule `f(step, total_steps) -> factor` under `name`; a name can be registered once."""
-
-    def deco(fn: Schedule) -> Schedule:
-        if name in _SCHEDULES:
-            raise ValueError(f"schedule {name!r} is already registered")
-        _SCHEDULES[name] = fn
-        return fn
-
-    return deco
+    return _SCHEDULES.register(name)
 
 
 def list_schedules() -> list[str]:
-    return sorted(_SCHEDULES)
+    return sorted(_SCHEDULES.names())
 
 
 def get_schedule(name: str) -> Schedule:
-    try:
-        return _SCHEDULES[name]
-    except KeyError:
-        raise ValueError(f"schedule must be one of {list_schedules()}, got {name!r}") from None
+    return _SCHEDULES.get(name)
 
 
 def progress(step: int, total_steps: int) -> float:
