@@ -42,6 +42,7 @@ def test_compare_table_pairing_and_resume(spec, tmp_path):
     lora0, flat0, lora1 = (_curve(out / "runs" / n) for n in ["lora_r8_s0", "flat-lora_r8_s0", "lora_r8_s1"])
     assert float(flat0[0]["sigma"]) == 0 and float(flat0[1]["sigma"]) == pytest.approx(0.5)
     assert flat0[0]["loss"] == lora0[0]["loss"]
+    assert flat0[1]["loss"] != lora0[1]["loss"]  # noise on at step 1
     assert lora1[0]["loss"] != lora0[0]["loss"]
 
     # Resume: finished runs are kept, an interrupted one (only .partial) is redone.

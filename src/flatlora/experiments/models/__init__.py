@@ -3,9 +3,10 @@
     minilm               MiniLM-L6 (all-MiniLM-L6-v2) from `fetch text`
     efficientnet-lite0   ImageNet EfficientNet-Lite0 from `fetch image`
     smollm2-135m         SmolLM2-135M-Instruct gguf (dequantised by transformers) from `fetch math`
-    tiny-bert | tiny-t5 | tiny-clip | tiny-llama | tiny-effnet
+    tiny-bert | tiny-t5 | tiny-clip | tiny-llama
                          random weights from a small config of the same architecture: tests and smoke runs,
                          no download (tiny text models use `HashTokenizer`)
+    tiny-effnet          EfficientNet-Lite0 with random weights (no download)
     ./some/folder        a local HF model folder: config.json + *.safetensors (or a .bin, read weights_only)
     org/name             a hub id, when a hub is reachable (HF_HUB_OFFLINE unset)
 """
@@ -16,8 +17,6 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 TINY = ("tiny-bert", "tiny-t5", "tiny-clip", "tiny-llama", "tiny-effnet")
 FETCHED = {"minilm": "text", "efficientnet-lite0": "image", "smollm2-135m": "math"}
@@ -72,7 +71,7 @@ def hub_error(ref: ModelRef, err: Exception) -> ValueError:
 class HashTokenizer:
     """Words -> ids by CRC32 hash, for tiny random-weight text models (no vocabulary files needed).
 
-    Callable like a HF tokenizer on a list of strings: returns input_ids / attention_mask lists or tensors.
+    Callable like a HF tokenizer on a string or a list of strings: returns input_ids / attention_mask lists.
     """
 
     def __init__(self, vocab_size: int = 1000, pad_token_id: int = 0, eos_token_id: int = 1):
@@ -112,13 +111,3 @@ def tiny_config(name: str, num_labels: int = 2):
         return tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    image_size=32, patch_size=8)
     raise ValueError(f"no tiny config named {name!r}; choose from {TINY}")
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights from disk without executing code: safetensors, or torch.load(weights_only=True)."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)

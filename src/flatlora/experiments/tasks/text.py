@@ -174,7 +174,7 @@ def read_vader(path: Path, prefix: str) -> list[tuple[str, str, float]]:
                "70/10/20 split); tweets + Amazon sentences as out-of-domain tests", default_model="minilm",
                requires="text")
 def rt_sentiment(*, model: str, split_seed: int = 1234, max_length: int = 64, train_size: int | None = None,
-                 test_size: int | None = None, ood_size: int | None = None, ood: bool = True) -> Task:
+                 test_size: int | None = None, ood_size: int | None = None, ood: bool = True, dev: bool = True) -> Task:
     from ..fetch import vader_dir
     from ..paths import fetch_hint
 
@@ -191,7 +191,8 @@ def rt_sentiment(*, model: str, split_seed: int = 1234, max_length: int = 64, tr
     tr = stratified_subsample(tr, labels, train_size, split_seed)
     dv = stratified_subsample(dv, labels, test_size, split_seed)
     te = stratified_subsample(te, labels, test_size, split_seed)
-    evals = {"dev": [movie[i] for i in dv], "test": [movie[i] for i in te]}
+    evals = {"dev": [movie[i] for i in dv]} if dev else {}  # dev: evaluated, never used to pick anything
+    evals["test"] = [movie[i] for i in te]
     if ood:
         for name, short in [("tweets", "tweets"), ("amazonReviewSnippets", "amazon")]:
             r = rows(name, short)
