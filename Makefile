@@ -1,5 +1,5 @@
 # flatlora — the two commands of the README contract, each doing its own set-up on a fresh machine.
-#   make demo   the main job on an offline default
+#   make demo   the main job: LoRA vs Flat-LoRA on real data (MiniLM-L6, Rotten-Tomatoes), offline
 #   make test   the test suite (what CI runs through .ci/run)
 PY      ?= python3
 VENV    ?= .venv
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python examples/quickstart_peft.py
+	PY=$(BIN)/python bash scripts/demo.sh
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not gpu"
