@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import yaml
 
+from ..core import batchnorm
 from .methods import Method, create_optimizer, get_method, lora_config, prepare_model
 from .spec import ExperimentSpec
 from .tasks import create_task
@@ -210,11 +211,15 @@ def run_one(spec: ExperimentSpec, run_dir: str | Path, *, method: str | None = N
         bar.close()
         curve_f.close()
     train_seconds = time.time() - start
+    # BatchNorm models: every method gets its running statistics recomputed from clean forward passes
+    # over the same training batches. Flat-LoRA needs it (its statistics were frozen while noise was on);
+    # doing it for the baselines too keeps the comparison fair (a short run with BN momentum 0.01 would
+    # otherwise leave them with the pretraining statistics).
     recalibrated = 0
+    if batchnorm.batchnorm_layers(model):
+        batches = (b for _, b in zip(range(20), task.batches(t.batch_size, seed, CALIBRATION_EPOCH, device)))
+        recalibrated = flat.recalibrate_batchnorm(batches) if flat is not None else batchnorm.recalibrate(model, batches)
     if flat is not None:
-        if flat.bn_stale:  # BatchNorm statistics were frozen while noise was on: recompute them clean
-            batches = [b for _, b in zip(range(20), task.batches(t.batch_size, seed, CALIBRATION_EPOCH, device))]
-            recalibrated = flat.recalibrate_batchnorm(batches)
         flat.close()
     model.eval()
     metrics = task.evaluate(model, t.eval_batch_size)

@@ -4,8 +4,9 @@ Images are kept as uint8 at their stored size and resized per batch (bilinear, a
 `resolution`, grey images repeated to 3 channels, then normalised the way the backbone was trained
 (EfficientNet-Lite: mean = std = 0.5; CLIP: its own constants). On EfficientNet-Lite0 LoRA goes on the
 1x1 convolutions (expand, project, head conv; a LoRA "filter" is then an output channel) and the new
-classifier is trained in full. BatchNorm models get their running statistics recomputed with clean
-weights after Flat-LoRA training (the engine's bn_policy='auto').
+classifier is trained in full. BatchNorm models get their running statistics recomputed from clean
+forward passes after training, for every method (the runner; Flat-LoRA's engine freezes them while the
+noise is on, bn_policy='auto').
 """
 
 from __future__ import annotations
