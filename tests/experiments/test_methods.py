@@ -86,3 +86,12 @@ def test_lora_sam_perturbs_only_the_adapter_and_restores_it_exactly():
     assert any(not torch.allclose(p.grad, g) for p, g in zip(trainable, g0))  # the gradient moved with the point
     with pytest.raises(ValueError, match="rho > 0"):
         LoRASAM(trainable, rho=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "flat-lora"])
+def test_batchnorm_statistics_are_recomputed_for_every_method(method, image_folder, tmp_path):
+    spec = load_spec(None, ["task=image-folder", f"task_args.path={image_folder}", "task_args.resolution=32",
+                            "model=tiny-effnet", "train.batch_size=8", "train.max_steps=1", f"method={method}",
+                            "flat.sigma=0.15"])
+    rec = run_one(spec, tmp_path / method, progress=False)
+    assert rec["bn_recalibrated_batches"] == 2  # 16 training images / 8: the same clean batches for both methods
