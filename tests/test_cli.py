@@ -18,7 +18,7 @@ def _byo(tmp_path):
 
 
 def test_tasks_lists_tasks_methods_and_models(capsys):
-    assert main(["tasks", "--verbose"]) == 0
+    assert main(["tasks", "--options"]) == 0
     out = capsys.readouterr().out
     for word in ["rt-sentiment", "byo-text", "fashion-mnist", "gsm-templates", "glue-mrpc", "flat-dora", "sam-w",
                  "tiny-llama", "options: "]:

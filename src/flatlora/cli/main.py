@@ -68,7 +68,7 @@ def cmd_tasks(args) -> int:
         ok, why = e.available()
         print(f"  {'✓' if ok else '·'} {e.name:24s} {e.help}")
         print(f"      default model: {e.default_model}; {why}")
-        if args.verbose:
+        if args.options:
             print("      options: " + ", ".join(f"{k}={v!r}" for k, v in e.options().items()))
     print("\nmethods (method=<name>, methods=[a,b]):")
     for m in list_methods():
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="results root (default: out_dir of the config)")
         p.set_defaults(fn=fn)
     p = sub.add_parser("tasks", help="list tasks, methods and models available here")
-    p.add_argument("--verbose", action="store_true", help="also list each task's options")
+    p.add_argument("--options", action="store_true", help="also list each task's options (task_args)")
     p.set_defaults(fn=cmd_tasks)
     for plugin in PLUGINS:
         try:
