@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 import pytest
 
 pytest.importorskip("matplotlib")
@@ -78,3 +80,26 @@ def test_run_without_weights_says_what_is_missing(runs, tmp_path):
     (d / "weights.safetensors").unlink()
     with pytest.raises(ValueError, match="weights.safetensors or adapter"):
         cli.load_run(d)
+
+
+def test_cli_on_explicit_adapter_folder(runs, tmp_path):
+    import yaml
+
+    from flatlora.cli.main import main
+
+    d, state = runs[0]
+    loaded = cli.load_run(d)
+    loaded.model.save_pretrained(str(tmp_path / "adapter"))  # PEFT folder, classifier head included
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    again = cli.load_explicit("byo-text", "tiny-bert", str(tmp_path / "adapter"), cfg["task_args"])
+    ref = {k.replace(".base_layer", ""): v for k, v in loaded.model.state_dict().items()}
+    got = {k.replace(".base_layer", ""): v for k, v in again.model.state_dict().items()}
+    for k in ref:  # the trained adapter and head come back on the rebuilt base
+        if "lora_" in k or "modules_to_save" in k:
+            assert torch.equal(ref[k], got[k]), k
+    out = tmp_path / "ls"
+    rc = main(["landscape", "--task", "byo-text", "--task-arg", f"path={cfg['task_args']['path']}", "--model", "tiny-bert",
+               "--adapter", str(tmp_path / "adapter"), "--label", "mine", "--out", str(out), "--steps", "2",
+               "--curve-steps", "0", "--batches", "1", "--batch-size", "8", "--samples", "2", "--rho", "0",
+               "--no-hessian", "--sigmas", "0.05"])
+    assert rc == 0 and list(json.loads((out / "landscape.json").read_text())["models"]) == ["mine"]
