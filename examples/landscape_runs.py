@@ -3,10 +3,9 @@
     python examples/landscape_runs.py configs/demo_text.yaml --ranks 1 16 --out runs/landscape_text
     python examples/landscape_runs.py task=byo-text task_args.path=my.csv --ranks 8   # any spec + overrides
 
-`flatlora run` does not save weights yet, so this script keeps each trained model as the runner builds
-it and writes `weights.safetensors` (trainable parameters + floating buffers) into the run folder — the
+Each run folder gets `weights.safetensors` from the runner (trainable parameters + floating buffers), the
 file `flatlora landscape RUN_DIR` loads. Then it runs `flatlora landscape` once per rank, LoRA next to
-Flat-LoRA on one colour scale. Runs that already have weights are reused, not retrained.
+Flat-LoRA on one colour scale. Finished runs are reused, not retrained.
 """
 
 import argparse
@@ -33,27 +32,6 @@ spec = load_spec(config, [s for s in args.spec if s != config])
 task = create_task(spec.task, model=spec.model, **spec.task_args)
 root = Path(args.out)
 
-built = {}
-_build = runner._build
-
-
-def keep_model(*a, **k):  # the runner's own builder; we only hold on to what it returns
-    built["model"] = _build(*a, **k)
-    return built["model"]
-
-
-runner._build = keep_model
-
-
-def save_weights(model, run_dir: Path) -> None:
-    from safetensors.torch import save_file
-
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if k in names or (v.is_floating_point() and k not in dict(model.named_parameters()))}
-    save_file(state, str(run_dir / "weights.safetensors"))
-
-
 for rank in args.ranks:
     dirs = []
     for method in args.methods:
@@ -62,7 +40,6 @@ for rank in args.ranks:
             if (run_dir / "metrics.json").exists():
                 sys.exit(f"{run_dir} is finished but has no weights: delete it to retrain")
             rec = runner.run_one(spec, run_dir, method=method, seed=args.seed, rank=rank, task=task)
-            save_weights(built.pop("model"), run_dir)
             print(f"{method} r={rank}: {rec['metrics']}", flush=True)
         dirs.append(str(run_dir))
     flatlora_main(["landscape", *dirs, "--out", str(root / f"landscape_r{rank}"),

@@ -13,6 +13,7 @@ start equal across methods for one seed, and the data order comes from a private
 Results folder (written as `<dir>.partial`, renamed when complete, so a finished folder is never half-written):
     config.yaml   the resolved spec of this run     metrics.json  final metrics, time, steps, status
     curve.csv     step, epoch, loss, lr, sigma_t    env.json      seed, versions, device, git commit
+    weights.safetensors  trainable parameters + floating buffers (what `flatlora landscape RUN_DIR` loads)
     split.json    example ids of each split
 """
 
@@ -133,6 +134,17 @@ def versions() -> dict[str, str]:
     return out
 
 
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """What the run changed: trainable parameters and floating buffers (BatchNorm statistics), keyed as in
+    the model's state_dict. The frozen base is rebuilt from config.yaml (`flatlora landscape` does)."""
+    from safetensors.torch import save_file
+
+    params = dict(model.named_parameters())
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if (k in params and params[k].requires_grad) or (k not in params and v.is_floating_point())}
+    save_file(state, str(path))
+
+
 def run_one(spec: ExperimentSpec, run_dir: str | Path, *, method: str | None = None, seed: int | None = None,
             rank: int | None = None, task: Task | None = None, progress: bool = True) -> dict[str, Any]:
     """Train + evaluate one run and write `run_dir`; returns the metrics record.
@@ -233,6 +245,7 @@ def run_one(spec: ExperimentSpec, run_dir: str | Path, *, method: str | None = N
     (partial / "env.json").write_text(json.dumps({"seed": seed, "device": str(device), "threads": torch.get_num_threads(),
                                                   "task": task.describe(), **versions()}, indent=1, default=str))
     (partial / "split.json").write_text(json.dumps(task.split_record()))
+    save_weights(model, partial / "weights.safetensors")
     (partial / "metrics.json").write_text(json.dumps(record, indent=1, default=str))  # last: marks completion
     if run_dir.exists():  # a folder without metrics.json: debris of an older layout or a crash
         shutil.rmtree(run_dir)
