@@ -155,6 +155,72 @@ def test_row_norm_parts(dtype, rank):
         assert wa is None
 
 
+def _std_targets():
+    """Targets covering what row_std_group meets: fp32 with two active adapters (R = 5) and one (R = 3),
+    bf16 fan_in_fan_out (transposed view, R = 4), and plain layers without adapters (R = 0)."""
+    import peft
+    from transformers.pytorch_utils import Conv1D
+
+    from flatlora.core.targets import find_targets
+    from tests.conftest import MLP, make_lora_mlp
+
+    pm = make_lora_mlp(r=3)
+    pm.add_adapter("other", peft.LoraConfig(r=2, target_modules=["lin0"], init_lora_weights=False))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "other" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    pm.base_model.set_adapter(["default", "other"])
+    gpt = torch.nn.Sequential(Conv1D(24, 12), Conv1D(12, 24))  # weights stored (in, out)
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    gpt = peft.get_peft_model(gpt, peft.LoraConfig(r=4, target_modules=["0", "1"], fan_in_fan_out=True,
+                                                   init_lora_weights=False))
+    with torch.no_grad():
+        for p in gpt.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    gpt = gpt.to(torch.bfloat16)
+    plain = MLP()
+    targets = []
+    for model, kind in ((pm, "lora"), (gpt, "lora"), (plain, "linear")):
+        found, _ = find_targets(model.to(DEV), kind)
+        targets += found
+    return targets
+
+
+def test_row_std_group_matches_the_torch_reference():
+    from flatlora.core.norms import merged_row_sq_norms
+    from flatlora.noise import get_noise
+
+    targets = _std_targets()
+    ranks = sorted({0 if t.lowrank() is None else t.lowrank()[1].shape[0] for t in targets})
+    assert ranks == [0, 3, 4, 5] and any(t.transposed for t in targets)
+    assert {t.weight.dtype for t in targets} == {torch.float32, torch.bfloat16}
+    items = []
+    for t in targets:
+        lr = t.lowrank()
+        b, a = (None, None) if lr is None else lr
+        items.append(K.StdItem(t.weight.t() if t.transposed else t.weight, a, b))
+    sigma = 0.07
+    got = K.row_std_group(items, sigma)
+    for t, std in zip(targets, got):
+        ref = get_noise("filter")(merged_row_sq_norms(t), t.n, sigma)
+        assert std.dtype == torch.float32 and std.shape == (t.m,)
+        torch.testing.assert_close(std, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_row_std_group_loops_over_large_ranks():
+    g = torch.Generator().manual_seed(9)
+    m, n, r = 19, 150, 40  # R > the kernel's rank chunk: several chunks, the last one partial
+    w = torch.randn(m, n, generator=g).to(DEV)
+    a, b = torch.randn(r, n, generator=g).to(DEV) * 0.2, torch.randn(m, r, generator=g).to(DEV) * 0.2
+    (std,) = K.row_std_group([K.StdItem(w, a, b)], 0.5)
+    torch.testing.assert_close(std, (w + b @ a).norm(dim=1) * (0.5 / n**0.5), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_thousand_round_trips_are_exact(dtype):
@@ -179,8 +245,10 @@ def force_triton(monkeypatch):
     monkeypatch.setattr(kernels, "FORCE_TRITON", True)
 
 
-def _train(mode, dtype, generator="philox", steps=4):
+def _train(mode, dtype, generator="philox", steps=4, check_std=False):
     from flatlora import FlatLoRA, FlatLoRAConfig
+    from flatlora.core.norms import merged_row_sq_norms
+    from flatlora.noise import get_noise
     from tests.conftest import batches, frozen_bits, make_lora_mlp, trainable
 
     pm = make_lora_mlp(dtype=dtype).to(DEV)
@@ -188,7 +256,12 @@ def _train(mode, dtype, generator="philox", steps=4):
     flat = FlatLoRA(pm, FlatLoRAConfig(sigma=0.3, total_steps=steps, mode=mode, generator=generator))
     opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.05)
     for t, x in enumerate(batches(steps, dtype=dtype)):
+        if check_std:  # the torch reference, from the clean weights
+            ref = {tg.name: get_noise("filter")(merged_row_sq_norms(tg), tg.n, flat.sigma_at(t)) for tg in flat.targets}
         with flat.step(t):
+            if check_std:
+                for name, std in ref.items():
+                    torch.testing.assert_close(flat.row_std(name, t), std, rtol=1e-5, atol=1e-7)
             pm(x.to(DEV)).float().pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
@@ -201,6 +274,25 @@ def _train(mode, dtype, generator="philox", steps=4):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_engine_through_kernels_is_exact(force_triton, mode, dtype):
     _train(mode, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_engine_inplace_std_is_one_grouped_launch(force_triton, monkeypatch, dtype):
+    calls = []
+    group = K.row_std_group
+    monkeypatch.setattr(K, "row_std_group", lambda items, s: calls.append(len(items)) or group(items, s))
+    _, flat = _train("inplace", dtype, steps=3, check_std=True)  # the torch reference's std, exact restore
+    noisy = sum(flat.sigma_at(t) > 0 for t in range(3))  # sigma_t = 0 draws nothing
+    assert noisy >= 2 and calls == [2] * noisy  # both layers, one call per begin_step
+
+
+def test_grouped_std_only_where_the_kernels_serve():
+    from flatlora import FlatLoRA, FlatLoRAConfig
+    from tests.conftest import make_lora_mlp
+
+    for gen, noise in (("torch", "filter"), ("philox", "filter"), ("philox", "layer")):
+        flat = FlatLoRA(make_lora_mlp(), FlatLoRAConfig(sigma=0.1, total_steps=2, generator=gen, noise=noise))
+        assert flat._grouped_draws(0, 0.1) == {}  # CPU without FORCE_TRITON, or not filter noise
 
 
 @pytest.mark.parametrize("mode", ["inplace", "forward"])

@@ -161,6 +161,38 @@ class FlatLoRA:
         std = get_noise(self.config.noise)(sq, t.n, sigma)
         return Draw(noise_key(self.config.seed, step, t.layer_id, self._rank()), std, rows, gen)
 
+    def _grouped_draws(self, step: int, sigma: float) -> dict[str, Draw]:
+        """Draws of the layers whose filter-noise std one grouped Triton launch computes (in-place mode).
+
+        Small models on CUDA are launch-bound: `_draw` costs ~15-20 small launches per layer (norm
+        kernel, W A^T B, A A^T, sqrt, scale...), while `triton_noise.row_std_group` computes the std of
+        every eligible layer in one launch. Eligible: Philox stream on a device the kernels serve,
+        noise "filter", no dense delta, weight not sharded (FSDP2 shards keep the per-layer path).
+        Elsewhere (CPU by default, whose generator is "torch") this returns {} and `_draw` does it all."""
+        from .. import kernels
+
+        if self.config.noise != "filter":
+            return {}
+        eligible = [t for t in self.targets
+                    if resolve_generator(self.config.generator, t.weight.device) == "philox"
+                    and kernels.use_triton(t.weight.device) and not t.quantized and t.weight.dim() >= 2
+                    and _local_rows(t.weight) is None and t.dense_delta() is None]
+        if not eligible:
+            return {}
+        from ..kernels import triton_noise  # imported only where the kernels serve the device
+
+        eligible = [t for t in eligible if triton_noise.supported(t.weight)]
+        items = []
+        for t in eligible:
+            w = t.weight
+            lowrank = t.lowrank()
+            b, a = (None, None) if lowrank is None else lowrank
+            items.append(triton_noise.StdItem(w.t() if t.transposed else w.reshape(w.shape[0], -1), a, b))
+        stds = triton_noise.row_std_group(items, sigma)
+        rank = self._rank()
+        return {t.name: Draw(noise_key(self.config.seed, step, t.layer_id, rank), std, None, "philox")
+                for t, std in zip(eligible, stds)}
+
     def _target(self, name: str) -> Target:
         try:
             return self._by_name[name] if name in self._by_name else self._by_name[canonical_name(name)]
@@ -209,8 +241,10 @@ class FlatLoRA:
             with deferred_sigint():
                 if self.mode == "inplace":
                     # All draws first (the std is fixed from the clean weights), then apply them.
+                    window.draws.update(self._grouped_draws(step, sigma))
                     for t in self.targets:
-                        window.draws[t.name] = self._draw(t, step, sigma, _local_rows(t.weight))
+                        if t.name not in window.draws:
+                            window.draws[t.name] = self._draw(t, step, sigma, _local_rows(t.weight))
                         window.data_ptrs[t.name] = inplace._local(t.weight).data_ptr()
                     pairs = [(t, window.draws[t.name]) for t in self.targets]
                     for applied in inplace.perturb_all(pairs):

@@ -18,6 +18,8 @@ and marks its header slot -1, and the host reruns just those tiles into a larger
 
 A launch covers one layer, or many (same dtype) through a table of pointers and sizes: one launch per
 dtype group instead of one per layer (`perturb_group` / `restore_group`), for launch-bound small models.
+`row_std_group` likewise computes the filter-noise std of many layers in one launch, from the merged
+rows W_i + B_i A built tile by tile (no cancellation-prone expansion of ||W + BA||^2).
 """
 
 from __future__ import annotations
@@ -184,6 +186,51 @@ def _rownorm_kernel(w_ptr, a_ptr, sq_ptr, wa_ptr, M, N, SR, SC, R,
         tl.store(wa_ptr + rows64[:, None] * R + ranks[None, :], accw, mask=rmask[:, None] & (ranks < R)[None, :])
 
 
+@triton.jit
+def _rowstd_kernel(tab_ptr, L, out_ptr, SCALE,
+                   KIND: tl.constexpr, BM_: tl.constexpr, BK: tl.constexpr, RK: tl.constexpr):
+    """out[OUT0 + i] = SCALE * ||W_i + B_i A|| / sqrt(N) for the BM rows of one layer of the table.
+
+    The merged row is built tile by tile over N (W tile + B[rows, k-chunk] @ A[k-chunk, cols], float32)
+    and its squares summed: no ||W||^2 + 2<WA^T, B> + ... expansion, so no cancellation."""
+    t = tl.program_id(0)
+    layer = t * 0
+    for q in range(1, L):
+        layer += (t >= tl.load(tab_ptr + q * 10 + 8)).to(layer.dtype)
+    row = tab_ptr + layer * 10
+    BITS: tl.constexpr = tl.int16 if KIND < 2 else tl.int32
+    w_ptr = tl.load(row + 0).to(tl.pointer_type(BITS))
+    a_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+    b_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    M = tl.load(row + 3)
+    N = tl.load(row + 4)
+    SR = tl.load(row + 5)
+    SC = tl.load(row + 6)
+    R = tl.load(row + 7)
+    blk0 = tl.load(row + 8)
+    out0 = tl.load(row + 9)
+    rows = (t - blk0) * BM_ + tl.arange(0, BM_)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    ranks = tl.arange(0, RK)
+    acc = tl.zeros((BM_,), dtype=tl.float32)
+    for k in range(0, N, BK):
+        cols = k + tl.arange(0, BK)
+        cm = cols < N
+        cols64 = cols.to(tl.int64)
+        bits = tl.load(w_ptr + rows64[:, None] * SR + cols64[None, :] * SC, mask=rmask[:, None] & cm[None, :], other=0)
+        merged = _to_f32(bits, KIND)
+        for r0 in range(0, R, RK):  # R = 0: no low-rank term, the loop does not run
+            rk = r0 + ranks
+            km = rk < R
+            b = tl.load(b_ptr + rows64[:, None] * R + rk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+            a = tl.load(a_ptr + rk.to(tl.int64)[:, None] * N + cols64[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+            merged += tl.dot(b, a, input_precision="ieee")
+        acc += tl.sum(merged * merged, axis=1)
+    std = tl.sqrt(acc) * (SCALE / tl.sqrt(N.to(tl.float32)))
+    tl.store(out_ptr + out0 + rows64, std, mask=rmask)
+
+
 # ---------------------------------------------------------------------------------------------- host side
 
 def supported(w: torch.Tensor) -> bool:
@@ -321,3 +368,54 @@ def perturb_group(layers: list[Layer], capacity: float = 0.125) -> Record:
 def restore_group(layers: list[Layer], rec: Record) -> None:
     """Undo `perturb_group(layers)` exactly (same layers, same std and keys)."""
     _launch(layers, RESTORE, rec)
+
+
+@dataclass
+class StdItem:
+    """One layer for `row_std_group`: its logical (m, n) weight view (any strides) and its low-rank term
+    B_cat [m, R] @ A_cat [R, n] (float32, scalings folded into B; None, or R = 0, for none)."""
+
+    w: torch.Tensor
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+
+
+_STD_BM, _STD_BK, _STD_RK = 16, 128, 16
+
+
+def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor]:
+    """Filter-noise std of every layer, sigma_scale * ||(W + B A)_i|| / sqrt(n) as float32 [m] vectors,
+    in one launch per (device, weight dtype) (one in practice): the rows of all layers form one grid,
+    and each program finds its layer in a table of pointers and sizes (as in `_table`)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, it in enumerate(items):
+        if not supported(it.w) or it.w.dim() != 2:
+            raise ValueError(f"row_std_group needs logical (m, n) float16/bfloat16/float32 views, got {it.w.dtype}")
+        groups.setdefault((it.w.device, it.w.dtype), []).append(i)
+    result: list[torch.Tensor | None] = [None] * len(items)
+    for (dev, dtype), idx in groups.items():
+        out = torch.empty(sum(items[i].w.shape[0] for i in idx), dtype=torch.float32, device=dev)
+        keep = []  # the float32 factors the table points to must outlive the launch
+        rows, blk, row0 = [], 0, 0
+        for i in idx:
+            it = items[i]
+            m, n = it.w.shape
+            r = 0 if it.a is None else it.a.shape[0]
+            if r:
+                a = it.a.to(dev, torch.float32).contiguous()
+                b = it.b.to(dev, torch.float32).contiguous()
+                if a.shape != (r, n) or b.shape != (m, r):
+                    raise ValueError(f"A must be [R, n] and B [m, R]; got {tuple(a.shape)}, {tuple(b.shape)} for W {m}x{n}")
+                keep += [a, b]
+                pa, pb = a.data_ptr(), b.data_ptr()
+            else:
+                pa = pb = out.data_ptr()  # never read (R = 0)
+            wb = it.w.view(_BITS[dtype])
+            rows.append([wb.data_ptr(), pa, pb, m, n, wb.stride(0), wb.stride(1), r, blk, row0])
+            result[i] = out[row0:row0 + m]
+            blk += triton.cdiv(m, _STD_BM)
+            row0 += m
+        tab = torch.tensor(rows, dtype=torch.int64).to(dev)
+        _rowstd_kernel[(blk,)](tab, len(rows), out, float(sigma_scale),
+                               KIND=_KIND[dtype], BM_=_STD_BM, BK=_STD_BK, RK=_STD_RK)
+    return result
