@@ -140,7 +140,9 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     params = dict(model.named_parameters())
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+    # clone(): tied weights (T5's shared embeddings) are one storage under several names, which
+    # safetensors refuses to write.
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
              if (k in params and params[k].requires_grad) or (k not in params and v.is_floating_point())}
     save_file(state, str(path))
 
