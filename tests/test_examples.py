@@ -51,3 +51,9 @@ def test_torchrun_ddp_single_process(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "29541")
     out = load("torchrun_ddp").main(steps=4)
     assert out["world"] == 1 and out["sigma_last"] == 0.05
+
+
+def test_quickstart_peft():
+    pytest.importorskip("transformers")
+    out = load("quickstart_peft").main(steps=3, grad_accum=1)
+    assert out["sigma_last"] == 0.05 and out["final_loss"] > 0
