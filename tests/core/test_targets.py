@@ -100,7 +100,7 @@ def test_norms_match_materialised_merged_weight(kind):
 @pytest.mark.parametrize("mode", ["inplace", "forward"])
 def test_grads_equal_explicit_model(kind, mode):
     if kind == "dora" and mode == "forward":
-        pytest.skip("documented: in forward mode DoRA's weight norm is taken from the clean weight")
+        return  # different, documented semantics: test_dora_forward_mode_semantics
     pm, x = build(kind)
     flat = FlatLoRA(pm, FlatLoRAConfig(sigma=0.3, total_steps=2, mode=mode))
     ref = copy.deepcopy(pm)
@@ -199,3 +199,29 @@ def test_linear_target_skips_lora_internals():
 
     flat = FlatLoRA(make_lora_mlp(), FlatLoRAConfig(sigma=0.1, target="linear"))
     assert [t.name.split(".")[-1] for t in flat.targets] == ["head"]
+
+
+def test_dora_forward_mode_semantics():
+    """README: in forward mode DoRA computes its (detached) weight norm from the clean W, while the base
+    output uses W + eps. Reference: base weight W + eps, DoRA norm forced to the clean W."""
+    pm, x = build("dora")
+    flat = FlatLoRA(pm, FlatLoRAConfig(sigma=0.3, total_steps=2, mode="forward"))
+    ref = copy.deepcopy(pm)
+    mods = dict(ref.named_modules())
+    with torch.no_grad():
+        for t in flat.targets:
+            layer = mods[t.name]
+            w = layer.get_base_layer().weight
+            clean = w.detach().clone()
+            dora = layer.lora_magnitude_vector["default"]
+            original = dora.get_weight_norm
+            dora.get_weight_norm = (lambda weight, lora_weight, scaling, adapter_name=None, _c=clean, _o=original:
+                                    _o(_c.to(weight.dtype), lora_weight, scaling, adapter_name=adapter_name))
+            w.add_(t.to_storage(flat.noise(t.name, 1), w))
+    out_of(ref, x).backward()
+    with flat.step(1):
+        out_of(pm, x).backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    for n, p in pm.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
