@@ -86,6 +86,8 @@ class Target:
             as_.append(a_.float())
         if not bs:
             return None
+        if len(bs) == 1:  # the usual single adapter: no concatenation (one launch less per layer per step)
+            return bs[0], as_[0]
         return torch.cat(bs, 1), torch.cat(as_, 0)
 
     def dense_delta(self) -> torch.Tensor | None:
