@@ -85,6 +85,13 @@ def out_of(pm, x):
 KINDS = ["fan_in_fan_out", "conv", "dora", "adalora"]
 
 
+def assert_same_grads(model, ref):
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    for n, p in model.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_norms_match_materialised_merged_weight(kind):
     from flatlora.core.norms import merged_row_sq_norms
@@ -112,10 +119,7 @@ def test_grads_equal_explicit_model(kind, mode):
     out_of(ref, x).backward()
     with flat.step(1):
         out_of(pm, x).backward()
-    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
-    for n, p in pm.named_parameters():
-        if p.requires_grad and p.grad is not None:
-            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert_same_grads(pm, ref)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -221,7 +225,4 @@ def test_dora_forward_mode_semantics():
     out_of(ref, x).backward()
     with flat.step(1):
         out_of(pm, x).backward()
-    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
-    for n, p in pm.named_parameters():
-        if p.requires_grad and p.grad is not None:
-            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert_same_grads(pm, ref)
