@@ -1,6 +1,6 @@
 """Flat-LoRA step cost on the CPU, MiniLM-L6 shape (random weights): LoRA vs flatlora inplace / forward.
 
-    python benchmarks/overhead/cpu_step.py      # writes benchmarks/results/overhead-cpu.json
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/overhead/cpu_step.py      # writes benchmarks/results/overhead-cpu.json
 
 BERT 6 layers, hidden 384, FFN 1536; LoRA r=8 (alpha 16) on query/key/value/dense; batch 32 x 64;
 accumulation 1; sigma 0.05 constant (noise every step); median of 7 steps after one warm-up.

@@ -53,19 +53,57 @@ def noise_key(seed: int, step: int, layer: int, rank: int | None = None) -> int:
     return key >> 1
 
 
+# CPU draws come in blocks of this many rows, each from its own generator keyed by (key, block): the
+# blocks fill in parallel (torch's CPU normal_ is serial, and the noise draw is most of Flat-LoRA's CPU
+# cost), and a row slice only draws the blocks it touches. Part of the stream's definition: fixed.
+CPU_BLOCK_ROWS = 64
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="flatlora-rng")
+    return _POOL
+
+
+def _cpu_blocks(key: int, m: int, n: int, rows: slice) -> torch.Tensor:
+    start, stop, _ = rows.indices(m)
+    first, last = start // CPU_BLOCK_ROWS, (max(stop, start + 1) - 1) // CPU_BLOCK_ROWS
+    lo = first * CPU_BLOCK_ROWS
+    out = torch.empty((min(m, (last + 1) * CPU_BLOCK_ROWS) - lo, n), dtype=torch.float32)
+
+    def fill(b: int) -> None:  # torch ops release the GIL, so blocks fill on several cores
+        gen = torch.Generator().manual_seed(_splitmix64(key ^ b) >> 1)
+        out[b * CPU_BLOCK_ROWS - lo:(b + 1) * CPU_BLOCK_ROWS - lo].normal_(generator=gen)
+
+    blocks = range(first, last + 1)
+    if len(blocks) > 1 and out.numel() >= 1 << 16:
+        list(_pool().map(fill, blocks))
+    else:
+        for b in blocks:
+            fill(b)
+    return out[start - lo:stop - lo]
+
+
 def standard_normal(key: int, m: int, n: int, device: torch.device | str, rows: slice | None = None,
                     generator: str = "torch") -> torch.Tensor:
     """The m x n float32 standard normals of `key` (or just `rows` of them), on `device`.
 
     Values depend only on (key, i, j) and the stream: a row slice equals the same rows of the full draw,
-    so sharded weights get the rows the unsharded weight would have. generator="torch" draws the full
-    matrix with the device type's torch.Generator; "philox" computes only the rows asked for, with the
-    counter-based stream of `flatlora.kernels.philox` (the same on every device, up to the last ulp).
+    so sharded weights get the rows the unsharded weight would have. generator="torch" uses private
+    torch.Generators (on CPU one per block of CPU_BLOCK_ROWS rows, filled in parallel; on other devices
+    one for the whole matrix); "philox" computes only the rows asked for, with the counter-based stream of
+    `flatlora.kernels.philox` (the same on every device, up to the last ulp).
     """
     if generator == "philox":
         from .kernels.philox import standard_normal_rows
 
         return standard_normal_rows(key, m, n, device, rows)
+    if torch.device(device).type == "cpu":
+        return _cpu_blocks(key, m, n, slice(None) if rows is None else rows)
     gen = torch.Generator(device=device).manual_seed(key)
     z = torch.randn((m, n), generator=gen, device=device, dtype=torch.float32)
     return z if rows is None else z[rows]

@@ -115,3 +115,18 @@ def test_per_rank_noise_changes_the_key(monkeypatch):
     per_rank = FlatLoRA(pm, FlatLoRAConfig(sigma=0.1, total_steps=3, per_rank_noise=True))
     name = shared.targets[0].name
     assert not torch.equal(shared.noise(name, 2), per_rank.noise(name, 2))
+
+
+def test_cpu_stream_row_slices_equal_the_full_draw_and_are_gaussian():
+    from flatlora.rng import CPU_BLOCK_ROWS, standard_normal
+
+    m, n = 3 * CPU_BLOCK_ROWS + 17, 384  # several blocks (parallel fill) and a ragged last block
+    full = standard_normal(42, m, n, "cpu")
+    assert full.shape == (m, n)
+    assert torch.equal(full, standard_normal(42, m, n, "cpu"))
+    for rows in (slice(0, 5), slice(60, 70), slice(CPU_BLOCK_ROWS, 2 * CPU_BLOCK_ROWS), slice(m - 3, m), slice(100, m)):
+        assert torch.equal(standard_normal(42, m, n, "cpu", rows), full[rows]), rows
+    # blocks are independent draws, not copies of one another
+    assert not torch.equal(full[:CPU_BLOCK_ROWS], full[CPU_BLOCK_ROWS:2 * CPU_BLOCK_ROWS])
+    assert abs(full.mean().item()) < 0.01 and abs(full.std().item() - 1) < 0.01
+    assert not torch.equal(full, standard_normal(43, m, n, "cpu"))
