@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..registry import Registry
+
 ADAPTERS = ("lora", "dora", "pissa", "lora-ga", "rslora", "lora+", "full")
 
 
@@ -31,26 +33,21 @@ class Method:
         return self.adapter == "full"
 
 
-_METHODS: dict[str, Method] = {}
+_METHODS: Registry[Method] = Registry("method")
 
 
 def register_method(method: Method) -> Method:
-    if method.name in _METHODS:
-        raise ValueError(f"method {method.name!r} is already registered")
     if method.adapter not in ADAPTERS:
         raise ValueError(f"method {method.name!r}: adapter must be one of {ADAPTERS}, got {method.adapter!r}")
-    _METHODS[method.name] = method
-    return method
+    return _METHODS.add(method.name, method)
 
 
 def get_method(name: str) -> Method:
-    if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
-    return _METHODS[name]
+    return _METHODS.get(name)
 
 
 def list_methods() -> list[str]:
-    return list(_METHODS)
+    return _METHODS.names()
 
 
 def paired_baseline(name: str) -> str | None:
