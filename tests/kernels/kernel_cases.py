@@ -103,9 +103,9 @@ def test_perturb_is_the_noisy_copy_and_restore_is_exact(dtype):
     rec = K.perturb_group(layers, capacity=0.5)  # room enough: no retry, so no holes in the record
     assert torch.equal(bits(w), bits(copy))
     assert 0 < rec.entries < w.numel() // 2
-    # 4-byte counter, (slot, count) per tile, then an int16 offset + the original bits per entry
-    assert rec.nbytes == 4 + 8 * K._tiles(m, n) + rec.entries * (2 + w.element_size())
-    K.restore_group(layers, rec)
+    # 4-byte counter, (slot, count, checksum) per tile, then an int16 offset + the original bits per entry
+    assert rec.nbytes == 4 + 12 * K._tiles(m, n) + rec.entries * (2 + w.element_size())
+    assert K.restore_group(layers, rec).tolist() == [0]  # no tile was written by anyone else
     assert torch.equal(bits(w), bits(w0))
 
 
@@ -330,3 +330,21 @@ def test_generator_field_is_validated():
         FlatLoRAConfig(generator="curand")
     assert resolve_generator("auto", "cpu") == "torch"
     assert resolve_generator("philox", "cpu") == "philox"
+
+
+def test_restore_leaves_tiles_written_inside_the_window_and_counts_them():
+    m, n = 2 * K.BM, 2 * K.BN  # 4 tiles
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(m, n, generator=g) * 0.02).to(torch.bfloat16).to(DEV)
+    other = (torch.randn(16, 32, generator=g) * 0.02).to(torch.bfloat16).to(DEV)
+    w0, other0 = w.clone(), other.clone()
+    std = torch.full((m,), 0.01, device=DEV)
+    layers = [K.Layer(other, torch.full((16,), 0.01, device=DEV), 5), K.Layer(w, std, 6)]
+    rec = K.perturb_group(layers)
+    written = w[0, 3].clone()
+    w[0, 3] += 1.0  # someone writes into the noisy weight of tile 0 while the noise is on
+    tampered = w[:K.BM, :K.BN].clone()
+    assert K.restore_group(layers, rec).tolist() == [0, 1]
+    assert torch.equal(bits(w[:K.BM, :K.BN]), bits(tampered)) and not torch.equal(w[0, 3], written)
+    assert torch.equal(bits(w[K.BM:]), bits(w0[K.BM:])) and torch.equal(bits(w[:K.BM, K.BN:]), bits(w0[:K.BM, K.BN:]))
+    assert torch.equal(bits(other), bits(other0))

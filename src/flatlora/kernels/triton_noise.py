@@ -1,5 +1,5 @@
-"""Triton kernels for Flat-LoRA noise: fused row norms, in-place perturb with an exact-restore record,
-restore, and the forward-mode noisy copy. Noise is `philox.py`'s stream: z(key, i * n + j) from one
+"""Triton kernels for Flat-LoRA noise: row std of the merged weight, in-place perturb with an exact-restore
+record, restore, and the forward-mode noisy copy. Noise is `philox.py`'s stream: z(key, i * n + j) from one
 `randn4x` call per 4 consecutive elements, so a tile of rows needs nothing but (key, global row, column).
 
 One elementwise kernel serves three modes over [BM, BN] tiles of a logical (m, n) weight (any strides):
@@ -11,15 +11,17 @@ One elementwise kernel serves three modes over [BM, BN] tiles of a logical (m, n
 with eps = std[row] * z in float32 and round = round-to-nearest-even into W's dtype, done on the bits
 (bf16 by integer arithmetic, so the result is the same on a GPU and in TRITON_INTERPRET=1).
 
-The record is per tile: a header (slot, count) and, for each off entry, its in-tile offset (int16) and
-its original bits (int16 for bf16/fp16, int32 for fp32): 4 bytes per entry for 16-bit weights. Tiles
-append with one atomic add on a shared counter; a tile whose entries would not fit leaves W untouched
-and marks its header slot -1, and the host reruns just those tiles into a larger buffer (RETRY).
+Every launch is grouped: a table holds one row per layer (pointers, sizes, strides, key; columns named
+below), and a per-tile map says which layer a program serves (one load, not a search through the table).
+One launch per dtype covers every layer, so small models stay launch-bound on nothing.
 
-A launch covers one layer, or many (same dtype) through a table of pointers and sizes: one launch per
-dtype group instead of one per layer (`perturb_group` / `restore_group`), for launch-bound small models.
-`row_std_group` likewise computes the filter-noise std of many layers in one launch, from the merged
-rows W_i + B_i A built tile by tile (no cancellation-prone expansion of ||W + BA||^2).
+The record is per tile: a header (slot, count, checksum) and, for each off entry, its in-tile offset (int16)
+and its original bits (int16 for bf16/fp16, int32 for fp32): 4 bytes per entry for 16-bit weights. Tiles
+append with one atomic add on a shared counter; a tile whose entries would not fit leaves W untouched and
+marks its slot -1, and the host reruns just those tiles into a larger buffer (RETRY). The checksum is a
+position-weighted sum of the noisy bits the perturb wrote; restore recomputes it from what it reads and
+leaves a tile whose weight changed since (a merge, a state-dict load) untouched, counting it per layer,
+instead of "restoring" someone else's values into garbage.
 """
 
 from __future__ import annotations
@@ -31,12 +33,38 @@ import triton
 import triton.language as tl
 
 PERTURB, RESTORE, COPY = 0, 1, 2
-BM, BN = 8, 1024  # tile: 8192 elements, in-tile offsets fit int16
+BM, BN = 4, 1024  # noise tile: 4096 elements; in-tile offsets fit int16
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-# Table columns for grouped launches (int64 each).
-_W, _OUT, _STD, _M, _N, _ROW0, _KEY, _SR, _SC, _TILE0, _TILES_N, _OSR, _OSC = range(13)
-_COLS = 13
+
+# Columns of the layer table of the noise kernel (int64 each).
+C_W = tl.constexpr(0)  # weight (bits) pointer
+C_OUT = tl.constexpr(1)  # output pointer (COPY; = C_W otherwise)
+C_STD = tl.constexpr(2)  # float32 per-row std pointer
+C_M = tl.constexpr(3)  # local rows
+C_N = tl.constexpr(4)  # columns
+C_ROW0 = tl.constexpr(5)  # global index of the first local row (FSDP2 shards)
+C_KEY = tl.constexpr(6)  # Philox key
+C_SR = tl.constexpr(7)  # weight row stride (elements)
+C_SC = tl.constexpr(8)  # weight column stride
+C_OSR = tl.constexpr(9)  # output row stride
+C_OSC = tl.constexpr(10)  # output column stride
+C_TILE0 = tl.constexpr(11)  # first tile of this layer in the launch
+C_TILES_N = tl.constexpr(12)  # column tiles per row block
+N_COLS = tl.constexpr(13)
+
+# Columns of the layer table of the row-std kernel.
+S_W = tl.constexpr(0)
+S_A = tl.constexpr(1)  # float32 A_cat [R, n]
+S_B = tl.constexpr(2)  # float32 B_cat [m, R] (scalings folded in)
+S_M = tl.constexpr(3)
+S_N = tl.constexpr(4)
+S_SR = tl.constexpr(5)
+S_SC = tl.constexpr(6)
+S_R = tl.constexpr(7)
+S_BLK0 = tl.constexpr(8)  # first row block of this layer in the launch
+S_OUT0 = tl.constexpr(9)  # first output row
+S_COLS = tl.constexpr(10)
 
 
 @triton.jit
@@ -80,37 +108,31 @@ def _normals(key, grow, col0, n, BM_: tl.constexpr, BN_: tl.constexpr, ALIGNED: 
 
 
 @triton.jit
+def _checksum(bits, offs):
+    """Position-weighted sum of a tile's bits (int32, wrapping): changes when any entry changes or moves."""
+    v = (bits.to(tl.int32) ^ (offs * 40503)) * (offs * 2 + 1)
+    return tl.sum(tl.sum(v, axis=1), axis=0)
+
+
+@triton.jit
 def _noise_kernel(
-    w_ptr, out_ptr, std_ptr, M, N, ROW0, KEY, SR, SC, OSR, OSC,  # one layer (unused when GROUPED)
-    tab_ptr, L,  # table of layers (GROUPED)
-    cnt_ptr, hslot_ptr, hcnt_ptr, roff_ptr, rval_ptr, CAP,  # record (PERTURB / RESTORE)
-    MODE: tl.constexpr, KIND: tl.constexpr, GROUPED: tl.constexpr, ALIGNED: tl.constexpr, RETRY: tl.constexpr,
+    tab_ptr, map_ptr,  # layer table and tile -> layer map
+    cnt_ptr, hdr_ptr, roff_ptr, rval_ptr, CAP, bad_ptr,  # record (PERTURB / RESTORE)
+    MODE: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr, RETRY: tl.constexpr,
     BM_: tl.constexpr, BN_: tl.constexpr, PB: tl.constexpr,
 ):
     t = tl.program_id(0)
     BITS: tl.constexpr = tl.int16 if KIND < 2 else tl.int32
-    if GROUPED:
-        layer = t * 0
-        for q in range(1, L):
-            layer += (t >= tl.load(tab_ptr + q * 13 + 9)).to(layer.dtype)
-        row = tab_ptr + layer * 13
-        w_ptr = tl.load(row + 0).to(tl.pointer_type(BITS))
-        out_ptr = tl.load(row + 1).to(tl.pointer_type(BITS))
-        std_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-        M = tl.load(row + 3)
-        N = tl.load(row + 4)
-        ROW0 = tl.load(row + 5)
-        KEY = tl.load(row + 6)
-        SR = tl.load(row + 7)
-        SC = tl.load(row + 8)
-        tile0 = tl.load(row + 9)
-        tiles_n = tl.load(row + 10)
-        OSR = tl.load(row + 11)
-        OSC = tl.load(row + 12)
-    else:
-        tile0 = 0
-        tiles_n = tl.cdiv(N, BN_)
-    tloc = t - tile0
+    layer = tl.load(map_ptr + t)
+    row = tab_ptr + layer.to(tl.int64) * N_COLS
+    w_ptr = tl.load(row + C_W).to(tl.pointer_type(BITS))
+    std_ptr = tl.load(row + C_STD).to(tl.pointer_type(tl.float32))
+    M = tl.load(row + C_M)
+    N = tl.load(row + C_N)
+    SR = tl.load(row + C_SR)
+    SC = tl.load(row + C_SC)
+    tloc = t - tl.load(row + C_TILE0)
+    tiles_n = tl.load(row + C_TILES_N)
     tr = tloc // tiles_n
     tc = tloc % tiles_n
     rows = tr * BM_ + tl.arange(0, BM_)
@@ -121,36 +143,44 @@ def _noise_kernel(
     ptrs = w_ptr + rows64[:, None] * SR + cols64[None, :] * SC
     bits = tl.load(ptrs, mask=mask, other=0)
     std = tl.load(std_ptr + rows, mask=rows < M, other=0.0)
-    eps = std[:, None] * _normals(KEY, ROW0 + rows64, tc.to(tl.int64) * BN_, N, BM_, BN_, ALIGNED)
+    z = _normals(tl.load(row + C_KEY), tl.load(row + C_ROW0) + rows64, tc.to(tl.int64) * BN_, N, BM_, BN_, ALIGNED)
+    eps = std[:, None] * z
     x = _to_f32(bits, KIND)
+    offs = tl.arange(0, BM_)[:, None] * BN_ + tl.arange(0, BN_)[None, :]  # in-tile offset, row-major
     if MODE == 2:  # COPY
-        optrs = out_ptr + rows64[:, None] * OSR + cols64[None, :] * OSC
+        out_ptr = tl.load(row + C_OUT).to(tl.pointer_type(BITS))
+        optrs = out_ptr + rows64[:, None] * tl.load(row + C_OSR) + cols64[None, :] * tl.load(row + C_OSC)
         tl.store(optrs, _round_bits(x + eps, KIND), mask=mask)
     elif MODE == 0:  # PERTURB
         noisy = _round_bits(x + eps, KIND)
         replay = _round_bits(_to_f32(noisy, KIND) - eps, KIND)
         off = (replay != bits) & mask
-        off_f = tl.reshape(off, (BM_ * BN_,)).to(tl.int32)
+        off_f = tl.reshape(off.to(tl.int32), (BM_ * BN_,))
         count = tl.sum(off_f, axis=0)
         if RETRY:
-            active = tl.load(hslot_ptr + t) == -1
+            active = tl.load(hdr_ptr + t * 3) == -1
         else:
             active = count >= 0
         slot = tl.atomic_add(cnt_ptr, count * active.to(tl.int32))
         ok = active & (slot + count <= CAP)
         ok_i = ok.to(tl.int32)  # broadcast as int: the interpreter rejects scalar-bool & tensor-bool masks
-        tl.store(ptrs, noisy, mask=mask & ((off.to(tl.int32) * 0 + ok_i) != 0))
+        tl.store(ptrs, noisy, mask=mask & ((offs * 0 + ok_i) != 0))
         pos = slot + tl.cumsum(off_f, axis=0) - 1
         sel = (off_f * ok_i) != 0
         tl.store(roff_ptr + pos, tl.arange(0, BM_ * BN_).to(tl.int16), mask=sel)
         tl.store(rval_ptr + pos, tl.reshape(bits, (BM_ * BN_,)), mask=sel)
-        tl.store(hcnt_ptr + t, count, mask=active)
-        tl.store(hslot_ptr + t, tl.where(ok, slot, -1), mask=active)
+        chk = _checksum(tl.where(mask, noisy, 0), offs)
+        tl.store(hdr_ptr + t * 3, tl.where(ok, slot, -1), mask=active)
+        tl.store(hdr_ptr + t * 3 + 1, count, mask=active)
+        tl.store(hdr_ptr + t * 3 + 2, chk, mask=active)
     else:  # RESTORE
-        tl.store(ptrs, _round_bits(x - eps, KIND), mask=mask)
+        good = _checksum(bits, offs) == tl.load(hdr_ptr + t * 3 + 2)
+        good_i = good.to(tl.int32)
+        tl.store(ptrs, _round_bits(x - eps, KIND), mask=mask & ((offs * 0 + good_i) != 0))
+        tl.atomic_add(bad_ptr + layer, 1 - good_i, mask=good_i == 0)
         tl.debug_barrier()  # the patches below overwrite some of the values just stored
-        slot = tl.load(hslot_ptr + t)
-        count = tl.load(hcnt_ptr + t)
+        slot = tl.load(hdr_ptr + t * 3)
+        count = tl.load(hdr_ptr + t * 3 + 1) * good_i
         for s in range(0, count, PB):
             idx = s + tl.arange(0, PB)
             pm = idx < count
@@ -187,33 +217,29 @@ def _rownorm_kernel(w_ptr, a_ptr, sq_ptr, wa_ptr, M, N, SR, SC, R,
 
 
 @triton.jit
-def _rowstd_kernel(tab_ptr, L, out_ptr, SCALE,
+def _rowstd_kernel(tab_ptr, map_ptr, out_ptr, SCALE,
                    KIND: tl.constexpr, BM_: tl.constexpr, BK: tl.constexpr, RK: tl.constexpr):
     """out[OUT0 + i] = SCALE * ||W_i + B_i A|| / sqrt(N) for the BM rows of one layer of the table.
 
-    The merged row is built tile by tile over N (W tile + B[rows, k-chunk] @ A[k-chunk, cols], float32)
-    and its squares summed: no ||W||^2 + 2<WA^T, B> + ... expansion, so no cancellation."""
+    The merged row is built tile by tile over N (W tile + sum_r B[rows, r] A[r, cols], float32 FMAs, ranks
+    in unrolled chunks of RK) and its squares summed: no ||W||^2 + 2<WA^T, B> + ... expansion, so no
+    cancellation."""
     t = tl.program_id(0)
-    layer = t * 0
-    for q in range(1, L):
-        layer += (t >= tl.load(tab_ptr + q * 10 + 8)).to(layer.dtype)
-    row = tab_ptr + layer * 10
+    layer = tl.load(map_ptr + t)
+    row = tab_ptr + layer.to(tl.int64) * S_COLS
     BITS: tl.constexpr = tl.int16 if KIND < 2 else tl.int32
-    w_ptr = tl.load(row + 0).to(tl.pointer_type(BITS))
-    a_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
-    b_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-    M = tl.load(row + 3)
-    N = tl.load(row + 4)
-    SR = tl.load(row + 5)
-    SC = tl.load(row + 6)
-    R = tl.load(row + 7)
-    blk0 = tl.load(row + 8)
-    out0 = tl.load(row + 9)
-    rows = (t - blk0) * BM_ + tl.arange(0, BM_)
+    w_ptr = tl.load(row + S_W).to(tl.pointer_type(BITS))
+    a_ptr = tl.load(row + S_A).to(tl.pointer_type(tl.float32))
+    b_ptr = tl.load(row + S_B).to(tl.pointer_type(tl.float32))
+    M = tl.load(row + S_M)
+    N = tl.load(row + S_N)
+    SR = tl.load(row + S_SR)
+    SC = tl.load(row + S_SC)
+    R = tl.load(row + S_R)
+    rows = (t - tl.load(row + S_BLK0)) * BM_ + tl.arange(0, BM_)
     rmask = rows < M
     rows64 = rows.to(tl.int64)
-    ranks = tl.arange(0, RK)
-    acc = tl.zeros((BM_,), dtype=tl.float32)
+    acc = tl.zeros((BM_, BK), dtype=tl.float32)
     for k in range(0, N, BK):
         cols = k + tl.arange(0, BK)
         cm = cols < N
@@ -221,14 +247,15 @@ def _rowstd_kernel(tab_ptr, L, out_ptr, SCALE,
         bits = tl.load(w_ptr + rows64[:, None] * SR + cols64[None, :] * SC, mask=rmask[:, None] & cm[None, :], other=0)
         merged = _to_f32(bits, KIND)
         for r0 in range(0, R, RK):  # R = 0: no low-rank term, the loop does not run
-            rk = r0 + ranks
-            km = rk < R
-            b = tl.load(b_ptr + rows64[:, None] * R + rk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-            a = tl.load(a_ptr + rk.to(tl.int64)[:, None] * N + cols64[None, :], mask=km[:, None] & cm[None, :], other=0.0)
-            merged += tl.dot(b, a, input_precision="ieee")
-        acc += tl.sum(merged * merged, axis=1)
-    std = tl.sqrt(acc) * (SCALE / tl.sqrt(N.to(tl.float32)))
-    tl.store(out_ptr + out0 + rows64, std, mask=rmask)
+            for j in tl.static_range(RK):
+                r = r0 + j
+                # r < R as tensors: the interpreter rejects scalar-bool & tensor-bool masks
+                b = tl.load(b_ptr + rows64 * R + r, mask=rmask & (rows64 * 0 + r < R), other=0.0)
+                a = tl.load(a_ptr + r * N + cols64, mask=cm & (cols64 * 0 + r < R), other=0.0)
+                merged += b[:, None] * a[None, :]
+        acc += merged * merged
+    std = tl.sqrt(tl.sum(acc, axis=1)) * (SCALE / tl.sqrt(N.to(tl.float32)))
+    tl.store(out_ptr + tl.load(row + S_OUT0) + rows64, std, mask=rmask)
 
 
 # ---------------------------------------------------------------------------------------------- host side
@@ -261,43 +288,6 @@ def _tiles(m: int, n: int) -> int:
     return triton.cdiv(m, BM) * triton.cdiv(n, BN)
 
 
-def noisy_copy_(w: torch.Tensor, std: torch.Tensor, key: int, row0: int, out: torch.Tensor) -> None:
-    """out <- round(w + std[:, None] * z(key, (row0 + i) * n + j)) for logical (m, n) views w and out."""
-    m, n = w.shape
-    wb, ob = w.view(_BITS[w.dtype]), out.view(_BITS[w.dtype])
-    dummy = std
-    _noise_kernel[(_tiles(m, n),)](
-        wb, ob, std, m, n, row0, key, wb.stride(0), wb.stride(1), ob.stride(0), ob.stride(1),
-        dummy, 1, dummy, dummy, dummy, dummy, dummy, 0,
-        MODE=COPY, KIND=_KIND[w.dtype], GROUPED=False, ALIGNED=_aligned(n), RETRY=False, BM_=BM, BN_=BN, PB=256)
-
-
-def noisy_copy(w: torch.Tensor, std: torch.Tensor, key: int, row0: int = 0) -> torch.Tensor:
-    """A new (m, n) contiguous tensor round(w + eps), in w's dtype."""
-    out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-    noisy_copy_(w, std.float().contiguous(), key, row0, out)
-    return out
-
-
-@dataclass
-class Record:
-    """What an in-place perturb of one launch needs to be undone exactly (see the module docstring)."""
-
-    counter: torch.Tensor  # int32 [1]: entries used (holes of failed tiles included)
-    hslot: torch.Tensor  # int32 [tiles]
-    hcnt: torch.Tensor  # int32 [tiles]
-    off: torch.Tensor  # int16 [cap]
-    val: torch.Tensor  # int16 / int32 [cap]
-
-    @property
-    def entries(self) -> int:
-        return int(self.hcnt.sum())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(x.numel() * x.element_size() for x in (self.counter, self.hslot, self.hcnt, self.off, self.val))
-
-
 @dataclass
 class Layer:
     """One weight in a launch: its logical (m, n) view, per-row std, key and first global row."""
@@ -308,66 +298,155 @@ class Layer:
     row0: int = 0
 
 
-def _table(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
-    rows, tile0 = [], 0
+@dataclass
+class Record:
+    """What an in-place perturb of one launch needs to be undone exactly (see the module docstring)."""
+
+    counter: torch.Tensor  # int32 [1]: entries used (holes of failed tiles included)
+    header: torch.Tensor  # int32 [tiles, 3]: slot (-1: not perturbed yet), count, checksum of the noisy bits
+    off: torch.Tensor  # int16 [cap]
+    val: torch.Tensor  # int16 / int32 [cap]
+    used: int = 0  # entries of off/val in use
+    table: torch.Tensor | None = None  # the launch's layer table (restore reuses it)
+    tile_map: torch.Tensor | None = None
+
+    @property
+    def hslot(self) -> torch.Tensor:
+        return self.header[:, 0]
+
+    @property
+    def hcnt(self) -> torch.Tensor:
+        return self.header[:, 1]
+
+    @property
+    def entries(self) -> int:
+        return int(self.hcnt.sum())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for the restore: the counter, the headers and the used entries."""
+        per = self.off.element_size() + self.val.element_size()
+        return self.counter.numel() * 4 + self.header.numel() * 4 + self.used * per
+
+
+_MAPS: dict[tuple, torch.Tensor] = {}  # tile -> layer maps by (device, per-layer tile counts)
+_CAPACITY: dict[tuple, int] = {}  # record entries the last perturb of a group of this shape needed
+
+
+def _tile_map(device: torch.device, counts: tuple[int, ...]) -> torch.Tensor:
+    key = (str(device), counts)
+    m = _MAPS.get(key)
+    if m is None:
+        if len(_MAPS) > 64:
+            _MAPS.clear()
+        m = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32),
+                                    torch.tensor(counts, dtype=torch.int64)).to(device)
+        _MAPS[key] = m
+    return m
+
+
+def _check(layers: list[Layer]) -> torch.dtype:
+    dtype = layers[0].w.dtype
+    for ly in layers:
+        if ly.w.dtype != dtype:
+            raise ValueError("a grouped launch needs one dtype; group layers by dtype")
+        if not supported(ly.w) or ly.w.dim() != 2:
+            raise ValueError(f"the noise kernels need logical (m, n) float16/bfloat16/float32 views, got {ly.w.dtype}")
+        if ly.std.dtype != torch.float32 or not ly.std.is_contiguous():
+            raise ValueError("std must be a contiguous float32 vector")
+    return dtype
+
+
+def _table(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    rows, counts, tile0 = [], [], 0
     for i, ly in enumerate(layers):
         m, n = ly.w.shape
         o = ly.w if outs is None else outs[i]
+        tiles = _tiles(m, n)
         rows.append([ly.w.data_ptr(), o.data_ptr(), ly.std.data_ptr(), m, n, ly.row0, ly.key,
-                     ly.w.stride(0), ly.w.stride(1), tile0, triton.cdiv(n, BN), o.stride(0), o.stride(1)])
-        tile0 += _tiles(m, n)
-    return torch.tensor(rows, dtype=torch.int64).to(layers[0].w.device), tile0
+                     ly.w.stride(0), ly.w.stride(1), o.stride(0), o.stride(1), tile0, triton.cdiv(n, BN)])
+        counts.append(tiles)
+        tile0 += tiles
+    dev = layers[0].w.device
+    tab = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
+    return tab, _tile_map(dev, tuple(counts)), tile0
 
 
-def _launch(layers: list[Layer], mode: int, rec: Record | None, retry: bool = False) -> None:
-    w0 = layers[0].w
-    kind = _KIND[w0.dtype]
-    for ly in layers:
-        if ly.w.dtype != w0.dtype:
-            raise ValueError("a grouped launch needs one dtype; group layers by dtype")
-        if ly.std.dtype != torch.float32 or not ly.std.is_contiguous():
-            raise ValueError("std must be a contiguous float32 vector")
-    aligned = all(_aligned(ly.w.shape[1]) for ly in layers)
-    tab, tiles = _table(layers)
-    wb = w0.view(_BITS[w0.dtype])
+def _launch(tab, tile_map, tiles, dtype, aligned, mode, rec: Record | None, bad=None, retry=False) -> None:
+    dummy = tab
+    if rec is None:
+        cnt = hdr = off = val = dummy
+        cap = 0
+    else:
+        cnt, hdr, off, val, cap = rec.counter, rec.header, rec.off, rec.val, rec.off.numel()
     _noise_kernel[(tiles,)](
-        wb, wb, layers[0].std, 0, 0, 0, 0, 0, 0, 0, 0,
-        tab, len(layers),
-        rec.counter, rec.hslot, rec.hcnt, rec.off, rec.val, rec.off.numel(),
-        MODE=mode, KIND=kind, GROUPED=True, ALIGNED=aligned, RETRY=retry, BM_=BM, BN_=BN, PB=256)
+        tab, tile_map, cnt, hdr, off, val, cap, bad if bad is not None else dummy,
+        MODE=mode, KIND=_KIND[dtype], ALIGNED=aligned, RETRY=retry, BM_=BM, BN_=BN, PB=256)
 
 
-def perturb_group(layers: list[Layer], capacity: float = 0.125) -> Record:
+def noisy_copy_group(layers: list[Layer], outs: list[torch.Tensor]) -> None:
+    """outs[i] <- round(layers[i].w + eps_i) for every layer, in one launch (forward mode)."""
+    dtype = _check(layers)
+    tab, tile_map, tiles = _table(layers, [o.view(_BITS[dtype]) for o in outs])
+    _launch(tab, tile_map, tiles, dtype, all(_aligned(ly.w.shape[1]) for ly in layers), COPY, None)
+
+
+def noisy_copy_(w: torch.Tensor, std: torch.Tensor, key: int, row0: int, out: torch.Tensor) -> None:
+    """out <- round(w + std[:, None] * z(key, (row0 + i) * n + j)) for logical (m, n) views w and out."""
+    noisy_copy_group([Layer(w, std, key, row0)], [out])
+
+
+def noisy_copy(w: torch.Tensor, std: torch.Tensor, key: int, row0: int = 0) -> torch.Tensor:
+    """A new (m, n) contiguous tensor round(w + eps), in w's dtype."""
+    out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    noisy_copy_(w, std.float().contiguous(), key, row0, out)
+    return out
+
+
+def perturb_group(layers: list[Layer], capacity: float | None = None) -> Record:
     """W <- round(W + eps) for every layer (one launch; one more if the record overflowed), with the
-    record that makes `restore_group` exact. `capacity` is the first guess of the off fraction."""
-    w0 = layers[0].w
-    dev = w0.device
-    tiles = sum(_tiles(*ly.w.shape) for ly in layers)
+    record that makes `restore_group` exact. `capacity` is the first guess of the off fraction; by default
+    the entries the previous perturb of a group of the same shape needed, plus 1/8 (first time: 1/8)."""
+    dtype = _check(layers)
+    dev = layers[0].w.device
+    tab, tile_map, tiles = _table(layers)
     numel = sum(ly.w.numel() for ly in layers)
-    cap = max(1024, int(numel * capacity))
-    rec = Record(torch.zeros(1, dtype=torch.int32, device=dev), torch.empty(tiles, dtype=torch.int32, device=dev),
-                 torch.empty(tiles, dtype=torch.int32, device=dev), torch.empty(cap, dtype=torch.int16, device=dev),
-                 torch.empty(cap, dtype=_BITS[w0.dtype], device=dev))
-    _launch(layers, PERTURB, rec)
+    shape_key = (str(dev), dtype, tuple(tuple(ly.w.shape) for ly in layers))
+    if capacity is not None:
+        cap = int(numel * capacity)
+    elif shape_key in _CAPACITY:
+        cap = _CAPACITY[shape_key] * 9 // 8
+    else:
+        cap = numel // 8
+    cap = max(1024, cap)
+    rec = Record(torch.zeros(1, dtype=torch.int32, device=dev), torch.empty((tiles, 3), dtype=torch.int32, device=dev),
+                 torch.empty(cap, dtype=torch.int16, device=dev), torch.empty(cap, dtype=_BITS[dtype], device=dev),
+                 table=tab, tile_map=tile_map)
+    aligned = all(_aligned(ly.w.shape[1]) for ly in layers)
+    _launch(tab, tile_map, tiles, dtype, aligned, PERTURB, rec)
     used = int(rec.counter.item())  # one sync: the record's size decides whether a retry is needed
     if used > cap:
-        failed = rec.hslot == -1
-        need = int(rec.hcnt[failed].sum())
-        size = used + need
-        off = torch.empty(size, dtype=torch.int16, device=dev)
-        val = torch.empty(size, dtype=rec.val.dtype, device=dev)
+        need = int(rec.hcnt[rec.hslot == -1].sum())
+        off = torch.empty(used + need, dtype=torch.int16, device=dev)
+        val = torch.empty(used + need, dtype=rec.val.dtype, device=dev)
         off[:cap], val[:cap] = rec.off, rec.val
         rec.off, rec.val = off, val
-        _launch(layers, PERTURB, rec, retry=True)
+        _launch(tab, tile_map, tiles, dtype, aligned, PERTURB, rec, retry=True)
         used = int(rec.counter.item())
-    # Keep only what was used: the persistent record is entries x (2 + itemsize) bytes + 8 per tile.
-    rec.off, rec.val = rec.off[:used].clone(), rec.val[:used].clone()
+    rec.used = used
+    _CAPACITY[shape_key] = used
     return rec
 
 
-def restore_group(layers: list[Layer], rec: Record) -> None:
-    """Undo `perturb_group(layers)` exactly (same layers, same std and keys)."""
-    _launch(layers, RESTORE, rec)
+def restore_group(layers: list[Layer], rec: Record) -> torch.Tensor:
+    """Undo `perturb_group(layers)` exactly (same layers, same std and keys). Returns, per layer, the number
+    of tiles whose weight changed since the perturb (int32, on the device); those tiles are left as found."""
+    dtype = _check(layers)
+    bad = torch.zeros(len(layers), dtype=torch.int32, device=layers[0].w.device)
+    tiles = rec.header.shape[0]
+    aligned = all(_aligned(ly.w.shape[1]) for ly in layers)
+    _launch(rec.table, rec.tile_map, tiles, dtype, aligned, RESTORE, rec, bad)
+    return bad
 
 
 @dataclass
@@ -380,13 +459,13 @@ class StdItem:
     b: torch.Tensor | None = None
 
 
-_STD_BM, _STD_BK, _STD_RK = 16, 128, 16
+_STD_BM, _STD_BK, _STD_RK = 4, 512, 8
 
 
 def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor]:
     """Filter-noise std of every layer, sigma_scale * ||(W + B A)_i|| / sqrt(n) as float32 [m] vectors,
-    in one launch per (device, weight dtype) (one in practice): the rows of all layers form one grid,
-    and each program finds its layer in a table of pointers and sizes (as in `_table`)."""
+    in one launch per (device, weight dtype) (one in practice): the rows of all layers form one grid, and
+    each program finds its layer through a row-block -> layer map."""
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, it in enumerate(items):
         if not supported(it.w) or it.w.dim() != 2:
@@ -396,7 +475,7 @@ def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor
     for (dev, dtype), idx in groups.items():
         out = torch.empty(sum(items[i].w.shape[0] for i in idx), dtype=torch.float32, device=dev)
         keep = []  # the float32 factors the table points to must outlive the launch
-        rows, blk, row0 = [], 0, 0
+        rows, counts, blk, row0 = [], [], 0, 0
         for i in idx:
             it = items[i]
             m, n = it.w.shape
@@ -413,9 +492,11 @@ def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor
             wb = it.w.view(_BITS[dtype])
             rows.append([wb.data_ptr(), pa, pb, m, n, wb.stride(0), wb.stride(1), r, blk, row0])
             result[i] = out[row0:row0 + m]
-            blk += triton.cdiv(m, _STD_BM)
+            blocks = triton.cdiv(m, _STD_BM)
+            counts.append(blocks)
+            blk += blocks
             row0 += m
-        tab = torch.tensor(rows, dtype=torch.int64).to(dev)
-        _rowstd_kernel[(blk,)](tab, len(rows), out, float(sigma_scale),
+        tab = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
+        _rowstd_kernel[(blk,)](tab, _tile_map(dev, tuple(counts)), out, float(sigma_scale),
                                KIND=_KIND[dtype], BM_=_STD_BM, BK=_STD_BK, RK=_STD_RK)
     return result
