@@ -344,7 +344,7 @@ def main(argv=None):
     info["total_secs"] = time.perf_counter() - t_all
     slug = "smoke-" + args.dev if args.smoke else torch.cuda.get_device_name(0).lower().replace(" ", "-") if args.dev == "cuda" else "cpu"
     if args.only != ap.get_default("only"):
-        X
+        slug += "-" + args.only.replace(",", "_")  # a partial run (no "+": the device returns no such name)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"overhead-{slug}.json"
