@@ -2,7 +2,8 @@
 record, restore, and the forward-mode noisy copy. Noise is `philox.py`'s stream: z(key, i * n + j) from one
 `randn4x` call per 4 consecutive elements, so a tile of rows needs nothing but (key, global row, column).
 
-One elementwise kernel serves three modes over [BM, BN] tiles of a logical (m, n) weight (any strides):
+One elementwise kernel serves three modes over tiles of BLOCK consecutive elements of a logical (m, n)
+weight (any strides; row-major contiguous views get vector loads):
 
     PERTURB  W <- round(W + eps); entries where round(round(W + eps) - eps) != W are appended to a record
     RESTORE  W <- round(W - eps), then the recorded entries get their original bits back (exact)
@@ -26,6 +27,7 @@ instead of "restoring" someone else's values into garbage.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +35,8 @@ import triton
 import triton.language as tl
 
 PERTURB, RESTORE, COPY = 0, 1, 2
-BM, BN = 4, 1024  # noise tile: 4096 elements; in-tile offsets fit int16
+BLOCK = 4096  # noise tile: 4096 consecutive elements of a layer's (m, n) view; in-tile offsets fit int16
+NUM_WARPS = 4
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
@@ -50,8 +53,7 @@ C_SC = tl.constexpr(8)  # weight column stride
 C_OSR = tl.constexpr(9)  # output row stride
 C_OSC = tl.constexpr(10)  # output column stride
 C_TILE0 = tl.constexpr(11)  # first tile of this layer in the launch
-C_TILES_N = tl.constexpr(12)  # column tiles per row block
-N_COLS = tl.constexpr(13)
+N_COLS = tl.constexpr(12)
 
 # Columns of the layer table of the row-std kernel.
 S_W = tl.constexpr(0)
@@ -92,18 +94,51 @@ def _round_bits(x, KIND: tl.constexpr):
 
 
 @triton.jit
-def _normals(key, grow, col0, n, BM_: tl.constexpr, BN_: tl.constexpr, ALIGNED: tl.constexpr):
-    """z(key, grow * n + col0 + c), c < BN, for a [BM, BN] tile; ALIGNED (n, col0 multiples of 4): one
-    Philox call per 4 elements, else one per element (lanes picked from its group's 4)."""
-    if ALIGNED:
-        c = (grow.to(tl.int64)[:, None] * n + col0) // 4 + tl.arange(0, BN_ // 4)[None, :]
-        n1, n2, n3, n4 = tl.randn4x(key, c)
-        z = tl.join(tl.join(n1, n3), tl.join(n2, n4))
-        return tl.reshape(z, (BM_, BN_))
+def _approx(x, OP: tl.constexpr):
+    """The GPU's special-function unit (one MUFU instruction each): lg2, sin, cos, sqrt."""
+    if OP == 0:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    elif OP == 1:
+        return tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    elif OP == 2:
+        return tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
     else:
-        o = grow.to(tl.int64)[:, None] * n + (col0 + tl.arange(0, BN_).to(tl.int64))[None, :]
-        n1, n2, n3, n4 = tl.randn4x(key, o >> 2)
-        lane = o & 3
+        return tl.inline_asm_elementwise("sqrt.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _box_muller(i1, i2, FAST: tl.constexpr):
+    """Two normals from two Philox words, as `philox.py` defines them: u1 = max(U(i1), 1e-7), u2 = U(i2),
+    r = sqrt(-2 ln u1), (r cos 2 pi u2, r sin 2 pi u2). FAST (compiled on a GPU) takes the transcendentals
+    from the special-function unit (absolute error ~1e-6 on z; libdevice's would make the kernels
+    compute-bound at a third of the memory bandwidth); the interpreter uses the precise ones."""
+    u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
+    u2 = tl.uint_to_uniform_float(i2)
+    if FAST:
+        r = _approx(-1.3862943611198906 * _approx(u1, 0), 3)  # -2 ln u1 = -2 ln(2) log2(u1)
+        th = 6.283185307179586 * u2 - 3.141592653589793  # the approximations are best on [-pi, pi]
+        return -r * _approx(th, 2), -r * _approx(th, 1)  # cos(x + pi) = -cos x, sin(x + pi) = -sin x
+    else:
+        r = tl.sqrt(-2.0 * tl.log(u1))
+        th = 6.283185307179586 * u2
+        return r * tl.cos(th), r * tl.sin(th)
+
+
+@triton.jit
+def _normals(key, g0, q, ALIGNED: tl.constexpr, FAST: tl.constexpr):
+    """z(key, g0 + 4 q + l) for l < 4 as a [Q, 4] block (g0: global offset of the tile, int64). ALIGNED
+    (g0 a multiple of 4): one Philox call per row of the block; else one per element, lanes picked."""
+    if ALIGNED:
+        i1, i2, i3, i4 = tl.randint4x(key, g0 // 4 + q)
+        n1, n2 = _box_muller(i1, i2, FAST)
+        n3, n4 = _box_muller(i3, i4, FAST)
+        return tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), (q.shape[0], 4))
+    else:
+        g = g0 + q[:, None] * 4 + tl.arange(0, 4)[None, :]
+        i1, i2, i3, i4 = tl.randint4x(key, g >> 2)
+        n1, n2 = _box_muller(i1, i2, FAST)
+        n3, n4 = _box_muller(i3, i4, FAST)
+        lane = g & 3
         return tl.where(lane == 0, n1, tl.where(lane == 1, n2, tl.where(lane == 2, n3, n4)))
 
 
@@ -118,9 +153,12 @@ def _checksum(bits, offs):
 def _noise_kernel(
     tab_ptr, map_ptr,  # layer table and tile -> layer map
     cnt_ptr, hdr_ptr, roff_ptr, rval_ptr, CAP, bad_ptr,  # record (PERTURB / RESTORE)
-    MODE: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr, RETRY: tl.constexpr,
-    BM_: tl.constexpr, BN_: tl.constexpr, PB: tl.constexpr,
+    MODE: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr, CONTIG: tl.constexpr, RETRY: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_: tl.constexpr, PB: tl.constexpr,
 ):
+    """One tile = BLOCK consecutive elements o of a layer's logical (m, n) view (row o // n, column o % n).
+    CONTIG: every view in the launch is row-major contiguous, so o is also the storage offset (vector loads).
+    ALIGNED: every n is a multiple of 4, so a quad of elements shares a row and a Philox call."""
     t = tl.program_id(0)
     BITS: tl.constexpr = tl.int16 if KIND < 2 else tl.int32
     layer = tl.load(map_ptr + t)
@@ -129,33 +167,40 @@ def _noise_kernel(
     std_ptr = tl.load(row + C_STD).to(tl.pointer_type(tl.float32))
     M = tl.load(row + C_M)
     N = tl.load(row + C_N)
-    SR = tl.load(row + C_SR)
-    SC = tl.load(row + C_SC)
-    tloc = t - tl.load(row + C_TILE0)
-    tiles_n = tl.load(row + C_TILES_N)
-    tr = tloc // tiles_n
-    tc = tloc % tiles_n
-    rows = tr * BM_ + tl.arange(0, BM_)
-    cols = tc * BN_ + tl.arange(0, BN_)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
-    ptrs = w_ptr + rows64[:, None] * SR + cols64[None, :] * SC
+    # int32 element indices (the host keeps every layer under 2^31 elements): one cheap division per quad
+    start = ((t - tl.load(row + C_TILE0)) * BLOCK_).to(tl.int32)
+    numel = (M * N).to(tl.int32)
+    N32 = N.to(tl.int32)
+    q = tl.arange(0, BLOCK_ // 4)
+    offs = q[:, None] * 4 + tl.arange(0, 4)[None, :]  # in-tile offset
+    o = start + offs  # element index in the (m, n) view
+    mask = o < numel
+    if ALIGNED:
+        rq = (start + q * 4) // N32
+        std = tl.load(std_ptr + rq, mask=start + q * 4 < numel, other=0.0)[:, None]
+        r = rq[:, None]
+    else:
+        r = o // N32
+        std = tl.load(std_ptr + r, mask=mask, other=0.0)
+    if CONTIG:
+        ptrs = w_ptr + o
+    else:
+        ptrs = w_ptr + r.to(tl.int64) * tl.load(row + C_SR) + (o - r * N32).to(tl.int64) * tl.load(row + C_SC)
     bits = tl.load(ptrs, mask=mask, other=0)
-    std = tl.load(std_ptr + rows, mask=rows < M, other=0.0)
-    z = _normals(tl.load(row + C_KEY), tl.load(row + C_ROW0) + rows64, tc.to(tl.int64) * BN_, N, BM_, BN_, ALIGNED)
-    eps = std[:, None] * z
+    eps = std * _normals(tl.load(row + C_KEY), tl.load(row + C_ROW0) * N + start.to(tl.int64), q, ALIGNED, FAST)
     x = _to_f32(bits, KIND)
-    offs = tl.arange(0, BM_)[:, None] * BN_ + tl.arange(0, BN_)[None, :]  # in-tile offset, row-major
     if MODE == 2:  # COPY
         out_ptr = tl.load(row + C_OUT).to(tl.pointer_type(BITS))
-        optrs = out_ptr + rows64[:, None] * tl.load(row + C_OSR) + cols64[None, :] * tl.load(row + C_OSC)
+        if CONTIG:
+            optrs = out_ptr + o
+        else:
+            optrs = out_ptr + r.to(tl.int64) * tl.load(row + C_OSR) + (o - r * N32).to(tl.int64) * tl.load(row + C_OSC)
         tl.store(optrs, _round_bits(x + eps, KIND), mask=mask)
     elif MODE == 0:  # PERTURB
         noisy = _round_bits(x + eps, KIND)
         replay = _round_bits(_to_f32(noisy, KIND) - eps, KIND)
         off = (replay != bits) & mask
-        off_f = tl.reshape(off.to(tl.int32), (BM_ * BN_,))
+        off_f = tl.reshape(off.to(tl.int32), (BLOCK_,))
         count = tl.sum(off_f, axis=0)
         if RETRY:
             active = tl.load(hdr_ptr + t * 3) == -1
@@ -167,8 +212,8 @@ def _noise_kernel(
         tl.store(ptrs, noisy, mask=mask & ((offs * 0 + ok_i) != 0))
         pos = slot + tl.cumsum(off_f, axis=0) - 1
         sel = (off_f * ok_i) != 0
-        tl.store(roff_ptr + pos, tl.arange(0, BM_ * BN_).to(tl.int16), mask=sel)
-        tl.store(rval_ptr + pos, tl.reshape(bits, (BM_ * BN_,)), mask=sel)
+        tl.store(roff_ptr + pos, tl.arange(0, BLOCK_).to(tl.int16), mask=sel)
+        tl.store(rval_ptr + pos, tl.reshape(bits, (BLOCK_,)), mask=sel)
         chk = _checksum(tl.where(mask, noisy, 0), offs)
         tl.store(hdr_ptr + t * 3, tl.where(ok, slot, -1), mask=active)
         tl.store(hdr_ptr + t * 3 + 1, count, mask=active)
@@ -184,11 +229,14 @@ def _noise_kernel(
         for s in range(0, count, PB):
             idx = s + tl.arange(0, PB)
             pm = idx < count
-            o = tl.load(roff_ptr + slot + idx, mask=pm, other=0).to(tl.int32)
+            po = start + tl.load(roff_ptr + slot + idx, mask=pm, other=0).to(tl.int32)
             v = tl.load(rval_ptr + slot + idx, mask=pm, other=0)
-            pr = (tr * BM_ + o // BN_).to(tl.int64)
-            pc = (tc * BN_ + o % BN_).to(tl.int64)
-            tl.store(w_ptr + pr * SR + pc * SC, v, mask=pm)
+            if CONTIG:
+                pp = w_ptr + po
+            else:
+                pr = po // N32
+                pp = w_ptr + pr.to(tl.int64) * tl.load(row + C_SR) + (po - pr * N32).to(tl.int64) * tl.load(row + C_SC)
+            tl.store(pp, v, mask=pm)
 
 
 @triton.jit
@@ -218,12 +266,12 @@ def _rownorm_kernel(w_ptr, a_ptr, sq_ptr, wa_ptr, M, N, SR, SC, R,
 
 @triton.jit
 def _rowstd_kernel(tab_ptr, map_ptr, out_ptr, SCALE,
-                   KIND: tl.constexpr, BM_: tl.constexpr, BK: tl.constexpr, RK: tl.constexpr):
+                   KIND: tl.constexpr, BM_: tl.constexpr, BK: tl.constexpr, RK: tl.constexpr, PREC: tl.constexpr):
     """out[OUT0 + i] = SCALE * ||W_i + B_i A|| / sqrt(N) for the BM rows of one layer of the table.
 
-    The merged row is built tile by tile over N (W tile + sum_r B[rows, r] A[r, cols], float32 FMAs, ranks
-    in unrolled chunks of RK) and its squares summed: no ||W||^2 + 2<WA^T, B> + ... expansion, so no
-    cancellation."""
+    The merged row is built tile by tile over N (W tile + B[rows, :] @ A[:, cols] on the tensor cores,
+    tf32x3: float32 accuracy) and its squares summed: no ||W||^2 + 2<WA^T, B> + ... expansion, so no
+    cancellation. A is read once per BM rows, so a large BM keeps its re-reads small next to W."""
     t = tl.program_id(0)
     layer = tl.load(map_ptr + t)
     row = tab_ptr + layer.to(tl.int64) * S_COLS
@@ -247,12 +295,11 @@ def _rowstd_kernel(tab_ptr, map_ptr, out_ptr, SCALE,
         bits = tl.load(w_ptr + rows64[:, None] * SR + cols64[None, :] * SC, mask=rmask[:, None] & cm[None, :], other=0)
         merged = _to_f32(bits, KIND)
         for r0 in range(0, R, RK):  # R = 0: no low-rank term, the loop does not run
-            for j in tl.static_range(RK):
-                r = r0 + j
-                # r < R as tensors: the interpreter rejects scalar-bool & tensor-bool masks
-                b = tl.load(b_ptr + rows64 * R + r, mask=rmask & (rows64 * 0 + r < R), other=0.0)
-                a = tl.load(a_ptr + r * N + cols64, mask=cm & (cols64 * 0 + r < R), other=0.0)
-                merged += b[:, None] * a[None, :]
+            rk = r0 + tl.arange(0, RK)
+            km = rk < R
+            b = tl.load(b_ptr + rows64[:, None] * R + rk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+            a = tl.load(a_ptr + rk.to(tl.int64)[:, None] * N + cols64[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+            merged = tl.dot(b, a, acc=merged, input_precision=PREC)
         acc += merged * merged
     std = tl.sqrt(tl.sum(acc, axis=1)) * (SCALE / tl.sqrt(N.to(tl.float32)))
     tl.store(out_ptr + tl.load(row + S_OUT0) + rows64, std, mask=rmask)
@@ -263,10 +310,6 @@ def _rowstd_kernel(tab_ptr, map_ptr, out_ptr, SCALE,
 def supported(w: torch.Tensor) -> bool:
     """True when the kernels handle this weight (dense float16/bfloat16/float32)."""
     return w.dtype in _BITS and w.layout == torch.strided
-
-
-def _aligned(n: int) -> bool:
-    return n % 4 == 0
 
 
 def row_norm_parts(w: torch.Tensor, a: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -285,7 +328,12 @@ def row_norm_parts(w: torch.Tensor, a: torch.Tensor | None) -> tuple[torch.Tenso
 
 
 def _tiles(m: int, n: int) -> int:
-    return triton.cdiv(m, BM) * triton.cdiv(n, BN)
+    return triton.cdiv(m * n, BLOCK)
+
+
+def _fast() -> bool:
+    # Triton decides interpreted vs compiled per process from this variable; inline PTX needs compiled.
+    return os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @dataclass
@@ -354,6 +402,8 @@ def _check(layers: list[Layer]) -> torch.dtype:
             raise ValueError(f"the noise kernels need logical (m, n) float16/bfloat16/float32 views, got {ly.w.dtype}")
         if ly.std.dtype != torch.float32 or not ly.std.is_contiguous():
             raise ValueError("std must be a contiguous float32 vector")
+        if ly.w.numel() >= 2**31 - BLOCK:
+            raise ValueError(f"a {tuple(ly.w.shape)} weight has too many elements for the kernels' int32 indexing")
     return dtype
 
 
@@ -364,7 +414,7 @@ def _table(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple
         o = ly.w if outs is None else outs[i]
         tiles = _tiles(m, n)
         rows.append([ly.w.data_ptr(), o.data_ptr(), ly.std.data_ptr(), m, n, ly.row0, ly.key,
-                     ly.w.stride(0), ly.w.stride(1), o.stride(0), o.stride(1), tile0, triton.cdiv(n, BN)])
+                     ly.w.stride(0), ly.w.stride(1), o.stride(0), o.stride(1), tile0])
         counts.append(tiles)
         tile0 += tiles
     dev = layers[0].w.device
@@ -372,7 +422,17 @@ def _table(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple
     return tab, _tile_map(dev, tuple(counts)), tile0
 
 
-def _launch(tab, tile_map, tiles, dtype, aligned, mode, rec: Record | None, bad=None, retry=False) -> None:
+def _contiguous(w: torch.Tensor) -> bool:
+    return w.stride(1) == 1 and (w.stride(0) == w.shape[1] or w.shape[0] == 1)
+
+
+def _flags(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple[bool, bool]:
+    """(ALIGNED, CONTIG) of a launch."""
+    views = [ly.w for ly in layers] + (outs or [])
+    return all(ly.w.shape[1] % 4 == 0 for ly in layers), all(_contiguous(v) for v in views)
+
+
+def _launch(tab, tile_map, tiles, dtype, flags, mode, rec: Record | None, bad=None, retry=False) -> None:
     dummy = tab
     if rec is None:
         cnt = hdr = off = val = dummy
@@ -381,14 +441,16 @@ def _launch(tab, tile_map, tiles, dtype, aligned, mode, rec: Record | None, bad=
         cnt, hdr, off, val, cap = rec.counter, rec.header, rec.off, rec.val, rec.off.numel()
     _noise_kernel[(tiles,)](
         tab, tile_map, cnt, hdr, off, val, cap, bad if bad is not None else dummy,
-        MODE=mode, KIND=_KIND[dtype], ALIGNED=aligned, RETRY=retry, BM_=BM, BN_=BN, PB=256)
+        MODE=mode, KIND=_KIND[dtype], ALIGNED=flags[0], CONTIG=flags[1], RETRY=retry, FAST=_fast(), BLOCK_=BLOCK,
+        PB=256, num_warps=NUM_WARPS)
 
 
 def noisy_copy_group(layers: list[Layer], outs: list[torch.Tensor]) -> None:
     """outs[i] <- round(layers[i].w + eps_i) for every layer, in one launch (forward mode)."""
     dtype = _check(layers)
-    tab, tile_map, tiles = _table(layers, [o.view(_BITS[dtype]) for o in outs])
-    _launch(tab, tile_map, tiles, dtype, all(_aligned(ly.w.shape[1]) for ly in layers), COPY, None)
+    outs = [o.view(_BITS[dtype]) for o in outs]
+    tab, tile_map, tiles = _table(layers, outs)
+    _launch(tab, tile_map, tiles, dtype, _flags(layers, outs), COPY, None)
 
 
 def noisy_copy_(w: torch.Tensor, std: torch.Tensor, key: int, row0: int, out: torch.Tensor) -> None:
@@ -422,8 +484,8 @@ def perturb_group(layers: list[Layer], capacity: float | None = None) -> Record:
     rec = Record(torch.zeros(1, dtype=torch.int32, device=dev), torch.empty((tiles, 3), dtype=torch.int32, device=dev),
                  torch.empty(cap, dtype=torch.int16, device=dev), torch.empty(cap, dtype=_BITS[dtype], device=dev),
                  table=tab, tile_map=tile_map)
-    aligned = all(_aligned(ly.w.shape[1]) for ly in layers)
-    _launch(tab, tile_map, tiles, dtype, aligned, PERTURB, rec)
+    flags = _flags(layers)
+    _launch(tab, tile_map, tiles, dtype, flags, PERTURB, rec)
     used = int(rec.counter.item())  # one sync: the record's size decides whether a retry is needed
     if used > cap:
         need = int(rec.hcnt[rec.hslot == -1].sum())
@@ -431,7 +493,7 @@ def perturb_group(layers: list[Layer], capacity: float | None = None) -> Record:
         val = torch.empty(used + need, dtype=rec.val.dtype, device=dev)
         off[:cap], val[:cap] = rec.off, rec.val
         rec.off, rec.val = off, val
-        _launch(tab, tile_map, tiles, dtype, aligned, PERTURB, rec, retry=True)
+        _launch(tab, tile_map, tiles, dtype, flags, PERTURB, rec, retry=True)
         used = int(rec.counter.item())
     rec.used = used
     _CAPACITY[shape_key] = used
@@ -444,8 +506,7 @@ def restore_group(layers: list[Layer], rec: Record) -> torch.Tensor:
     dtype = _check(layers)
     bad = torch.zeros(len(layers), dtype=torch.int32, device=layers[0].w.device)
     tiles = rec.header.shape[0]
-    aligned = all(_aligned(ly.w.shape[1]) for ly in layers)
-    _launch(rec.table, rec.tile_map, tiles, dtype, aligned, RESTORE, rec, bad)
+    _launch(rec.table, rec.tile_map, tiles, dtype, _flags(layers), RESTORE, rec, bad)
     return bad
 
 
@@ -459,7 +520,7 @@ class StdItem:
     b: torch.Tensor | None = None
 
 
-_STD_BM, _STD_BK, _STD_RK = 4, 512, 8
+_STD_BM, _STD_BK, _STD_RK = 64, 64, 16
 
 
 def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor]:
@@ -498,5 +559,6 @@ def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor
             row0 += m
         tab = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
         _rowstd_kernel[(blk,)](tab, _tile_map(dev, tuple(counts)), out, float(sigma_scale),
-                               KIND=_KIND[dtype], BM_=_STD_BM, BK=_STD_BK, RK=_STD_RK)
+                               KIND=_KIND[dtype], BM_=_STD_BM, BK=_STD_BK, RK=_STD_RK,
+                               PREC="tf32x3" if _fast() else "ieee")
     return result
