@@ -22,31 +22,12 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-
-@triton.jit
-def _approx(x, OP: tl.constexpr):
-    if OP == 0:
-        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
-    elif OP == 1:
-        return tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
-    elif OP == 2:
-        return tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        return tl.inline_asm_elementwise("sqrt.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+from flatlora.kernels import triton_noise as K  # noqa: E402
 
 
 @triton.jit
 def _u(x):
     return tl.uint_to_uniform_float(x)
-
-
-@triton.jit
-def _fast_pair(i1, i2):
-    u1 = tl.maximum(1.0e-7, _u(i1))
-    u2 = _u(i2)
-    r = _approx(-1.3862943611198906 * _approx(u1, 0), 3)
-    th = 6.283185307179586 * u2 - 3.141592653589793  # sin/cos.approx are most accurate on [-pi, pi]
-    return -r * _approx(th, 2), -r * _approx(th, 1)  # cos(th + pi) = -cos(th), sin(th + pi) = -sin(th)
 
 
 @triton.jit
@@ -68,8 +49,8 @@ def _flat_kernel(w_ptr, out_ptr, std_ptr, NUMEL, N, KEY, VAR: tl.constexpr, ROUN
         z = tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), (BLOCK // 4, 4))
     else:
         i1, i2, i3, i4 = tl.randint4x(KEY, q, ROUNDS)
-        n1, n2 = _fast_pair(i1, i2)
-        n3, n4 = _fast_pair(i3, i4)
+        n1, n2 = K._box_muller(i1, i2, True)
+        n3, n4 = K._box_muller(i3, i4, True)
         z = tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), (BLOCK // 4, 4))
     x = (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True) + std[:, None] * z
     b = x.to(tl.int32, bitcast=True)
@@ -111,8 +92,6 @@ def main():
                 print(f"  {name:<10} block {block} warps {warps}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
             print(f"  {name:<10} block {block:5d} warps {warps}: {ms:8.3f} ms  {ms_copy / ms:6.1%} of copy", flush=True)
-
-    from flatlora.kernels import triton_noise as K
 
     shapes = [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)]
     del w, out

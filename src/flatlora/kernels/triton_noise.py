@@ -36,7 +36,7 @@ import triton.language as tl
 
 PERTURB, RESTORE, COPY = 0, 1, 2
 BLOCK = 4096  # noise tile: 4096 consecutive elements of a layer's (m, n) view; in-tile offsets fit int16
-NUM_WARPS = 4
+NUM_WARPS = 8  # 16 elements a thread: 4 Philox calls; 32 spilled registers in the perturb mode
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
@@ -157,7 +157,9 @@ def _noise_kernel(
     FAST: tl.constexpr, BLOCK_: tl.constexpr, PB: tl.constexpr,
 ):
     """One tile = BLOCK consecutive elements o of a layer's logical (m, n) view (row o // n, column o % n).
-    CONTIG: every view in the launch is row-major contiguous, so o is also the storage offset (vector loads).
+    CONTIG: every view in the launch is row-major contiguous with 16-byte aligned storage, so o is also the
+    storage offset; the alignment hint matters: a pointer loaded from the table carries no alignment the
+    compiler can see, and without it every access is a scalar 2-byte one (most of the old kernels' time).
     ALIGNED: every n is a multiple of 4, so a quad of elements shares a row and a Philox call."""
     t = tl.program_id(0)
     BITS: tl.constexpr = tl.int16 if KIND < 2 else tl.int32
@@ -183,6 +185,7 @@ def _noise_kernel(
         r = o // N32
         std = tl.load(std_ptr + r, mask=mask, other=0.0)
     if CONTIG:
+        w_ptr = tl.multiple_of(w_ptr, 16)
         ptrs = w_ptr + o
     else:
         ptrs = w_ptr + r.to(tl.int64) * tl.load(row + C_SR) + (o - r * N32).to(tl.int64) * tl.load(row + C_SC)
@@ -192,7 +195,7 @@ def _noise_kernel(
     if MODE == 2:  # COPY
         out_ptr = tl.load(row + C_OUT).to(tl.pointer_type(BITS))
         if CONTIG:
-            optrs = out_ptr + o
+            optrs = tl.multiple_of(out_ptr, 16) + o
         else:
             optrs = out_ptr + r.to(tl.int64) * tl.load(row + C_OSR) + (o - r * N32).to(tl.int64) * tl.load(row + C_OSC)
         tl.store(optrs, _round_bits(x + eps, KIND), mask=mask)
@@ -266,12 +269,12 @@ def _rownorm_kernel(w_ptr, a_ptr, sq_ptr, wa_ptr, M, N, SR, SC, R,
 
 @triton.jit
 def _rowstd_kernel(tab_ptr, map_ptr, out_ptr, SCALE,
-                   KIND: tl.constexpr, BM_: tl.constexpr, BK: tl.constexpr, RK: tl.constexpr, PREC: tl.constexpr):
+                   KIND: tl.constexpr, VEC: tl.constexpr, BM_: tl.constexpr, BK: tl.constexpr, RK: tl.constexpr):
     """out[OUT0 + i] = SCALE * ||W_i + B_i A|| / sqrt(N) for the BM rows of one layer of the table.
 
-    The merged row is built tile by tile over N (W tile + B[rows, :] @ A[:, cols] on the tensor cores,
-    tf32x3: float32 accuracy) and its squares summed: no ||W||^2 + 2<WA^T, B> + ... expansion, so no
-    cancellation. A is read once per BM rows, so a large BM keeps its re-reads small next to W."""
+    The merged row is built tile by tile over N (W tile + sum_r B[rows, r] A[r, cols], float32 FMAs, ranks
+    in unrolled chunks of RK) and its squares summed: no ||W||^2 + 2<WA^T, B> + ... expansion, so no
+    cancellation. VEC: row-major contiguous 16-byte aligned views with n % 8 == 0 (hints for vector loads)."""
     t = tl.program_id(0)
     layer = tl.load(map_ptr + t)
     row = tab_ptr + layer.to(tl.int64) * S_COLS
@@ -281,9 +284,16 @@ def _rowstd_kernel(tab_ptr, map_ptr, out_ptr, SCALE,
     b_ptr = tl.load(row + S_B).to(tl.pointer_type(tl.float32))
     M = tl.load(row + S_M)
     N = tl.load(row + S_N)
-    SR = tl.load(row + S_SR)
-    SC = tl.load(row + S_SC)
     R = tl.load(row + S_R)
+    if VEC:
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        a_ptr = tl.multiple_of(a_ptr, 16)
+        N = tl.multiple_of(N, 8)
+        SR = N
+        SC = 1
+    else:
+        SR = tl.load(row + S_SR)
+        SC = tl.load(row + S_SC)
     rows = (t - tl.load(row + S_BLK0)) * BM_ + tl.arange(0, BM_)
     rmask = rows < M
     rows64 = rows.to(tl.int64)
@@ -295,11 +305,12 @@ def _rowstd_kernel(tab_ptr, map_ptr, out_ptr, SCALE,
         bits = tl.load(w_ptr + rows64[:, None] * SR + cols64[None, :] * SC, mask=rmask[:, None] & cm[None, :], other=0)
         merged = _to_f32(bits, KIND)
         for r0 in range(0, R, RK):  # R = 0: no low-rank term, the loop does not run
-            rk = r0 + tl.arange(0, RK)
-            km = rk < R
-            b = tl.load(b_ptr + rows64[:, None] * R + rk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-            a = tl.load(a_ptr + rk.to(tl.int64)[:, None] * N + cols64[None, :], mask=km[:, None] & cm[None, :], other=0.0)
-            merged = tl.dot(b, a, acc=merged, input_precision=PREC)
+            for j in tl.static_range(RK):
+                r = r0 + j
+                # r < R as tensors: the interpreter rejects scalar-bool & tensor-bool masks
+                b = tl.load(b_ptr + rows64 * R + r, mask=rmask & (rows64 * 0 + r < R), other=0.0)
+                a = tl.load(a_ptr + r * N + cols64, mask=cm & (cols64 * 0 + r < R), other=0.0)
+                merged += b[:, None] * a[None, :]
         acc += merged * merged
     std = tl.sqrt(tl.sum(acc, axis=1)) * (SCALE / tl.sqrt(N.to(tl.float32)))
     tl.store(out_ptr + tl.load(row + S_OUT0) + rows64, std, mask=rmask)
@@ -423,7 +434,8 @@ def _table(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple
 
 
 def _contiguous(w: torch.Tensor) -> bool:
-    return w.stride(1) == 1 and (w.stride(0) == w.shape[1] or w.shape[0] == 1)
+    """Row-major contiguous (m, n) storage at a 16-byte aligned address (what the vector path assumes)."""
+    return w.stride(1) == 1 and (w.stride(0) == w.shape[1] or w.shape[0] == 1) and w.data_ptr() % 16 == 0
 
 
 def _flags(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple[bool, bool]:
@@ -520,7 +532,7 @@ class StdItem:
     b: torch.Tensor | None = None
 
 
-_STD_BM, _STD_BK, _STD_RK = 64, 64, 16
+_STD_BM, _STD_BK, _STD_RK = 16, 256, 8
 
 
 def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor]:
@@ -557,8 +569,9 @@ def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor
             counts.append(blocks)
             blk += blocks
             row0 += m
+        vec = all(_contiguous(items[i].w) and items[i].w.shape[1] % 8 == 0 for i in idx)
         tab = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
         _rowstd_kernel[(blk,)](tab, _tile_map(dev, tuple(counts)), out, float(sigma_scale),
-                               KIND=_KIND[dtype], BM_=_STD_BM, BK=_STD_BK, RK=_STD_RK,
-                               PREC="tf32x3" if _fast() else "ieee")
+                               KIND=_KIND[dtype], VEC=vec, BM_=_STD_BM, BK=_STD_BK, RK=_STD_RK,
+                               num_warps=4)
     return result
