@@ -111,3 +111,40 @@ def test_close_window_ends_an_open_window_exactly():
     flat.begin_step()  # the counter moved on as after end_step
     assert flat.last_step == 2
     flat.close_window()
+
+
+def test_load_state_dict_names_every_differing_noise_setting_and_adopts_none():
+    saved = _engine(total_steps=10, seed=4, noise="layer").state_dict()
+    other = _engine(sigma=0.2, total_steps=20, seed=5)
+    with pytest.raises(ValueError) as e:
+        other.load_state_dict(saved)
+    msg = str(e.value)
+    for field in ("sigma: saved 0.1, now 0.2", "total_steps: saved 10, now 20", "seed: saved 4, now 5",
+                  "noise: saved 'layer', now 'filter'"):
+        assert field in msg
+    assert other.config.sigma == 0.2 and other.config.seed == 5 and other.last_step is None
+
+
+def test_load_state_dict_continues_after_last_step_and_keeps_our_mode():
+    flat = _engine(total_steps=10, mode="inplace")
+    for _ in range(3):
+        with flat.step():
+            pass
+    other = _engine(total_steps=10, mode="forward")
+    flat.close()
+    other.load_state_dict(flat.state_dict())
+    assert other.last_step == 2 and other.mode == "forward" and other.config.mode == "forward"
+    assert other.begin_step() == other.sigma_at(3)
+    other.end_step()
+
+
+@pytest.mark.parametrize("last", ["2", 2.0, -1, True, [2]])
+def test_load_state_dict_rejects_a_malformed_last_step_at_load(last):
+    flat = _engine(total_steps=10)
+    state = flat.state_dict()
+    state["last_step"] = last
+    with pytest.raises(ValueError, match="last_step must be None or a non-negative integer"):
+        flat.load_state_dict(state)
+    assert flat.last_step is None
+    flat.begin_step()  # nothing half-loaded: the engine still works
+    flat.end_step()
