@@ -148,17 +148,21 @@ def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05):
         opt.step()
 
     out = {"lora": (lora, None)}
+    engines = {}
     for mode in ("inplace", "forward"):
-        flat = FlatLoRA(model, FlatLoRAConfig(sigma=sigma, schedule="constant", mode=mode, seed=0))
-
-        def flat_step(flat=flat):
+        def flat_step(mode=mode):
+            flat = engines.get(mode)
+            if flat is None:  # one engine on the model at a time: a second live engine on its weights is refused
+                for other in engines.values():
+                    other.close()
+                flat = engines[mode] = FlatLoRA(model, FlatLoRAConfig(sigma=sigma, schedule="constant", mode=mode, seed=0))
             opt.zero_grad(set_to_none=True)
             with flat.step():
                 for b in batches:
                     fwd_bwd(b)
             opt.step()
 
-        out[f"flatlora-{mode}"] = (flat_step, flat)
+        out[f"flatlora-{mode}"] = (flat_step, lambda mode=mode: engines[mode])
 
     ns = {"np": np, "torch": torch, "time": time, "math": math, "state": {"seed": 0, "norms": []},
           "lora_mods": [m for m in model.modules() if isinstance(m, LoraLinear)]}
@@ -204,6 +208,7 @@ def run_setting(name, model, batch_fn, ga, args, rows, variants=None, extra=None
         if variants and variant not in variants:
             continue
         r = timed(fn, args.dev, args.steps if ga == 1 else args.steps_ga, 1 if ga > 1 or args.smoke else args.warmup)
+        flat = flat() if flat is not None else None  # the engine the timed steps built
         row = {"setting": name, "variant": variant, **r, **(extra or {})}
         if flat is not None and flat.mode == "inplace":
             row["restore_record_bytes"] = flat.metrics().get("flatlora/restore_record_bytes", 0.0)

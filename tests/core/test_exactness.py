@@ -92,22 +92,22 @@ def test_ctrl_c_during_perturb_is_delivered_after_the_window_is_consistent(monke
     import os
     import signal
 
-    import flatlora.core.inplace as inplace
+    from flatlora.core.backends import TorchBackend
 
     pm = make_lora_mlp(torch.bfloat16)
     before = frozen_bits(pm)
     flat = FlatLoRA(pm, FlatLoRAConfig(sigma=0.1, total_steps=1, mode="inplace"))
-    real = inplace.perturb
+    real = TorchBackend.perturb_layer
     calls = []
 
-    def perturb_then_ctrl_c(t, draw):
-        calls.append(t.name)
-        patch = real(t, draw)
+    def perturb_then_ctrl_c(self, view, draw):
+        calls.append(view.name)
+        out = real(self, view, draw)
         if len(calls) == 1:  # Ctrl-C after the first of two layers
             os.kill(os.getpid(), signal.SIGINT)
-        return patch
+        return out
 
-    monkeypatch.setattr(inplace, "perturb", perturb_then_ctrl_c)
+    monkeypatch.setattr(TorchBackend, "perturb_layer", perturb_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         with flat.step(0):
             raise AssertionError("the body must not run: Ctrl-C came during begin_step")

@@ -82,6 +82,7 @@ def test_state_dict_resume_continues_the_stream(mode):
     half, flat = train(steps=6, stop=3, mode=mode)
     state = flat.state_dict()
     assert state["last_step"] == 2
+    flat.close()  # releases the weights (a second live engine on them is refused)
     # A new engine on the same model resumes at step 3 of the 6-step schedule.
     resumed, flat2 = train(steps=6, start=3, mode=mode, pm=half, state=state)
     assert flat2.last_step == 5
@@ -112,9 +113,11 @@ def test_keys_are_stable_and_distinct():
 def test_per_rank_noise_changes_the_key(monkeypatch):
     pm = make_lora_mlp()
     shared = FlatLoRA(pm, FlatLoRAConfig(sigma=0.1, total_steps=3))
-    per_rank = FlatLoRA(pm, FlatLoRAConfig(sigma=0.1, total_steps=3, per_rank_noise=True))
     name = shared.targets[0].name
-    assert not torch.equal(shared.noise(name, 2), per_rank.noise(name, 2))
+    eps = shared.noise(name, 2)
+    shared.close()
+    per_rank = FlatLoRA(pm, FlatLoRAConfig(sigma=0.1, total_steps=3, per_rank_noise=True))
+    assert not torch.equal(eps, per_rank.noise(name, 2))
 
 
 def test_cpu_stream_row_slices_equal_the_full_draw_and_are_gaussian():

@@ -286,13 +286,18 @@ def test_engine_inplace_std_is_one_grouped_launch(force_triton, monkeypatch, dty
     assert noisy >= 2 and calls == [2] * noisy  # both layers, one call per begin_step
 
 
-def test_grouped_std_only_where_the_kernels_serve():
+def test_triton_backend_only_where_the_kernels_serve(monkeypatch):
+    import flatlora.kernels as kernels
     from flatlora import FlatLoRA, FlatLoRAConfig
     from tests.conftest import make_lora_mlp
 
-    for gen, noise in (("torch", "filter"), ("philox", "filter"), ("philox", "layer")):
-        flat = FlatLoRA(make_lora_mlp(), FlatLoRAConfig(sigma=0.1, total_steps=2, generator=gen, noise=noise))
-        assert flat._grouped_draws(0, 0.1) == {}  # CPU without FORCE_TRITON, or not filter noise
+    for gen in ("torch", "philox"):
+        flat = FlatLoRA(make_lora_mlp(), FlatLoRAConfig(sigma=0.1, total_steps=2, generator=gen))
+        assert set(flat.backends().values()) == {"torch"}  # CPU without FORCE_TRITON
+    monkeypatch.setattr(kernels, "FORCE_TRITON", True)
+    for gen, backend in (("torch", "torch"), ("philox", "triton")):  # the kernels draw the Philox stream only
+        flat = FlatLoRA(make_lora_mlp(), FlatLoRAConfig(sigma=0.1, total_steps=2, generator=gen))
+        assert set(flat.backends().values()) == {backend}
 
 
 @pytest.mark.parametrize("mode", ["inplace", "forward"])

@@ -19,25 +19,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .noise_draw import Draw
 from .targets import Target
 
-
-def noisy_weight(t: Target, draw: Draw) -> torch.Tensor:
-    with torch.no_grad():
-        w = t.dense_weight()
-        from .. import kernels
-
-        if draw.generator == "philox" and kernels.use_triton(w.device):
-            from ..kernels import triton_noise
-
-            if triton_noise.supported(w) and w.dim() >= 2:
-                # One fused pass: read W, draw, write round(W + eps) into a temporary in W's dtype.
-                out = torch.empty_like(w)
-                view = (lambda x: x.t()) if t.transposed else (lambda x: x.reshape(x.shape[0], -1))
-                triton_noise.noisy_copy_(view(w), draw.std.float().contiguous(), draw.key, draw.row0, view(out))
-                return out
-        return (w.float() + draw.storage(t, w)).to(w.dtype)
+NoisyWeight = Callable[[], torch.Tensor]  # the window's round(W + eps) of one layer, in W's storage shape
 
 
 def _apply_layer(t: Target, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -48,10 +32,10 @@ def _apply_layer(t: Target, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor
 
 class _NoisyLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, t: Target, draw: Draw):
-        w = noisy_weight(t, draw)
+    def forward(ctx, x, weight, bias, t: Target, noisy: NoisyWeight):
+        w = noisy()
         # Flat full fine-tuning: d(W + eps)/dW is the identity, so grad_W is the usual one taken at W + eps.
-        ctx.t, ctx.draw, ctx.x_dtype, ctx.w_dtype = t, draw, x.dtype, weight.dtype
+        ctx.t, ctx.noisy, ctx.x_dtype, ctx.w_dtype = t, noisy, x.dtype, weight.dtype
         needs_x = t.kind == "conv" or weight.requires_grad
         ctx.save_for_backward(x if needs_x else None, bias)
         return _apply_layer(t, x, w, bias)
@@ -59,9 +43,10 @@ class _NoisyLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, bias = ctx.saved_tensors
-        t, draw = ctx.t, ctx.draw
+        t = ctx.t
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        w = noisy_weight(t, draw)
+        with torch.no_grad():
+            w = ctx.noisy()
         if t.kind == "conv":
             # Recompute the conv under autograd: conv layers are small, and this reuses the layer's own
             # padding mode and geometry instead of restating them.
@@ -88,8 +73,8 @@ class _NoisyLayer(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
-def arm(t: Target, get_draw: Callable[[], Draw]) -> None:
-    """Make `t.base` compute with W + eps until `disarm`; `get_draw()` gives the window's draw of `t`."""
+def arm(t: Target, noisy: NoisyWeight) -> None:
+    """Make `t.base` compute with `noisy()` (the window's W + eps) instead of W until `disarm`."""
     base = t.base
     if "forward" in base.__dict__:
         raise RuntimeError(
@@ -99,7 +84,7 @@ def arm(t: Target, get_draw: Callable[[], Draw]) -> None:
 
     def forward(self, x, *args, **kwargs):
         bias = getattr(self, "bias", None)
-        return _NoisyLayer.apply(x, t.weight, bias, t, get_draw())
+        return _NoisyLayer.apply(x, t.weight, bias, t, noisy)
 
     base.forward = types.MethodType(forward, base)
 

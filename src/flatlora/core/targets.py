@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..rng import layer_id
+from .view import matrix, storage
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # LoRA layer types whose base is not a matrix map; reported as skipped, never silently dropped.
@@ -56,13 +57,12 @@ class Target:
         return self.dequantize() if self.dequantize is not None else self.weight
 
     def as_matrix(self, w: torch.Tensor) -> torch.Tensor:
-        """Storage layout -> logical (m, n) view."""
-        # -1 rows: an FSDP2 shard holds only some of the m rows.
-        return w.t() if self.transposed else w.reshape(-1, self.n)
+        """Storage layout -> logical (m, n) view (see flatlora.core.view)."""
+        return matrix(self, w)
 
     def to_storage(self, mat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Logical (m, n) -> a view with the storage shape of `like`."""
-        return mat.t() if self.transposed else mat.view(like.shape)
+        """Logical (m, n) -> a view with the storage shape of `like` (see flatlora.core.view)."""
+        return storage(self, mat, like)
 
     def adapters(self) -> list[str]:
         """Active adapters whose update is not already inside W (merged ones are, so they are skipped)."""

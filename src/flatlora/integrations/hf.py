@@ -138,7 +138,7 @@ class FlatLoRACallback(TrainerCallback):
             log.info("flatlora: %r", self.flat)
         cfg = self.flat.config
         if self.config.total_steps is None:
-            cfg.total_steps = state.max_steps
+            self.flat.set_total_steps(state.max_steps)
         elif self.config.total_steps != state.max_steps:
             log.warning("flatlora: total_steps=%d differs from the Trainer's max_steps=%d; the ramp follows total_steps",
                         self.config.total_steps, state.max_steps)

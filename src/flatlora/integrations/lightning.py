@@ -81,7 +81,7 @@ class FlatLoRACallback(pl.Callback):
             if not math.isfinite(total):
                 raise ValueError("flatlora: the number of optimizer steps is unknown (infinite data and no max_steps): "
                                  "set Trainer(max_steps=...) or FlatLoRACallback(total_steps=...)")
-            self.flat.config.total_steps = int(total)
+            self.flat.set_total_steps(int(total))
         if self._loaded is not None:
             self._check_resume(self._loaded, trainer.global_step)
             self._loaded = None

@@ -1,0 +1,114 @@
+"""One logical (m, n) view of a target's local weight: the only place that knows storage layouts.
+
+Noise, row norms and restore records all work on rows ("filters", output units) of length n. How a
+weight stores them varies: nn.Linear (out, in); HF Conv1D / fan_in_fan_out (in, out), so the view is a
+transpose; convolutions (out, in/groups, *kernel), flattened to (out, n); an FSDP2 shard (DTensor,
+Shard(0)) holds only some rows locally, `rows` says which global rows. Everything else (backends,
+modes, the engine, analysis) asks this module for the view and for the way back to storage layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .targets import Target
+
+
+def local(w: torch.Tensor) -> torch.Tensor:
+    """The tensor this process holds: an FSDP2 DTensor's local shard, else `w` itself."""
+    return w.to_local() if hasattr(w, "to_local") else w
+
+
+def is_sharded(w: torch.Tensor) -> bool:
+    return hasattr(w, "device_mesh")
+
+
+def local_rows(w: torch.Tensor) -> slice | None:
+    """Global rows held by this process when `w` is an FSDP2 (DTensor, Shard(0)) shard; else None."""
+    if not is_sharded(w):
+        return None
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(isinstance(p, Shard) and p.dim != 0 for p in w.placements):
+        raise ValueError("Flat-LoRA in-place mode supports weights sharded on dim 0 (FSDP2); use mode='forward'")
+    shape, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+    return slice(offset[0], offset[0] + shape[0])
+
+
+def unmaterialised(w: torch.Tensor) -> bool:
+    """FSDP1 flat-parameter views and DeepSpeed ZeRO-3 partitions hold no (or a 1-D slice of) data outside
+    forward, so only forward mode, which reads the gathered weight inside forward, can work there."""
+    return hasattr(w, "ds_id") or w.dim() < 2 and w.numel() != 1 or w.numel() == 0
+
+
+def matrix(t: Target, w: torch.Tensor) -> torch.Tensor:
+    """A tensor in `t`'s storage layout (all rows, or a row shard) -> its logical (rows, n) view (no copy)."""
+    return w.t() if t.transposed else w.reshape(-1, t.n)
+
+
+def storage(t: Target, mat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A logical (rows, n) matrix -> a view with the storage shape of `like`."""
+    return mat.t() if t.transposed else mat.reshape(like.shape)
+
+
+@dataclass
+class View:
+    """`target`'s weight as this process holds it right now.
+
+    `tensor` is the local tensor in storage layout (the stored parameter, an FSDP2 shard's local rows, or
+    the dequantized weight of a quantized base); `rows` the global rows it holds (None: all m)."""
+
+    target: Target
+    tensor: torch.Tensor
+    rows: slice | None = None
+
+    @classmethod
+    def of(cls, t: Target) -> "View":
+        """The weight the layer computes with: the stored one (its local rows under FSDP2), dequantized for
+        quantized bases; inside an FSDP1/ZeRO-3 forward, the gathered weight."""
+        w = t.weight
+        dense = t.dense_weight()
+        return cls(t, local(dense), local_rows(w) if dense is w else None)
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def mat(self) -> torch.Tensor:
+        """The logical (rows, n) view of `tensor` (shares its storage: writes go to the weight)."""
+        return matrix(self.target, self.tensor)
+
+    @property
+    def n(self) -> int:
+        return self.target.n
+
+    @property
+    def row0(self) -> int:
+        return 0 if self.rows is None else self.rows.start or 0
+
+    def to_storage(self, mat: torch.Tensor) -> torch.Tensor:
+        return storage(self.target, mat, self.tensor)
+
+    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B rows [rows, R], A [R, n]) of the active adapters, on the weight's device; None without any."""
+        lr = self.target.lowrank()
+        if lr is None:
+            return None
+        b, a = lr
+        if self.rows is not None:
+            b = b[self.rows]
+        dev = self.tensor.device
+        return b.to(dev), a.to(dev)
+
+    def dense_delta(self) -> torch.Tensor | None:
+        """The (rows, n) update of adapters without a factor form, on the weight's device; None without any."""
+        d = self.target.dense_delta()
+        if d is None:
+            return None
+        return (d if self.rows is None else d[self.rows]).to(self.tensor.device)
