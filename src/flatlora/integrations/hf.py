@@ -43,7 +43,9 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -158,6 +160,7 @@ class FlatLoRACallback(TrainerCallback):
         self._attached = False  # bound by attach(): stays bound across train() calls
         self._undo: list = []  # trainer wrappers
         self._model_undo: list = []  # model wrappers (save_pretrained), kept after training
+        self._sigint_undo = None
 
     @classmethod
     def from_args(cls, training_args: Any, flatlora_args: FlatLoRAArguments, **kwargs: Any) -> "FlatLoRACallback":
@@ -189,9 +192,9 @@ class FlatLoRACallback(TrainerCallback):
             if self in cbs:
                 cbs.remove(self)
             cbs.insert(0, self)
-        self._undo.append(_close_on_raise(trainer, "training_step", self.restore))
+        self._undo.append(_close_on_raise(trainer, "training_step", self._fault))
         # Another callback raising in on_step_begin (after ours opened the window) never reaches training_step.
-        self._undo.append(_close_on_raise(trainer.callback_handler, "call_event", self.restore))
+        self._undo.append(_close_on_raise(trainer.callback_handler, "call_event", self._fault))
 
     def _unbind(self) -> None:
         while self._undo:
@@ -221,6 +224,8 @@ class FlatLoRACallback(TrainerCallback):
                         "flatlora/sigma reaches the reporting integrations and exceptions close the window at once.")
         self.restore()  # a window left open by an earlier, interrupted train() (e.g. auto_find_batch_size)
         self._build(model, args, state)
+        self._release_sigint()  # left by a train() that died before on_train_end
+        self._sigint_undo = _close_on_sigint(self._guard)
         if state.global_step > 0:
             self._check_resume(args, state)
 
@@ -304,6 +309,17 @@ class FlatLoRACallback(TrainerCallback):
             log.info("flatlora: recalibrated BatchNorm statistics on %d clean batches", used)
         if self._trainer is not None and not self._attached:
             self._unbind()
+        self._release_sigint()
+
+    def _fault(self) -> None:
+        """An exception is leaving train(): clean weights, and Ctrl-C handling back to what it was."""
+        self.restore()
+        self._release_sigint()
+
+    def _release_sigint(self) -> None:
+        if self._sigint_undo is not None:
+            self._sigint_undo()
+            self._sigint_undo = None
 
     # ------------------------------------------------------------------ helpers
     def restore(self) -> None:
@@ -368,7 +384,7 @@ def attach(trainer: Trainer, config: FlatLoRAConfig | None = None, **overrides: 
         raise ValueError("this trainer already has a FlatLoRACallback; configure that one instead")
     cb._bind(trainer)
     cb._attached = True
-    _close_on_raise(trainer, "train", cb.restore, always=True)
+    _close_on_raise(trainer, "train", cb._fault, always=True)
     return cb
 
 
@@ -394,6 +410,37 @@ def _close_on_raise(obj: Any, name: str, close, always: bool = False):
                 del obj.__dict__[name]
             else:
                 setattr(obj, name, original)
+
+    return undo
+
+
+def _close_on_sigint(guard: CleanWeightsGuard):
+    """While training, Ctrl-C removes the noise before KeyboardInterrupt is raised, wherever it lands (between
+    two micro-batches no wrapper sees it). A handler installed before ours that does not raise (a graceful stop
+    flag) is honoured: the window is only paused then, and training continues under the same noise.
+    Returns the undo, or None where handlers cannot be set (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous in (signal.SIG_IGN, None):
+        return None
+
+    def handler(signum, frame):
+        if previous is signal.default_int_handler or previous == signal.SIG_DFL:
+            guard.close()
+            undo()  # training is over: the process's Ctrl-C handling is back to what it was
+            raise KeyboardInterrupt
+        guard.pause("Ctrl-C")
+        previous(signum, frame)
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        return None
+
+    def undo() -> None:
+        if signal.getsignal(signal.SIGINT) is handler:
+            signal.signal(signal.SIGINT, previous)
 
     return undo
 
