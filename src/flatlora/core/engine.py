@@ -42,6 +42,9 @@ from .targets import Target, find_targets
 log = logging.getLogger("flatlora")
 
 STATE_VERSION = 1
+# Settings that define the noise stream (sigma_t and eps of every step): a resumed run must match them.
+STREAM_FIELDS = ("sigma", "total_steps", "schedule", "noise", "seed", "per_rank_noise", "target", "include", "exclude",
+                 "generator")
 
 
 @dataclass
@@ -377,6 +380,73 @@ class FlatLoRA:
         """What resuming needs: the config (seed, schedule, ...) and the last step. The noise itself is
         a pure function of (seed, step, layer), so nothing else is stored."""
         return {"version": STATE_VERSION, "config": self.config.to_dict(), "last_step": self.last_step}
+
+    # ------------------------------------------------------------------ run length and resume
+    def set_total_steps(self, total: int) -> None:
+        """Set the number of optimizer steps the schedule ramps over (trainer callbacks call it with the
+        trainer's max_steps). Allowed before the first window, or to the value already set: changing it once
+        a step has been drawn would change the noise of steps already taken and of every later one."""
+        if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
+            raise ValueError(f"total_steps must be a positive number of optimizer steps, got {total!r}")
+        current = self.config.total_steps
+        if total == current:
+            return
+        if self.last_step is not None:
+            raise ValueError(
+                f"total_steps cannot change from {current} to {total} after step {self.last_step} was drawn: the "
+                f"schedule of the steps already taken would change. Set it before the first window (or build a new FlatLoRA)."
+            )
+        self.config = dataclasses.replace(self.config, total_steps=total)
+
+    def resume(self, state: dict[str, Any] | None, global_step: int) -> None:
+        """Continue a run from a checkpoint: the next `begin_step()` without an argument draws `global_step`.
+
+        `state` is the checkpoint's `flat.state_dict()` (None when it has none: the stream then continues
+        from this config's seed). Its noise-stream settings must equal this engine's; every differing field
+        is named in one ValueError."""
+        if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
+            raise ValueError(f"global_step must be a non-negative integer (the next optimizer step), got {global_step!r}")
+        if self._window is not None:
+            raise RuntimeError("resume() inside an open window: call end_step() (or close_window()) first")
+        if state is not None:
+            saved = self._checked_state(state)
+            last = saved["last_step"]
+            if last is not None and last != global_step - 1:
+                log.warning("flatlora: the checkpoint's state ends at step %s but training resumes at step %d",
+                            last, global_step)
+        else:
+            log.info("flatlora: resuming at step %d without a saved FlatLoRA state; the noise stream continues "
+                     "from this config's seed", global_step)
+        self.last_step = global_step - 1 if global_step > 0 else None
+
+    def close_window(self) -> bool:
+        """End the open window if there is one (noise removed exactly); returns whether one was open.
+        Call it before anything that must see clean weights: evaluation, prediction, saving, merging."""
+        if self._window is None:
+            return False
+        self.end_step()
+        return True
+
+    def _checked_state(self, state: Any) -> dict[str, Any]:
+        """`state` validated against this engine: a well-formed state dict whose noise-stream settings are ours."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION or not isinstance(state.get("config"), dict):
+            raise ValueError(f"not a FlatLoRA state dict (expected keys version={STATE_VERSION}, config, last_step)")
+        last = state.get("last_step")
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 0):
+            raise ValueError(f"the FlatLoRA state's last_step must be None or a non-negative integer, got {last!r}")
+        try:
+            saved = FlatLoRAConfig.from_dict(state["config"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the FlatLoRA state's config is invalid: {e}") from None
+        diff = [f"{k}: saved {getattr(saved, k)!r}, now {getattr(self.config, k)!r}"
+                for k in STREAM_FIELDS if getattr(saved, k) != getattr(self.config, k)]
+        if diff:
+            raise ValueError(
+                "the checkpoint's FlatLoRA noise settings differ from this run's (" + "; ".join(diff) + "): resuming "
+                "would not continue the same schedule and noise stream. Build FlatLoRA with the checkpoint's settings "
+                "(or start a new run without its state)."
+            )
+        return {"config": saved, "last_step": last}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "config" not in state:
