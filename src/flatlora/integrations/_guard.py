@@ -85,11 +85,7 @@ class CleanWeightsGuard:
             self._undo.pop()()
 
     def _end(self) -> bool:
-        # TODO(engine: public set_total_steps/resume): flat.close_window()
-        if self.flat.active:
-            self.flat.end_step()
-            return True
-        return False
+        return self.flat.close_window()
 
     # ------------------------------------------------------------------ hooks
     def _before_forward(self, module: nn.Module, args: Any) -> None:

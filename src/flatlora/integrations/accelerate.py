@@ -54,7 +54,7 @@ def accumulate(accelerator: Any, flat: Any, *models: Any) -> Iterator[float]:
         def backward(loss, **kwargs):
             (original or type(accelerator).backward.__get__(accelerator))(loss, **kwargs)
             if accelerator.sync_gradients:
-                _close(flat)
+                flat.close_window()
 
         accelerator.backward = backward
         try:
@@ -62,7 +62,7 @@ def accumulate(accelerator: Any, flat: Any, *models: Any) -> Iterator[float]:
         except BaseException:
             if flat.active:
                 _interrupted[flat] = flat.last_step
-                _close(flat)
+                flat.close_window()
             raise
         finally:
             if accelerator.__dict__.get("backward") is backward:
@@ -71,10 +71,4 @@ def accumulate(accelerator: Any, flat: Any, *models: Any) -> Iterator[float]:
                 else:
                     accelerator.backward = original
         if accelerator.sync_gradients:  # backward not called through accelerator (or not at all)
-            _close(flat)
-
-
-def _close(flat: Any) -> None:
-    # TODO(engine: public set_total_steps/resume): flat.close_window()
-    if flat.active:
-        flat.end_step()
+            flat.close_window()

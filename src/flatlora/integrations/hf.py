@@ -67,8 +67,6 @@ __all__ = ["FlatLoRAArguments", "FlatLoRACallback", "attach", "write_adapter_car
 log = logging.getLogger("flatlora")
 
 STATE_FILE = "flatlora_state.json"
-# Fields that fix the noise stream and the schedule: a resumed run must agree on them to continue the run.
-_STREAM_FIELDS = ("sigma", "total_steps", "schedule", "noise", "seed", "per_rank_noise", "target", "include", "exclude", "generator")
 _DEFAULT_SEED = FlatLoRAConfig().seed
 
 
@@ -227,19 +225,18 @@ class FlatLoRACallback(TrainerCallback):
         self._release_sigint()  # left by a train() that died before on_train_end
         self._sigint_undo = _close_on_sigint(self._guard)
         if state.global_step > 0:
-            self._check_resume(args, state)
+            self.flat.resume(self._checkpoint_state(args, state), state.global_step)
 
     def _build(self, model, args, state) -> None:
         """A fresh engine for this train() call, with total_steps and seed resolved from the Trainer."""
-        total = self.config.total_steps
-        if total is None:
-            total = state.max_steps
-        elif total != state.max_steps:
-            log.warning("flatlora: total_steps=%d differs from the Trainer's max_steps=%d; the ramp follows total_steps",
-                        total, state.max_steps)
         seed = self.config.seed if self.seed_explicit else args.seed
         self._drop_engine()
-        self.flat = FlatLoRA(model, dataclasses.replace(self.config, total_steps=total, seed=seed))
+        self.flat = FlatLoRA(model, dataclasses.replace(self.config, seed=seed))
+        if self.config.total_steps is None:
+            self.flat.set_total_steps(state.max_steps)
+        elif self.config.total_steps != state.max_steps:
+            log.warning("flatlora: total_steps=%d differs from the Trainer's max_steps=%d; the ramp follows total_steps",
+                        self.config.total_steps, state.max_steps)
         self._guard = CleanWeightsGuard(self.flat)
         if self.save_card:
             guard = self._guard
@@ -346,23 +343,12 @@ class FlatLoRACallback(TrainerCallback):
         if self.flat is not None and trainer.is_world_process_zero():
             write_adapter_card(trainer.args.output_dir, self.flat.config)
 
-    def _check_resume(self, args, state) -> None:
+    def _checkpoint_state(self, args, state) -> dict | None:
         path = os.path.join(_checkpoint_dir(args, state), STATE_FILE)
         if not os.path.isfile(path):
-            log.info("flatlora: resuming at step %d without %s; the noise stream continues from the config's seed",
-                     state.global_step, STATE_FILE)
-            return
+            return None
         with open(path) as f:
-            saved = json.load(f)
-        ours = self.flat.config.to_dict()
-        diff = {k: (saved["config"].get(k), ours[k]) for k in _STREAM_FIELDS if saved["config"].get(k) != ours[k]}
-        if diff:
-            log.warning("flatlora: resuming with a different noise setting than the checkpoint (saved, now): %s; the "
-                        "run will not continue the same schedule and noise stream", diff)
-        last = saved.get("last_step")
-        if last is not None and last != state.global_step - 1:
-            log.warning("flatlora: checkpoint state ends at step %s but the Trainer resumes at step %d", last, state.global_step)
-        self.flat.last_step = last
+            return json.load(f)
 
 
 def attach(trainer: Trainer, config: FlatLoRAConfig | None = None, **overrides: Any) -> FlatLoRACallback:
@@ -422,6 +408,8 @@ def _close_on_sigint(guard: CleanWeightsGuard):
     if threading.current_thread() is not threading.main_thread():
         return None
     previous = signal.getsignal(signal.SIGINT)
+    # A handler of an earlier train() that died unobserved is skipped: chain to what it replaced.
+    previous = getattr(previous, "_flatlora_previous", previous)
     if previous in (signal.SIG_IGN, None):
         return None
 
@@ -433,6 +421,7 @@ def _close_on_sigint(guard: CleanWeightsGuard):
         guard.pause("Ctrl-C")
         previous(signum, frame)
 
+    handler._flatlora_previous = previous
     try:
         signal.signal(signal.SIGINT, handler)
     except ValueError:

@@ -59,7 +59,6 @@ pl = _import_lightning()
 log = logging.getLogger("flatlora")
 _DEFAULT_SEED = FlatLoRAConfig().seed
 
-_STREAM_FIELDS = ("sigma", "total_steps", "schedule", "noise", "seed", "per_rank_noise", "target", "include", "exclude", "generator")
 
 
 class FlatLoRACallback(pl.Callback):
@@ -111,29 +110,19 @@ class FlatLoRACallback(pl.Callback):
             self._guard.remove()
         if self.flat is not None:
             self.flat.close()
-        self.flat = FlatLoRA(pl_module, dataclasses.replace(self.config, total_steps=int(total), seed=seed))
+        self.flat = FlatLoRA(pl_module, dataclasses.replace(self.config, seed=seed))
+        self.flat.set_total_steps(int(total))
         self._guard = CleanWeightsGuard(self.flat)
         log.info("flatlora: %r", self.flat)
-        if self._loaded is not None:
-            self._check_resume(self._loaded, trainer.global_step)
-            self._loaded = None
+        if self._loaded is not None or trainer.global_step > 0:
+            loaded, self._loaded = self._loaded, None
+            self.flat.resume(loaded, trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         return self.flat.state_dict() if self.flat is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = state_dict or None
-
-    def _check_resume(self, saved: dict, global_step: int) -> None:
-        ours = self.flat.config.to_dict()
-        diff = {k: (saved["config"].get(k), ours[k]) for k in _STREAM_FIELDS if saved["config"].get(k) != ours[k]}
-        if diff:
-            log.warning("flatlora: resuming with a different noise setting than the checkpoint (saved, now): %s; the "
-                        "run will not continue the same schedule and noise stream", diff)
-        self.flat.last_step = saved.get("last_step")
-        if self.flat.last_step is not None and self.flat.last_step != global_step - 1:
-            log.warning("flatlora: checkpoint state ends at step %s but training resumes at step %d",
-                        self.flat.last_step, global_step)
 
     # ------------------------------------------------------------------ the window
     def _window_end(self, trainer: pl.Trainer, batch_idx: int) -> bool:
