@@ -3,9 +3,10 @@
     python examples/accelerate_loop.py                            # single process, CPU
     accelerate launch --num_processes 2 examples/accelerate_loop.py
 
-`accelerator.accumulate` decides when gradients sync; the noise window follows the same boundary:
-open it on the first micro-batch of a window, close it when `accelerator.sync_gradients` is True, i.e.
-after the last backward and before `optimizer.step()` (which accelerate skips on the other micro-batches).
+One line changes: `with accumulate(accelerator, flat, model):` in place of `with accelerator.accumulate(model):`.
+The noise window follows accelerate's own boundary: it opens on the first micro-batch of an update step and
+closes in `accelerator.backward` when `accelerator.sync_gradients` is True, i.e. after the last backward and
+before `optimizer.step()` (which accelerate skips on the other micro-batches).
 """
 
 import argparse
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from flatlora import FlatLoRA, FlatLoRAConfig
+from flatlora.integrations.accelerate import accumulate
 
 
 def main(epochs: int = 2, grad_accum: int = 4, sigma: float = 0.05, seed: int = 0) -> dict:
@@ -31,21 +33,16 @@ def main(epochs: int = 2, grad_accum: int = 4, sigma: float = 0.05, seed: int = 
     steps_per_epoch = -(-len(loader) // grad_accum)
     flat = FlatLoRA(accelerator.unwrap_model(model),
                     FlatLoRAConfig(sigma=sigma, total_steps=epochs * steps_per_epoch, seed=seed))
-    step = 0
     for _ in range(epochs):
-        for batch_idx, (xb, yb) in enumerate(loader):
-            with accelerator.accumulate(model):
-                if not flat.active:
-                    flat.begin_step(step)  # first micro-batch of the window
+        for xb, yb in loader:
+            with accumulate(accelerator, flat, model):  # was: with accelerator.accumulate(model):
                 loss = nn.functional.mse_loss(model(xb), yb)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:  # last micro-batch (or the end of the loader)
-                    flat.end_step()
-                    step += 1
+                accelerator.backward(loss)  # closes the window on the last micro-batch of the update step
                 opt.step()
                 opt.zero_grad()
-    accelerator.print(f"{flat}  optimizer steps {step}  last sigma_t {flat.metrics()['flatlora/sigma']:.4f}")
-    return {"steps": step, "sigma_last": flat.metrics()["flatlora/sigma"]}
+    steps = flat.last_step + 1
+    accelerator.print(f"{flat}  optimizer steps {steps}  last sigma_t {flat.metrics()['flatlora/sigma']:.4f}")
+    return {"steps": steps, "sigma_last": flat.metrics()["flatlora/sigma"]}
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def main(steps: int = 8, grad_accum: int = 2, sigma: float = 0.05, seed: int = 0
         logging_steps=max(1, steps // 4), eval_strategy="steps", eval_steps=max(1, steps // 2),
         save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=seed,
     )
-    callback = FlatLoRACallback(sigma=sigma, seed=seed)  # total_steps comes from the Trainer (max_steps)
+    callback = FlatLoRACallback(sigma=sigma)  # total_steps from the Trainer (max_steps), noise seed from args.seed
     trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8], callbacks=[callback])
     trainer.train()
     logs = [h for h in trainer.state.log_history if "flatlora/sigma" in h]

@@ -8,12 +8,16 @@ flatlora/sigma is logged with pl_module.log, so every Lightning logger (CSV, Ten
 import argparse
 
 import peft
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from flatlora.integrations.lightning import FlatLoRACallback
+
+try:
+    import lightning.pytorch as pl  # pip install 'flatlora[lightning]'
+except ImportError:  # only the older pytorch_lightning package: flatlora uses it too
+    import pytorch_lightning as pl
 
 
 class LitRegressor(pl.LightningModule):

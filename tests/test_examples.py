@@ -26,6 +26,28 @@ def test_hf_trainer(tmp_path):
     assert out["logged"][-1]["flatlora/sigma"] == 0.05 and out["sigma_last"] == 0.05
 
 
+def test_hf_trainer_cli(tmp_path):
+    pytest.importorskip("transformers")
+    import json
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from flatlora.integrations.hf import FlatLoRAArguments
+
+    out = load("hf_trainer_cli").main([
+        "--output_dir", str(tmp_path), "--max_steps", "4", "--seed", "3", "--per_device_train_batch_size", "4",
+        "--gradient_accumulation_steps", "2", "--use_cpu", "--report_to", "none", "--logging_steps", "1",
+        "--disable_tqdm", "true", "--flatlora_sigma", "0.1", "--flatlora_include", "*q_proj", "*v_proj"])
+    cfg = out["config"]
+    assert (cfg.sigma, cfg.seed, cfg.total_steps, cfg.include) == (0.1, 3, 4, ["*q_proj", "*v_proj"])
+    assert [h["flatlora/sigma"] for h in out["logged"]][-1] == 0.1
+    saved = json.load(open(tmp_path / "flatlora_config.json"))["config"]
+    assert saved["seed"] == 3 and (tmp_path / "adapter_config.json").is_file()
+    assert "Trained with [Flat-LoRA]" in (tmp_path / "README.md").read_text()
+    help_text = HfArgumentParser((TrainingArguments, FlatLoRAArguments)).format_help()
+    assert "--flatlora_sigma" in help_text and "noise scale relative to each row's norm" in help_text
+
+
 def test_trl_sft(tmp_path):
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
@@ -34,7 +56,7 @@ def test_trl_sft(tmp_path):
 
 
 def test_lightning_loop():
-    pytest.importorskip("pytorch_lightning")
+    pytest.importorskip("flatlora.integrations.lightning")
     assert load("lightning_loop").main(max_steps=6)["flatlora/sigma"] == pytest.approx(0.05)
 
 

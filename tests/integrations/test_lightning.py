@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 pytest.importorskip("peft")
-pl = pytest.importorskip("pytorch_lightning")
+pytest.importorskip("flatlora.integrations.lightning")  # lightning or pytorch_lightning
 
 from flatlora import FlatLoRA, FlatLoRAConfig  # noqa: E402
-from flatlora.integrations.lightning import FlatLoRACallback  # noqa: E402
+from flatlora.integrations.lightning import FlatLoRACallback, pl  # noqa: E402
 from tests.integrations.helpers import (  # noqa: E402
     adapters, assert_same_bits, bits, collate, make_data, make_model, plain_loop)
 
@@ -33,9 +33,20 @@ class LitReg(pl.LightningModule):
         return self.model(**batch)["loss"]
 
     def validation_step(self, batch, batch_idx):
+        self._check_clean()
+        return self.model(**batch)["loss"]
+
+    def test_step(self, batch, batch_idx):
+        self._check_clean()
+        return self.model(**batch)["loss"]
+
+    def predict_step(self, batch, batch_idx):
+        self._check_clean()
+        return self.model(**batch)["logits"]
+
+    def _check_clean(self):
         if self.clean is not None:
             self.val_checks.append(all(torch.equal(a, b) for a, b in zip(bits(self).values(), self.clean.values())))
-        return self.model(**batch)["loss"]
 
     def configure_optimizers(self):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
@@ -110,7 +121,7 @@ def test_resume_from_checkpoint_continues_schedule_and_noise_stream(tmp_path, mo
     # Adapter bits are not compared here: Lightning 2.6 replays one extra batch when resuming from an
     # end-of-epoch checkpoint of a plain DataLoader (it does so with sigma=0 too), so the data order differs.
     # The HF test checks bit equality; here: the resumed callback draws steps 2, 3 with the same keys and sigma.
-    from pytorch_lightning.callbacks import ModelCheckpoint
+    ModelCheckpoint = pl.callbacks.ModelCheckpoint
 
     calls = []
     orig = FlatLoRA.begin_step
@@ -131,3 +142,74 @@ def test_resume_from_checkpoint_continues_schedule_and_noise_stream(tmp_path, mo
     trainer.fit(LitReg(), loader, ckpt_path=str(first))
     assert calls == straight[2:] and calls[-1][1] == SIGMA
     assert cb.flat.last_step == 3 and cb.flat.config.total_steps == 4
+
+
+# ---------------------------------------------------------------- noise never left on (issue 13, class 2)
+def test_checkpoint_saved_by_validation_inside_a_window_holds_clean_weights(tmp_path):
+    # GA 2, validation every 3 batches: after batch 2, the first micro-batch of window 1 (noise on), and after
+    # batch 5, the end of window 2; ModelCheckpoint saves right after each, in on_validation_end.
+    module = LitReg()
+    module.clean = clean = bits(module)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=False)
+    cb = FlatLoRACallback(sigma=SIGMA)
+    fit(module, [cb, ckpt], make_data(32), max_steps=3, val_check_interval=3, limit_val_batches=1,
+        enable_checkpointing=True)
+    saved = sorted(tmp_path.glob("*.ckpt"))
+    assert [p.name.split("step=")[1] for p in saved] == ["1.ckpt", "3.ckpt"]  # step=1: saved inside window 1
+    for path in saved:
+        sd = torch.load(path, weights_only=True)["state_dict"]
+        for name, b in clean.items():
+            assert torch.equal(sd[name].view(torch.int32), b), (path.name, name)
+    assert module.val_checks == [True, True]
+
+
+class RaiseAtBatchStart(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 2:  # first micro-batch of step 1: our callback (listed first) has opened the window
+            raise RuntimeError("boom")
+
+
+def test_exception_in_another_callback_leaves_weights_clean():
+    module = LitReg()
+    clean = bits(module)
+    cb = FlatLoRACallback(sigma=SIGMA)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(module, [cb, RaiseAtBatchStart()], make_data(16))
+    assert cb.flat.last_step == 1 and not cb.flat.active
+    assert_same_bits(bits(module), clean)
+
+
+@pytest.mark.parametrize("entry", ["validate", "test", "predict"])
+def test_validate_test_and_predict_see_clean_weights_even_with_a_window_left_open(entry):
+    data = make_data(16)
+    module = LitReg()
+    cb = FlatLoRACallback(sigma=SIGMA)
+    trainer = fit(module, [cb], data)
+    module.clean = bits(module)
+    cb._guard.open(1)  # a window left open, as by a fault no event reported (sigma_1 > 0: noise on)
+    assert cb.flat.active and not all(torch.equal(a, b) for a, b in zip(bits(module).values(), module.clean.values()))
+    loader = torch.utils.data.DataLoader(data[:8], batch_size=4, collate_fn=collate)
+    getattr(trainer, entry)(module, loader, verbose=False) if entry != "predict" else trainer.predict(module, loader)
+    assert module.val_checks == [True, True] and not cb.flat.active
+
+
+def test_lightning_is_imported_first_and_pytorch_lightning_is_the_fallback(monkeypatch):
+    import importlib
+    import sys
+    import types
+
+    real = importlib.import_module("pytorch_lightning")
+    fake = types.ModuleType("lightning.pytorch")
+    fake.Callback, fake.Trainer, fake.LightningModule = real.Callback, real.Trainer, real.LightningModule
+    monkeypatch.setitem(sys.modules, "lightning", types.ModuleType("lightning"))
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", fake)
+    monkeypatch.delitem(sys.modules, "flatlora.integrations.lightning")
+    assert importlib.import_module("flatlora.integrations.lightning").pl is fake
+    monkeypatch.setitem(sys.modules, "lightning", None)  # only pytorch_lightning installed
+    monkeypatch.delitem(sys.modules, "lightning.pytorch")
+    monkeypatch.delitem(sys.modules, "flatlora.integrations.lightning")
+    assert importlib.import_module("flatlora.integrations.lightning").pl is real
+    monkeypatch.setitem(sys.modules, "pytorch_lightning", None)  # neither
+    monkeypatch.delitem(sys.modules, "flatlora.integrations.lightning")
+    with pytest.raises(ImportError, match=r"pip install 'flatlora\[lightning\]'"):
+        importlib.import_module("flatlora.integrations.lightning")

@@ -4,26 +4,37 @@
                       callbacks=[FlatLoRACallback(sigma=0.05)])
     trainer.train()
 
+or with the settings on the command line, next to the Trainer's own (see examples/hf_trainer_cli.py):
+
+    training_args, flat_args = HfArgumentParser((TrainingArguments, FlatLoRAArguments)).parse_args_into_dataclasses()
+    callback = FlatLoRACallback.from_args(training_args, flat_args)      # --flatlora_sigma 0.05 ...
+
 The callback is a thin adapter over `flatlora.FlatLoRA` (SPEC Part B §1.1 has the event order):
 
-    on_train_begin         find the LoRA layers of `model` (SFTTrainer builds the PeftModel in __init__, so
-                           not earlier); total_steps = state.max_steps; on resume, check the saved state
-    on_step_begin          begin_step(state.global_step)   before the first micro-batch of the window
-    on_pre_optimizer_step  end_step()                      after the last backward (under DeepSpeed also after
-                           the real optimizer step: harmless, the restore replays the stored std, never B, A)
+    on_train_begin         build the engine on `model` (SFTTrainer builds the PeftModel in __init__, so not
+                           earlier) with total_steps = state.max_steps and seed = args.seed unless given;
+                           on resume, check the checkpoint's state and continue its noise stream
+    on_step_begin          open the window of state.global_step, before the first micro-batch
+    on_pre_optimizer_step  close it after the last backward (under DeepSpeed also after the real optimizer
+                           step: harmless, the restore replays the stored std, never B, A)
     on_log                 adds `flatlora/sigma` (sigma_t of the last window) to training logs
-    on_save                writes `flatlora_state.json` next to the checkpoint
+    on_save                writes `flatlora_state.json` (resume) and `flatlora_config.json` into the checkpoint
     on_train_end           closes any open window, recalibrates BatchNorm statistics if the model has BN
 
-Evaluation, prediction, generation, saving and merging run after `on_step_end`, so they see clean weights.
-The reported training loss is the loss under noise (what Flat-LoRA optimises).
+Clean weights, whatever happened in the window (`_guard.CleanWeightsGuard`, hooks on the model, so with or
+without `attach()`): an eval-mode forward (evaluate, predict, generation), `generate()`, `state_dict()` (every
+save and checkpoint) and a PEFT merge first remove the noise; an exception in `training_step` or in any
+callback closes the window before it propagates. The reported training loss is the loss under noise.
 
-Two things a callback alone cannot do, because the Trainer has no exception event and runs user callbacks
-after the reporting ones (so keys added in `on_log` never reach W&B/TensorBoard/MLflow): at `on_train_begin`
-the callback looks up the running Trainer on the call stack, moves itself to the front of the callback list
-and wraps that Trainer's `training_step` so an exception inside the window restores the weights before it
-propagates. `attach(trainer, ...)` does the same explicitly (and wraps `trainer.train` in try/finally);
-use it if you prefer no stack lookup.
+The settings travel with the adapter: every `save_pretrained` of the trained model (trainer.save_model,
+checkpoints, your own call) writes `flatlora_config.json` next to `adapter_config.json` and a Flat-LoRA
+section into the model card (`flatlora.integrations.card.write_adapter_card`).
+
+A callback cannot reorder the callback list or see exceptions by itself (the Trainer has no exception event
+and runs user callbacks after the reporting ones, so keys added in `on_log` would never reach
+W&B/TensorBoard/MLflow): at `on_train_begin` it looks up the running Trainer on the call stack, moves itself
+to the front of the callback list and wraps that Trainer's `training_step` and callback dispatch.
+`attach(trainer, ...)` does the same explicitly and also wraps `trainer.train` in try/finally.
 """
 
 from __future__ import annotations
@@ -32,19 +43,83 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
-from typing import Any
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
-from transformers import Trainer, TrainerCallback
+from ._deps import require
 
-from ..config import FlatLoRAConfig
-from ..core.engine import FlatLoRA
+require("transformers", "hf", "flatlora.integrations.hf")
+require("peft", "hf", "flatlora.integrations.hf")
+
+from transformers import Trainer, TrainerCallback  # noqa: E402
+
+from ..config import FlatLoRAConfig  # noqa: E402
+from ..core.engine import FlatLoRA  # noqa: E402
+from ._guard import CleanWeightsGuard, wrap_before  # noqa: E402
+from .card import CONFIG_FILE, read_adapter_card, write_adapter_card  # noqa: E402
+
+__all__ = ["FlatLoRAArguments", "FlatLoRACallback", "attach", "write_adapter_card", "read_adapter_card",
+           "CONFIG_FILE", "STATE_FILE"]
 
 log = logging.getLogger("flatlora")
 
 STATE_FILE = "flatlora_state.json"
-# Fields that fix the noise stream and the schedule: a resumed run must agree on them to continue the run.
-_STREAM_FIELDS = ("sigma", "total_steps", "schedule", "noise", "seed", "per_rank_noise", "target", "include", "exclude", "generator")
+_DEFAULT_SEED = FlatLoRAConfig().seed
+
+
+def _like(name: str, **changes: Any) -> Any:
+    """A `flatlora_<name>` field with FlatLoRAConfig's default and help text (so the two cannot drift)."""
+    f = FlatLoRAConfig.__dataclass_fields__[name]
+    meta = dict(f.metadata)
+    meta.update(changes.pop("metadata", {}))
+    default = changes.pop("default", f.default)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class FlatLoRAArguments:
+    """Flat-LoRA settings for `HfArgumentParser`, next to `TrainingArguments` (fields prefixed `flatlora_`).
+
+    Example:
+        >>> from transformers import HfArgumentParser, TrainingArguments
+        >>> parser = HfArgumentParser((TrainingArguments, FlatLoRAArguments))
+        >>> targs, fargs = parser.parse_args_into_dataclasses(
+        ...     ["--output_dir", "out", "--seed", "7", "--flatlora_sigma", "0.1"])
+        >>> FlatLoRACallback.from_args(targs, fargs).config.seed   # the noise seed follows --seed
+        7
+    """
+
+    flatlora_sigma: float = _like("sigma")
+    flatlora_total_steps: Optional[int] = _like(  # noqa: UP045 (HfArgumentParser reads Optional)
+        "total_steps", metadata={"help": "optimizer steps of the sigma ramp; default: the Trainer's max_steps"})
+    flatlora_schedule: str = _like("schedule")
+    flatlora_noise: str = _like("noise")
+    flatlora_mode: str = _like("mode")
+    flatlora_seed: Optional[int] = _like(  # noqa: UP045
+        "seed", default=None,
+        metadata={"help": "noise seed (the noise is a pure function of (seed, step, layer)); default: --seed"})
+    flatlora_target: str = _like("target")
+    flatlora_include: Optional[list[str]] = _like("include")  # noqa: UP045
+    flatlora_exclude: Optional[list[str]] = _like("exclude")  # noqa: UP045
+    flatlora_per_rank_noise: bool = _like("per_rank_noise")
+    flatlora_bn_policy: str = _like("bn_policy")
+    flatlora_generator: str = _like("generator")
+    flatlora_bn_max_batches: Optional[int] = field(  # noqa: UP045
+        default=200, metadata={"help": "train batches used to recalibrate BatchNorm statistics at the end "
+                                       "(BatchNorm models only); None = the whole loader"})
+
+    def __post_init__(self):
+        self.to_config()  # validate now: a bad value fails at parse time with FlatLoRAConfig's message
+
+    def to_config(self, seed: int | None = None) -> FlatLoRAConfig:
+        """The FlatLoRAConfig these arguments describe (`seed` fills `flatlora_seed` when it is None)."""
+        values = {f.name: getattr(self, "flatlora_" + f.name) for f in dataclasses.fields(FlatLoRAConfig)}
+        if values["seed"] is None:
+            values["seed"] = _DEFAULT_SEED if seed is None else seed
+        return FlatLoRAConfig(**values)
 
 
 class FlatLoRACallback(TrainerCallback):
@@ -52,35 +127,58 @@ class FlatLoRACallback(TrainerCallback):
 
     Args:
         config: a FlatLoRAConfig; keyword arguments override its fields (or build one), e.g. `sigma=0.05`.
-            `total_steps` left unset is taken from the Trainer (`state.max_steps`).
+            `total_steps` left unset is taken from the Trainer (`state.max_steps`). The noise seed follows
+            `TrainingArguments.seed` unless you give one: a `seed=` keyword, or a config whose seed is not
+            the default (pass `seed=0` to pin seed 0 under a Trainer with another seed).
         bn_max_batches: batches of the train loader used to recalibrate BatchNorm statistics at train end
             (only for models with BatchNorm, `flat.bn_policy == "recalibrate"`); None = the whole loader.
         save_state: write `flatlora_state.json` into each checkpoint folder and check it on resume.
+        save_card: write `flatlora_config.json` and the model-card section wherever the model is saved.
 
     Attributes:
         flat: the `FlatLoRA` engine (None before `on_train_begin`).
     """
 
     def __init__(self, config: FlatLoRAConfig | None = None, *, bn_max_batches: int | None = 200,
-                 save_state: bool = True, **overrides: Any):
+                 save_state: bool = True, save_card: bool = True, **overrides: Any):
         if config is None:
             config = FlatLoRAConfig(**overrides)
         elif not isinstance(config, FlatLoRAConfig):
             raise ValueError(f"config must be a FlatLoRAConfig, got {type(config).__name__}")
-        else:  # a copy: the callback fills in total_steps and must not edit the caller's object
+        else:  # a copy: the callback resolves total_steps and seed and must not edit the caller's object
             config = dataclasses.replace(config, **overrides)
         self.config = config
+        self.seed_explicit = "seed" in overrides or config.seed != _DEFAULT_SEED
         self.bn_max_batches = bn_max_batches
         self.save_state = save_state
+        self.save_card = save_card
         self.flat: FlatLoRA | None = None
+        self._guard: CleanWeightsGuard | None = None
         self._trainer: Trainer | None = None
         self._attached = False  # bound by attach(): stays bound across train() calls
-        self._undo: list = []
+        self._undo: list = []  # trainer wrappers
+        self._model_undo: list = []  # model wrappers (save_pretrained), kept after training
+        self._sigint_undo = None
+
+    @classmethod
+    def from_args(cls, training_args: Any, flatlora_args: FlatLoRAArguments, **kwargs: Any) -> "FlatLoRACallback":
+        """The callback for parsed `(TrainingArguments, FlatLoRAArguments)`; the noise seed is
+        `flatlora_seed`, or `training_args.seed` when that is unset. `kwargs` go to the constructor."""
+        if not isinstance(flatlora_args, FlatLoRAArguments):
+            raise ValueError(f"flatlora_args must be a FlatLoRAArguments, got {type(flatlora_args).__name__}")
+        seed = flatlora_args.flatlora_seed
+        if seed is None:
+            seed = getattr(training_args, "seed", None)
+            if seed is None:
+                raise ValueError(f"training_args has no seed (got {type(training_args).__name__}): pass "
+                                 "TrainingArguments, or set flatlora_seed")
+        kwargs.setdefault("bn_max_batches", flatlora_args.flatlora_bn_max_batches)
+        return cls(flatlora_args.to_config(), seed=seed, **kwargs)
 
     # ------------------------------------------------------------------ binding to the running Trainer
     def _bind(self, trainer: Trainer) -> None:
-        """Run first among the callbacks (so `flatlora/sigma` reaches the reporters) and restore the weights
-        if `training_step` raises. Idempotent."""
+        """Run first among the callbacks (so `flatlora/sigma` reaches the reporters) and close the window
+        if `training_step` or any callback raises. Idempotent."""
         if self._trainer is trainer:
             return
         self._unbind()
@@ -92,17 +190,9 @@ class FlatLoRACallback(TrainerCallback):
             if self in cbs:
                 cbs.remove(self)
             cbs.insert(0, self)
-        original = trainer.training_step
-
-        def training_step(*args, **kwargs):
-            try:
-                return original(*args, **kwargs)
-            except BaseException:
-                self.restore()
-                raise
-
-        trainer.training_step = training_step
-        self._undo.append(lambda: _reset_attr(trainer, "training_step", training_step, original))
+        self._undo.append(_close_on_raise(trainer, "training_step", self._fault))
+        # Another callback raising in on_step_begin (after ours opened the window) never reaches training_step.
+        self._undo.append(_close_on_raise(trainer.callback_handler, "call_event", self._fault))
 
     def _unbind(self) -> None:
         while self._undo:
@@ -129,27 +219,47 @@ class FlatLoRACallback(TrainerCallback):
             self._bind(trainer)
         elif self._trainer is None:
             log.warning("flatlora: running Trainer not found; use flatlora.integrations.hf.attach(trainer) so that "
-                        "exceptions restore the weights and flatlora/sigma reaches the reporting integrations.")
+                        "flatlora/sigma reaches the reporting integrations and exceptions close the window at once.")
         self.restore()  # a window left open by an earlier, interrupted train() (e.g. auto_find_batch_size)
-        if self.flat is None or self.flat.model is not model:
-            if self.flat is not None:
-                self.flat.close()
-            self.flat = FlatLoRA(model, dataclasses.replace(self.config))
-            log.info("flatlora: %r", self.flat)
-        cfg = self.flat.config
+        self._build(model, args, state)
+        self._release_sigint()  # left by a train() that died before on_train_end
+        self._sigint_undo = _close_on_sigint(self._guard)
+        if state.global_step > 0:
+            self.flat.resume(self._checkpoint_state(args, state), state.global_step)
+
+    def _build(self, model, args, state) -> None:
+        """A fresh engine for this train() call, with total_steps and seed resolved from the Trainer."""
+        seed = self.config.seed if self.seed_explicit else args.seed
+        self._drop_engine()
+        self.flat = FlatLoRA(model, dataclasses.replace(self.config, seed=seed))
         if self.config.total_steps is None:
             self.flat.set_total_steps(state.max_steps)
         elif self.config.total_steps != state.max_steps:
             log.warning("flatlora: total_steps=%d differs from the Trainer's max_steps=%d; the ramp follows total_steps",
                         self.config.total_steps, state.max_steps)
-        if state.global_step > 0:
-            self._check_resume(args, state)
+        self._guard = CleanWeightsGuard(self.flat)
+        if self.save_card:
+            guard = self._guard
+            if callable(getattr(model, "save_pretrained", None)):
+                self._model_undo.append(wrap_before(model, "save_pretrained", lambda: guard.pause("save_pretrained()"),
+                                                    after=self._after_save_pretrained))
+            trainer = self._trainer
+            if trainer is not None:  # Trainer.create_model_card (push_to_hub) rewrites README.md: re-add ours
+                self._model_undo.append(wrap_before(trainer, "create_model_card", lambda: None,
+                                                    after=lambda *a, **k: self._after_trainer_card(trainer)))
+        log.info("flatlora: %r", self.flat)
+
+    def _drop_engine(self) -> None:
+        while self._model_undo:
+            self._model_undo.pop()()
+        if self._guard is not None:
+            self._guard.remove()
+            self._guard = None
+        if self.flat is not None:
+            self.flat.close()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.flat.active:  # only after an event flow we did not foresee; never noise twice
-            log.warning("flatlora: a window was still open at step %d; closing it first", state.global_step)
-            self.flat.end_step()
-        self.flat.begin_step(state.global_step)
+        self._guard.open(state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.restore()
@@ -176,12 +286,17 @@ class FlatLoRACallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.restore()
-        if not (self.save_state and self.flat is not None and state.is_world_process_zero):
+        if self.flat is None or not state.is_world_process_zero:
             return
         folder = _checkpoint_dir(args, state)
-        if os.path.isdir(folder):
+        if not os.path.isdir(folder):
+            return
+        if self.save_state:
             with open(os.path.join(folder, STATE_FILE), "w") as f:
                 json.dump(self.flat.state_dict(), f, indent=2)
+        # save_pretrained already wrote it for PEFT models; this covers saves that bypass it (DeepSpeed, FSDP).
+        if self.save_card and not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+            write_adapter_card(folder, self.flat.config)
 
     def on_train_end(self, args, state, control, train_dataloader=None, **kwargs):
         self.restore()
@@ -191,31 +306,49 @@ class FlatLoRACallback(TrainerCallback):
             log.info("flatlora: recalibrated BatchNorm statistics on %d clean batches", used)
         if self._trainer is not None and not self._attached:
             self._unbind()
+        self._release_sigint()
+
+    def _fault(self) -> None:
+        """An exception is leaving train(): clean weights, and Ctrl-C handling back to what it was."""
+        self.restore()
+        self._release_sigint()
+
+    def _release_sigint(self) -> None:
+        if self._sigint_undo is not None:
+            self._sigint_undo()
+            self._sigint_undo = None
 
     # ------------------------------------------------------------------ helpers
     def restore(self) -> None:
-        """Remove the noise if a window is open (no-op otherwise). Call it after catching an exception
-        from `trainer.train()` if you did not use `attach`."""
-        if self.flat is not None and self.flat.active:
-            self.flat.end_step()
+        """End the open window if there is one (noise removed, exact); no-op otherwise."""
+        if self._guard is not None:
+            self._guard.close()
 
-    def _check_resume(self, args, state) -> None:
+    def _after_save_pretrained(self, result, *args, **kwargs) -> None:
+        if not kwargs.get("is_main_process", True) or self.flat is None:
+            return
+        save_directory = args[0] if args else kwargs["save_directory"]
+        model = self.flat.model
+        peft_config = getattr(model, "peft_config", None)
+        if isinstance(peft_config, dict) and peft_config:
+            # PeftModel.save_pretrained puts the "default" adapter in the folder, others in subfolders.
+            names = kwargs.get("selected_adapters") or list(peft_config)
+            folders = [save_directory if n == "default" else os.path.join(save_directory, n) for n in names]
+        else:
+            folders = [save_directory]
+        for folder in folders:
+            write_adapter_card(folder, self.flat.config)
+
+    def _after_trainer_card(self, trainer: Trainer) -> None:
+        if self.flat is not None and trainer.is_world_process_zero():
+            write_adapter_card(trainer.args.output_dir, self.flat.config)
+
+    def _checkpoint_state(self, args, state) -> dict | None:
         path = os.path.join(_checkpoint_dir(args, state), STATE_FILE)
         if not os.path.isfile(path):
-            log.info("flatlora: resuming at step %d without %s; the noise stream continues from the config's seed",
-                     state.global_step, STATE_FILE)
-            return
+            return None
         with open(path) as f:
-            saved = json.load(f)
-        ours = self.flat.config.to_dict()
-        diff = {k: (saved["config"].get(k), ours[k]) for k in _STREAM_FIELDS if saved["config"].get(k) != ours[k]}
-        if diff:
-            log.warning("flatlora: resuming with a different noise setting than the checkpoint (saved, now): %s; the "
-                        "run will not continue the same schedule and noise stream", diff)
-        last = saved.get("last_step")
-        if last is not None and last != state.global_step - 1:
-            log.warning("flatlora: checkpoint state ends at step %s but the Trainer resumes at step %d", last, state.global_step)
-        self.flat.last_step = last
+            return json.load(f)
 
 
 def attach(trainer: Trainer, config: FlatLoRAConfig | None = None, **overrides: Any) -> FlatLoRACallback:
@@ -237,29 +370,71 @@ def attach(trainer: Trainer, config: FlatLoRAConfig | None = None, **overrides: 
         raise ValueError("this trainer already has a FlatLoRACallback; configure that one instead")
     cb._bind(trainer)
     cb._attached = True
-    original = trainer.train
-
-    def train(*args, **kwargs):
-        try:
-            return original(*args, **kwargs)
-        finally:
-            cb.restore()
-
-    trainer.train = train
+    _close_on_raise(trainer, "train", cb._fault, always=True)
     return cb
+
+
+def _close_on_raise(obj: Any, name: str, close, always: bool = False):
+    """Wrap `obj.name` so that `close()` runs when it raises (or, with `always`, whenever it returns)."""
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        try:
+            result = original(*args, **kwargs)
+        except BaseException:
+            close()
+            raise
+        if always:
+            close()
+        return result
+
+    setattr(obj, name, wrapper)
+
+    def undo() -> None:
+        if obj.__dict__.get(name) is wrapper:
+            if getattr(type(obj), name, None) is getattr(original, "__func__", None):
+                del obj.__dict__[name]
+            else:
+                setattr(obj, name, original)
+
+    return undo
+
+
+def _close_on_sigint(guard: CleanWeightsGuard):
+    """While training, Ctrl-C removes the noise before KeyboardInterrupt is raised, wherever it lands (between
+    two micro-batches no wrapper sees it). A handler installed before ours that does not raise (a graceful stop
+    flag) is honoured: the window is only paused then, and training continues under the same noise.
+    Returns the undo, or None where handlers cannot be set (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    # A handler of an earlier train() that died unobserved is skipped: chain to what it replaced.
+    previous = getattr(previous, "_flatlora_previous", previous)
+    if previous in (signal.SIG_IGN, None):
+        return None
+
+    def handler(signum, frame):
+        if previous is signal.default_int_handler or previous == signal.SIG_DFL:
+            guard.close()
+            undo()  # training is over: the process's Ctrl-C handling is back to what it was
+            raise KeyboardInterrupt
+        guard.pause("Ctrl-C")
+        previous(signum, frame)
+
+    handler._flatlora_previous = previous
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        return None
+
+    def undo() -> None:
+        if signal.getsignal(signal.SIGINT) is handler:
+            signal.signal(signal.SIGINT, previous)
+
+    return undo
 
 
 def _checkpoint_dir(args, state) -> str:
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-
-
-def _reset_attr(obj: Any, name: str, wrapper: Any, original: Any) -> None:
-    # Undo an instance-attribute wrapper only if nobody replaced it since; drop it when the original was the
-    # class's method, so the instance looks untouched.
-    if obj.__dict__.get(name) is wrapper:
-        if getattr(type(obj), name, None) is getattr(original, "__func__", None):
-            del obj.__dict__[name]
-        else:
-            setattr(obj, name, original)

@@ -1,18 +1,24 @@
 """Flat-LoRA for PyTorch Lightning: a Callback around every optimizer step.
 
-    trainer = pl.Trainer(callbacks=[FlatLoRACallback(sigma=0.05)], accumulate_grad_batches=4)
+    trainer = L.Trainer(callbacks=[FlatLoRACallback(sigma=0.05)], accumulate_grad_batches=4)
+
+Lightning is imported as `lightning.pytorch` (the `lightning` package, `pip install 'flatlora[lightning]'`),
+or as `pytorch_lightning` when only that is installed; `flatlora.integrations.lightning.pl` is the one in
+use, and the Trainer must come from the same package.
 
 A thin adapter over `flatlora.FlatLoRA` (SPEC Part B §2.1 has Lightning's event order):
 
-    on_train_start            find the LoRA layers of the LightningModule; total_steps = estimated_stepping_batches
+    on_train_start            build the engine on the LightningModule: total_steps = estimated_stepping_batches,
+                              seed = the one given, else `seed_everything`'s (PL_GLOBAL_SEED), else 0
     on_train_batch_start      first micro-batch of a window (batch_idx % accumulate_grad_batches == 0):
-                              begin_step(trainer.global_step), log flatlora/sigma with pl_module.log
-    on_before_optimizer_step  end_step(): after the last backward of the window, before clipping and the step.
+                              open the window of trainer.global_step, log flatlora/sigma with pl_module.log
+    on_before_optimizer_step  close it: after the last backward of the window, before clipping and the step.
                               The DeepSpeed strategy fires it on every micro-batch, so there only at the window's end
     on_train_batch_end        safety net at the window's end (a step skipped by a None loss fires no optimizer hook)
-    on_validation_start/end   validation inside a window (val_check_interval not a multiple of the accumulation)
-                              runs on clean weights; the same noise is re-applied afterwards
-    on_exception, on_train_end  restore; BatchNorm statistics are recalibrated on clean weights at the end
+    on_validation/test/predict_start  the noise is removed first; inside a window (val_check_interval not a
+                              multiple of the accumulation) the same noise comes back at the next training forward
+    on_save_checkpoint        (and every state_dict() call, which Lightning makes before this hook) clean weights
+    on_exception, on_train_end  close; BatchNorm statistics are recalibrated on clean weights at the end
 
 Optimizer step-pre-hooks are not used on purpose: under automatic optimisation the last micro-batch's
 forward runs inside `optimizer.step(closure)`, after those hooks (SPEC §2.2).
@@ -24,16 +30,35 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from typing import Any, Callable
-
-import pytorch_lightning as pl
 
 from ..config import FlatLoRAConfig
 from ..core.engine import FlatLoRA
+from ._deps import require
+from ._guard import CleanWeightsGuard
+
+
+def _import_lightning():
+    try:
+        return require("lightning.pytorch", "lightning", "flatlora.integrations.lightning")
+    except ImportError as e:
+        if not str(e).startswith("flatlora.integrations.lightning needs"):
+            raise  # lightning is installed but broken: its own error
+        try:
+            return require("pytorch_lightning", "lightning", "flatlora.integrations.lightning")
+        except ImportError as fallback:
+            if str(fallback).startswith("flatlora.integrations.lightning needs"):
+                raise ImportError("flatlora.integrations.lightning needs lightning (or pytorch_lightning), which is "
+                                  "not installed: pip install 'flatlora[lightning]'", name="lightning") from None
+            raise
+
+
+pl = _import_lightning()
 
 log = logging.getLogger("flatlora")
+_DEFAULT_SEED = FlatLoRAConfig().seed
 
-_STREAM_FIELDS = ("sigma", "total_steps", "schedule", "noise", "seed", "per_rank_noise", "target", "include", "exclude", "generator")
 
 
 class FlatLoRACallback(pl.Callback):
@@ -60,48 +85,44 @@ class FlatLoRACallback(pl.Callback):
         else:
             config = dataclasses.replace(config, **overrides)
         self.config = config
+        self.seed_explicit = "seed" in overrides or config.seed != _DEFAULT_SEED
         self.bn_max_batches = bn_max_batches
         self.bn_forward_fn = bn_forward_fn
         self.log_sigma = log_sigma
         self.flat: FlatLoRA | None = None
+        self._guard: CleanWeightsGuard | None = None
         self._batch_idx = 0
-        self._paused: int | None = None  # step whose window validation interrupted
         self._loaded: dict | None = None
 
     # ------------------------------------------------------------------ set-up and resume
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.restore()
-        if self.flat is None or self.flat.model is not pl_module:
-            if self.flat is not None:
-                self.flat.close()
-            self.flat = FlatLoRA(pl_module, dataclasses.replace(self.config))
-            log.info("flatlora: %r", self.flat)
-        if self.config.total_steps is None:
+        total = self.config.total_steps
+        if total is None:
             total = trainer.estimated_stepping_batches
             if not math.isfinite(total):
                 raise ValueError("flatlora: the number of optimizer steps is unknown (infinite data and no max_steps): "
                                  "set Trainer(max_steps=...) or FlatLoRACallback(total_steps=...)")
-            self.flat.set_total_steps(int(total))
-        if self._loaded is not None:
-            self._check_resume(self._loaded, trainer.global_step)
-            self._loaded = None
+        seed = self.config.seed
+        if not self.seed_explicit and os.environ.get("PL_GLOBAL_SEED", "").lstrip("-").isdigit():
+            seed = int(os.environ["PL_GLOBAL_SEED"])  # set by seed_everything
+        if self._guard is not None:
+            self._guard.remove()
+        if self.flat is not None:
+            self.flat.close()
+        self.flat = FlatLoRA(pl_module, dataclasses.replace(self.config, seed=seed))
+        self.flat.set_total_steps(int(total))
+        self._guard = CleanWeightsGuard(self.flat)
+        log.info("flatlora: %r", self.flat)
+        if self._loaded is not None or trainer.global_step > 0:
+            loaded, self._loaded = self._loaded, None
+            self.flat.resume(loaded, trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         return self.flat.state_dict() if self.flat is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = state_dict or None
-
-    def _check_resume(self, saved: dict, global_step: int) -> None:
-        ours = self.flat.config.to_dict()
-        diff = {k: (saved["config"].get(k), ours[k]) for k in _STREAM_FIELDS if saved["config"].get(k) != ours[k]}
-        if diff:
-            log.warning("flatlora: resuming with a different noise setting than the checkpoint (saved, now): %s; the "
-                        "run will not continue the same schedule and noise stream", diff)
-        self.flat.last_step = saved.get("last_step")
-        if self.flat.last_step is not None and self.flat.last_step != global_step - 1:
-            log.warning("flatlora: checkpoint state ends at step %s but training resumes at step %d",
-                        self.flat.last_step, global_step)
 
     # ------------------------------------------------------------------ the window
     def _window_end(self, trainer: pl.Trainer, batch_idx: int) -> bool:
@@ -116,10 +137,7 @@ class FlatLoRACallback(pl.Callback):
         self._batch_idx = batch_idx
         if batch_idx % trainer.accumulate_grad_batches != 0:
             return
-        if self.flat.active:
-            log.warning("flatlora: a window was still open at step %d; closing it first", trainer.global_step)
-            self.flat.end_step()
-        sigma = self.flat.begin_step(trainer.global_step)
+        sigma = self._guard.open(trainer.global_step)
         if self.log_sigma:
             pl_module.log("flatlora/sigma", sigma, on_step=True, on_epoch=False, batch_size=1)
 
@@ -131,23 +149,30 @@ class FlatLoRACallback(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.flat.active and self._window_end(trainer, batch_idx):
+        if self._window_end(trainer, batch_idx):
             self.restore()
 
+    # Validation inside a window pauses it: the next training forward of the window brings the same noise back
+    # (A, B have not changed within the window, so the std and hence the noise are the same again). The guard's
+    # eval-mode and state_dict() hooks would do this too; the events make it explicit and independent of them.
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.flat is not None and self.flat.active:
-            self._paused = self.flat.last_step  # the open window's step
-            self.flat.end_step()
+        self._pause("validation")
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._paused is not None:
-            step, self._paused = self._paused, None
-            # A, B have not changed within the window, so the std and hence the noise are the same again.
-            self.flat.begin_step(step)
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pause("test")
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pause("predict")
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._pause("checkpoint")  # the state dict was taken before this hook, by then already clean (guard)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._paused = None
         self.restore()
+
+    def _pause(self, why: str) -> None:
+        if self._guard is not None:
+            self._guard.pause(why)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.restore()
@@ -161,6 +186,6 @@ class FlatLoRACallback(pl.Callback):
                 log.info("flatlora: recalibrated BatchNorm statistics on %d clean batches", used)
 
     def restore(self) -> None:
-        """Remove the noise if a window is open (no-op otherwise)."""
-        if self.flat is not None and self.flat.active:
-            self.flat.end_step()
+        """End the open window if there is one (noise removed, exact); no-op otherwise."""
+        if self._guard is not None:
+            self._guard.close()
