@@ -170,8 +170,20 @@ def _raised_by_flatlora(e: BaseException) -> bool:
     return bool(tb) and str(Path(tb[-1].filename).resolve()).startswith(root)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse stops collecting positionals at the first option: `key=value` after `--jobs 2` is picked up here."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     # transformers' deprecation notices fire once per model build (every run of a compare): not news to a user.
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,

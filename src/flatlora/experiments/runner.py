@@ -134,8 +134,10 @@ def run_one(spec: ExperimentSpec, run_dir: str | Path, *, method: str | None = N
         run.flat.close()
     failure = failure or _nonfinite_state(run)
     metrics, failure = _evaluate(run) if failure is None else ({}, failure)
+    untrusted = {} if failure is None else metrics  # the metrics of a diverged model: kept for a post-mortem only
     record = {"status": "done" if failure is None else "failed", "failure": failure, "task": spec.task,
-              "method": m.name, "rank": rank, "seed": seed, "metrics": metrics, "primary_metric": task.primary_metric,
+              "method": m.name, "rank": rank, "seed": seed, "metrics": {} if failure else metrics,
+              "untrusted_metrics": untrusted, "primary_metric": task.primary_metric,
               "steps": run.steps, "train_seconds": round(train_seconds, 2),
               "eval_seconds": round(time.time() - start - train_seconds, 2),
               "trainable_params": sum(p.numel() for p in run.trainable), "bn_recalibrated_batches": recalibrated,
