@@ -32,8 +32,11 @@ def paired_stats(a: list[float], b: list[float]) -> dict[str, Any]:
         (0.0133, 3, 3)
     """
     import numpy as np
-    from scipy import stats
 
+    try:
+        from scipy import stats
+    except ImportError:
+        raise ImportError("paired statistics need scipy: pip install 'flatlora[experiments]'") from None
     if len(a) != len(b):
         raise ValueError(f"paired values need the same length, got {len(a)} and {len(b)}")
     d = np.asarray(a, float) - np.asarray(b, float)

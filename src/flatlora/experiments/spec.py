@@ -96,8 +96,10 @@ def _int_list(lo: int, example: str) -> Check:
 STRING = Check("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip()))
 TEXT = Check("a string", lambda v: isinstance(v, str))
 BOOL = Check("true or false", lambda v: isinstance(v, bool))
-MAPPING = Check("a mapping of option names to values, e.g. {path: data.csv}",
-                lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v))
+def mapping(example: str) -> Check:
+    return Check(f"a mapping of names to values, e.g. {example}", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v))
+
+
 NAMES = Check("a non-empty list of distinct names, e.g. [lora, flat-lora]",
               lambda v: _str_list(v) and len(set(v)) == len(v))
 MODULES = Check("a module name, a list of module names, or 'all-linear'",
@@ -145,7 +147,8 @@ class TrainSection:
 @dataclass
 class ExperimentSpec:
     task: str = _f("rt-sentiment", "task name (`flatlora tasks`)", STRING)
-    task_args: dict = _f(dict, "task options, e.g. path/text_column for byo-text (`flatlora tasks --options`)", MAPPING)
+    task_args: dict = _f(dict, "task options, e.g. path/text_column for byo-text (`flatlora tasks --options`)",
+                          mapping("{path: data.csv}"))
     model: str | None = _f(None, "model: registry name, local folder or hub id; null = the task's default", optional(STRING))
     method: str = _f("flat-lora", "method of `flatlora run`", STRING)
     seed: int = _f(0, "seed of `flatlora run`: init, data order and noise", integer(0))
@@ -155,7 +158,8 @@ class ExperimentSpec:
     baseline: str | None = _f(None, "method every other is paired against (null = each flat-X against X)", optional(STRING))
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
-    flat: dict = _f(lambda: {"sigma": 0.05}, "FlatLoRAConfig fields (sigma, schedule, noise, mode, ...)", MAPPING)
+    flat: dict = _f(lambda: {"sigma": 0.05}, "FlatLoRAConfig fields (sigma, schedule, noise, mode, ...)",
+                    mapping("{sigma: 0.05}"))
     sam_rho_ab: float = _f(0.003, "LoRA-SAM radius on (A, B) (paper v2 Table 6 best: 0.003)", number(gt=0))
     sam_rho_w: float = _f(0.05, "SAM radius on the merged W (paper v2 Table 6 best: 0.05)", number(gt=0))
     out_dir: str = _f("runs/default", "results folder (one sub-folder per run)", STRING)
