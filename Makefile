@@ -1,6 +1,7 @@
 # flatlora — the two commands of the README contract, each doing its own set-up on a fresh machine.
 #   make demo   the main job: LoRA vs Flat-LoRA on real data (MiniLM-L6, Rotten-Tomatoes), offline
 #   make test   the test suite (what CI runs through .ci/run)
+#   make bench  the CPU step cost of LoRA vs Flat-LoRA on this machine
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -33,6 +34,12 @@ test: setup
 # On a machine with CUDA (see benchmarks/overhead/README.md for the device commands).
 test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu
+
+# LoRA vs Flat-LoRA (inplace, forward) step time on a MiniLM-shaped model, CPU, ~1 min: rewrites
+# benchmarks/results/overhead-cpu.json, so `git diff` shows this host next to the committed one (hosts
+# differ by 4x: state both when quoting a number). GPU benchmarks: benchmarks/overhead/README.md.
+bench: setup
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/overhead/cpu_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

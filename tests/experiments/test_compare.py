@@ -78,3 +78,60 @@ def test_bad_data_fails_before_any_run_starts(byo_csv, tmp_path):
     with pytest.raises(ValueError, match="no column 'stars'"):
         compare(spec, progress=False, log=lambda s: None)
     assert not (tmp_path / "bad" / "runs").exists()
+
+
+@pytest.mark.slow  # two spawned workers import torch + transformers: ~30-60 s on a busy 2-core machine
+def test_jobs_2_trains_the_same_runs_as_jobs_1_without_cuda_in_the_parent(byo_csv, tmp_path, monkeypatch):
+    import torch
+
+    over = {"methods": "[lora,flat-lora]", "seeds": "[0]", "flat.sigma": 0.5, "train.threads": 1, "plot": "false"}
+    one = load_spec(None, tiny_text_overrides(byo_csv, tmp_path / "j1", **over))
+    two = one.replace(out_dir=str(tmp_path / "j2"), jobs=2)
+
+    def no_cuda(*a, **k):
+        raise AssertionError("the parent initialised CUDA: spawned workers would each pay for a context it holds")
+
+    monkeypatch.setattr(torch.cuda, "_lazy_init", no_cuda)
+    r1 = compare(one, progress=False, log=lambda s: None)
+    lines = []
+    r2 = compare(two, progress=False, log=lines.append)
+    assert (r2.ran, r2.errors) == (2, []) and sum("[job " in line for line in lines) == 2
+    for name in ["lora_r8_s0", "flat-lora_r8_s0"]:
+        a, b = (json.loads((tmp_path / d / "runs" / name / "metrics.json").read_text()) for d in ("j1", "j2"))
+        assert a["metrics"] == b["metrics"] and a["inputs"] == b["inputs"], name
+        assert [(r["loss"], r["lr"], r["sigma"]) for r in _curve(tmp_path / "j1" / "runs" / name)] == \
+               [(r["loss"], r["lr"], r["sigma"]) for r in _curve(tmp_path / "j2" / "runs" / name)]
+    assert r1.markdown == r2.markdown
+    again = compare(two, progress=False, log=lambda s: None)  # resume under --jobs: nothing to redo
+    assert (again.ran, again.skipped) == (0, 2)
+
+
+@pytest.mark.parametrize("jobs", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_run_that_raises_is_reported_and_the_grid_goes_on(byo_csv, tmp_path, jobs):
+    # lora.targets names no module: every LoRA run raises in PEFT; full fine-tuning ignores targets and trains.
+    spec = load_spec(None, tiny_text_overrides(byo_csv, tmp_path / "c", **{
+        "methods": "[lora,full]", "seeds": "[0]", "lora.targets": "[no_such_module]", "jobs": jobs, "plot": "false"}))
+    res = compare(spec, progress=False, log=lambda s: None)
+    assert res.ran == 1 and [e["run"] for e in res.errors] == ["lora_r8_s0"]
+    assert "NoMatchingPeftModuleError" in res.errors[0]["error"]
+    assert "Traceback" in (tmp_path / "c" / "runs" / "lora_r8_s0.partial" / "error.txt").read_text()
+    assert (tmp_path / "c" / "runs" / "full_r8_s0" / "metrics.json").exists()
+    assert "Runs that raised an error" in res.markdown and "- lora_r8_s0: " in res.markdown
+    retry = compare(spec, progress=False, log=lambda s: None)  # the next call retries it, keeps the finished one
+    assert (retry.ran, retry.skipped, len(retry.errors)) == (0, 1, 1)
+
+
+def test_diverged_runs_are_failed_rows_of_the_table_and_the_grid_goes_on(byo_csv, tmp_path):
+    spec = load_spec(None, tiny_text_overrides(byo_csv, tmp_path / "c", **{
+        "methods": "[lora,full]", "seeds": "[0,1]", "train.lr": 1e30, "train.warmup_ratio": 0, "train.max_steps": 1}))
+    res = compare(spec, progress=False, log=lambda s: None)
+    assert res.ran == 4 and not res.errors
+    assert [(f["method"], f["seed"]) for f in res.failed] == [("lora", 0), ("lora", 1)]
+    assert "| lora | 8 | 0 | – | – | seed 0, seed 1 |" in res.markdown
+    assert "| full | 8 | 2 |" in res.markdown and "- lora r=8 seed 0: diverged: " in res.markdown
+    with open(tmp_path / "c" / "runs.csv") as f:
+        rows = {(r["method"], r["seed"]): r for r in csv.DictReader(f)}
+    assert rows[("lora", "0")]["status"] == "failed" and rows[("lora", "0")]["failure"].startswith("diverged")
+    assert rows[("full", "0")]["status"] == "done"
+    again = compare(spec, progress=False, log=lambda s: None)  # a failed run is a result: kept, not redone
+    assert (again.ran, again.skipped) == (0, 4)

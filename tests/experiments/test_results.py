@@ -1,6 +1,7 @@
 """Paired statistics against scipy and hand computation; the markdown table carries them."""
 
 import math
+import sys
 
 import pytest
 from scipy import stats
@@ -43,3 +44,34 @@ def test_summary_pairs_flat_methods_with_their_base_by_seed():
     assert "| lora | 8 | 3 | 70.00 ± 1.00 |" in md
     s2 = summarize(recs, baseline="dora")
     assert {p["method"] for p in s2["pairs"]} == {"lora", "flat-lora"}
+
+
+def test_intervals_require_scipy_and_say_which_extra(monkeypatch):
+    from flatlora.analysis.sharpness import t_halfwidth
+
+    values = [0.1, 0.3, 0.2, 0.5]
+    sd = stats.tstd(values)
+    assert t_halfwidth(values) == pytest.approx(stats.t.ppf(0.975, 3) * sd / 2)  # t, not the normal quantile
+    for name in ("scipy", "scipy.stats"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if scipy were not installed
+    with pytest.raises(ImportError, match=r"need scipy: pip install 'flatlora\[analysis\]'"):
+        t_halfwidth(values)
+    with pytest.raises(ImportError, match=r"need scipy: pip install 'flatlora\[experiments\]'"):
+        paired_stats([0.8, 0.9], [0.7, 0.8])
+
+
+def test_failed_runs_are_listed_not_averaged():
+    recs = [{"method": "lora", "rank": 8, "seed": s, "metrics": {"test/accuracy": 0.70 + s / 100}, "primary_metric": "test/accuracy",
+             "train_seconds": 1.0, "steps": 2, "status": "done"} for s in range(3)]
+    recs += [{"method": "flat-lora", "rank": 8, "seed": s, "metrics": {"test/accuracy": 0.72 + s / 100},
+              "primary_metric": "test/accuracy", "train_seconds": 1.0, "steps": 2, "status": "done"} for s in (0, 2)]
+    recs.append({"method": "flat-lora", "rank": 8, "seed": 1, "metrics": {}, "primary_metric": "test/accuracy",
+                 "train_seconds": 1.0, "steps": 2, "status": "failed", "failure": "diverged: the loss became nan at step 3"})
+    s = summarize(recs)
+    (pair,) = [p for p in s["pairs"] if p["metric"] == "test/accuracy"]
+    assert pair["seeds"] == [0, 2] and pair["mean_diff"] == pytest.approx(0.02)  # seed 1 left out of the pair
+    cell = next(c for c in s["cells"] if c["method"] == "flat-lora")
+    assert (cell["n"], cell["failed_seeds"]) == (2, [1])
+    md = to_markdown(s)
+    assert "| flat-lora | 8 | 2 | 73.00 ± 1.41 | 1 | seed 1 |" in md
+    assert "- flat-lora r=8 seed 1: diverged: the loss became nan at step 3" in md

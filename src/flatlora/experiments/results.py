@@ -32,8 +32,11 @@ def paired_stats(a: list[float], b: list[float]) -> dict[str, Any]:
         (0.0133, 3, 3)
     """
     import numpy as np
-    from scipy import stats
 
+    try:
+        from scipy import stats
+    except ImportError:
+        raise ImportError("paired statistics need scipy: pip install 'flatlora[experiments]'") from None
     if len(a) != len(b):
         raise ValueError(f"paired values need the same length, got {len(a)} and {len(b)}")
     d = np.asarray(a, float) - np.asarray(b, float)
@@ -54,21 +57,34 @@ def paired_stats(a: list[float], b: list[float]) -> dict[str, Any]:
     return out
 
 
-def summarize(records: list[dict], baseline: str | None = None) -> dict[str, Any]:
-    """Cells (mean, std per metric per (method, rank)) and pairs (each method vs its baseline, per rank)."""
+def summarize(records: list[dict], baseline: str | None = None, errors: list[dict] | None = None) -> dict[str, Any]:
+    """Cells (mean, std per metric per (method, rank)) and pairs (each method vs its baseline, per rank).
+
+    Only runs with `status: done` enter the statistics; failed runs (diverged) are listed under "failed"
+    and counted per cell, and a seed where either side failed is left out of that pair. `errors` are runs
+    that raised (no results; retried on resume): listed as given.
+    """
     import numpy as np
 
-    metrics = sorted({k for r in records for k in r["metrics"]}, key=_metric_order)
+    done = [r for r in records if r.get("status", "done") == "done"]
+    metrics = sorted({k for r in done for k in r["metrics"]}, key=_metric_order)
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    failed_in: dict[tuple[str, int], list[int]] = defaultdict(list)
     for r in records:
-        groups[(r["method"], r["rank"])].append(r)
+        if r.get("status", "done") == "done":
+            groups[(r["method"], r["rank"])].append(r)
+        else:
+            failed_in[(r["method"], r["rank"])].append(r["seed"])
+            groups.setdefault((r["method"], r["rank"]), [])
     cells = []
     for (method, rank), rs in groups.items():
         cell = {"method": method, "rank": rank, "n": len(rs), "seeds": sorted(r["seed"] for r in rs),
-                "train_seconds": float(np.mean([r["train_seconds"] for r in rs]))}
+                "failed_seeds": sorted(failed_in[(method, rank)]),
+                "train_seconds": float(np.mean([r["train_seconds"] for r in rs])) if rs else math.nan}
         for m in metrics:
             v = [r["metrics"][m] for r in rs if m in r["metrics"]]
-            cell[m] = {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+            if v:
+                cell[m] = {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
         cells.append(cell)
     pairs = []
     for (method, rank), rs in groups.items():
@@ -79,12 +95,16 @@ def summarize(records: list[dict], baseline: str | None = None) -> dict[str, Any
         common = sorted(s for s in (r["seed"] for r in rs) if s in by_seed)
         mine = {r["seed"]: r for r in rs}
         for m in metrics:
-            a = [mine[s]["metrics"][m] for s in common]
-            b = [by_seed[s]["metrics"][m] for s in common]
-            pairs.append({"method": method, "baseline": base, "rank": rank, "metric": m, "seeds": common,
+            seeds = [s for s in common if m in mine[s]["metrics"] and m in by_seed[s]["metrics"]]
+            a = [mine[s]["metrics"][m] for s in seeds]
+            b = [by_seed[s]["metrics"][m] for s in seeds]
+            pairs.append({"method": method, "baseline": base, "rank": rank, "metric": m, "seeds": seeds,
                           **paired_stats(a, b)})
-    primary = records[0]["primary_metric"] if records else None
-    return {"metrics": metrics, "primary_metric": primary, "cells": cells, "pairs": pairs}
+    primary = next((r["primary_metric"] for r in records), None)
+    failed = [{"method": r["method"], "rank": r["rank"], "seed": r["seed"], "reason": r.get("failure") or "failed"}
+              for r in records if r.get("status", "done") != "done"]
+    return {"metrics": metrics, "primary_metric": primary, "cells": cells, "pairs": pairs, "failed": failed,
+            "errors": list(errors or [])}
 
 
 def _metric_order(name: str) -> tuple:
@@ -101,15 +121,21 @@ def _p(x: float) -> str:
     return "–" if x is None or math.isnan(x) else f"{x:.3f}"
 
 
-def to_markdown(summary: dict[str, Any], title: str = "") -> str:
-    """Two tables: mean ± std (in %) per method and rank, and the paired differences (in points)."""
+def to_markdown(summary: dict[str, Any], title: str = "", note: str = "") -> str:
+    """Two tables: mean ± std (in %) per method and rank, and the paired differences (in points); then the
+    runs that failed or raised, by name and reason."""
     shown = [m for m in summary["metrics"] if m.endswith(("accuracy", "exact_match", "pass@1"))] or summary["metrics"]
+    any_failed = any(c.get("failed_seeds") for c in summary["cells"])
     lines = [f"## {title}", ""] if title else []
-    lines += ["| method | r | n | " + " | ".join(shown) + " | train s |",
-              "|---|---|---|" + "---|" * len(shown) + "---|"]
+    if note:
+        lines += [note, ""]
+    lines += ["| method | r | n | " + " | ".join(shown) + " | train s |" + (" failed |" if any_failed else ""),
+              "|---|---|---|" + "---|" * len(shown) + "---|" + ("---|" if any_failed else "")]
     for c in sorted(summary["cells"], key=lambda c: c["rank"]):  # methods in the order of the spec
         vals = [f"{_pct(c[m]['mean'])} ± {_pct(c[m]['std'])}" if m in c else "–" for m in shown]
-        lines.append(f"| {c['method']} | {c['rank']} | {c['n']} | " + " | ".join(vals) + f" | {c['train_seconds']:.0f} |")
+        secs = "–" if math.isnan(c["train_seconds"]) else f"{c['train_seconds']:.0f}"
+        failed = (" " + (", ".join(f"seed {s}" for s in c["failed_seeds"]) or "–") + " |") if any_failed else ""
+        lines.append(f"| {c['method']} | {c['rank']} | {c['n']} | " + " | ".join(vals) + f" | {secs} |" + failed)
     pairs = [p for p in summary["pairs"] if p["metric"] in shown]
     if pairs:
         lines += ["", "Paired over seeds (method − baseline, points; CI = 95 % of the mean difference):", "",
@@ -118,8 +144,14 @@ def to_markdown(summary: dict[str, Any], title: str = "") -> str:
         for p in pairs:
             dz = "–" if math.isnan(p["effect_size_dz"]) else f"{p['effect_size_dz']:+.2f}"
             lines.append(f"| {p['method']} | {p['baseline']} | {p['rank']} | {p['metric']} | {p['n']} | "
-                         f"{100 * p['mean_diff']:+.2f} | [{_signed(p['ci_low'])}, {_signed(p['ci_high'])}] | "
+                         f"{_signed(p['mean_diff'])} | [{_signed(p['ci_low'])}, {_signed(p['ci_high'])}] | "
                          f"{_p(p['t_pvalue'])} | {_p(p['wilcoxon_pvalue'])} | {dz} | {p['wins']}/{p['losses']} |")
+    if summary.get("failed"):
+        lines += ["", "Failed runs (saved with their reason, left out of the statistics; delete a folder to retry it):", ""]
+        lines += [f"- {f['method']} r={f['rank']} seed {f['seed']}: {f['reason']}" for f in summary["failed"]]
+    if summary.get("errors"):
+        lines += ["", "Runs that raised an error (no results; running the same command again retries them):", ""]
+        lines += [f"- {e['run']}: {e['error']}" for e in summary["errors"]]
     return "\n".join(lines) + "\n"
 
 
@@ -127,19 +159,20 @@ def _signed(x: float) -> str:
     return "–" if math.isnan(x) else f"{100 * x:+.2f}"
 
 
-def write_summary(out_dir: str | Path, records: list[dict], summary: dict[str, Any], title: str = "") -> dict[str, Path]:
-    """summary.md, summary.json, runs.csv (one row per run) and pairs.csv in `out_dir`."""
+def write_summary(out_dir: str | Path, records: list[dict], summary: dict[str, Any], title: str = "",
+                  note: str = "") -> dict[str, Path]:
+    """summary.md, summary.json, runs.csv (one row per run, failed ones with their reason) and pairs.csv."""
     out = Path(out_dir)
     paths = {"md": out / "summary.md", "json": out / "summary.json", "runs": out / "runs.csv", "pairs": out / "pairs.csv"}
-    paths["md"].write_text(to_markdown(summary, title))
+    paths["md"].write_text(to_markdown(summary, title, note))
     paths["json"].write_text(json.dumps(summary, indent=1, default=str))
     metrics = summary["metrics"]
     with open(paths["runs"], "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "rank", "seed", *metrics, "train_seconds", "steps"])
+        w.writerow(["method", "rank", "seed", "status", *metrics, "train_seconds", "steps", "failure"])
         for r in sorted(records, key=lambda r: (r["rank"], r["method"], r["seed"])):
-            w.writerow([r["method"], r["rank"], r["seed"], *[r["metrics"].get(m, "") for m in metrics],
-                        r["train_seconds"], r["steps"]])
+            w.writerow([r["method"], r["rank"], r["seed"], r.get("status", "done"), *[r["metrics"].get(m, "") for m in metrics],
+                        r["train_seconds"], r["steps"], r.get("failure") or ""])
     with open(paths["pairs"], "w", newline="") as f:
         keys = ["method", "baseline", "rank", "metric", "n", "mean_diff", "std_diff", "ci_low", "ci_high",
                 "t_pvalue", "wilcoxon_pvalue", "effect_size_dz", "wins", "losses", "ties"]
@@ -158,12 +191,14 @@ def plot_summary(records: list[dict], summary: dict[str, Any], path: str | Path)
     import matplotlib.pyplot as plt
 
     shown = [m for m in summary["metrics"] if m.endswith(("accuracy", "exact_match", "pass@1"))][:4] or summary["metrics"][:4]
-    cells = sorted(summary["cells"], key=lambda c: c["rank"])  # methods in the order of the spec
+    records = [r for r in records if r.get("status", "done") == "done"]
+    cells = [c for c in sorted(summary["cells"], key=lambda c: c["rank"]) if c["n"]]  # methods in the order of the spec
     labels = [f"{c['method']}\nr={c['rank']}" for c in cells]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown) + 1, 3.6), squeeze=False)
     for ax, m in zip(axes[0], shown):
         for x, c in enumerate(cells):
-            ax.bar(x, 100 * c[m]["mean"], yerr=100 * c[m]["std"], color=f"C{x % 10}", alpha=0.35, capsize=3)
+            if m in c:
+                ax.bar(x, 100 * c[m]["mean"], yerr=100 * c[m]["std"], color=f"C{x % 10}", alpha=0.35, capsize=3)
         seeds = sorted({r["seed"] for r in records})
         for s in seeds:
             ys = []
@@ -171,8 +206,8 @@ def plot_summary(records: list[dict], summary: dict[str, Any], path: str | Path)
                 v = [r["metrics"].get(m) for r in records if r["seed"] == s and r["method"] == c["method"] and r["rank"] == c["rank"]]
                 ys.append(100 * v[0] if v and v[0] is not None else float("nan"))
             ax.plot(range(len(cells)), ys, "o-", color="k", alpha=0.5, lw=0.8, ms=3)
-        lo = min(100 * (c[m]["mean"] - c[m]["std"]) for c in cells)
-        hi = max(100 * (c[m]["mean"] + c[m]["std"]) for c in cells)
+        lo = min(100 * (c[m]["mean"] - c[m]["std"]) for c in cells if m in c)
+        hi = max(100 * (c[m]["mean"] + c[m]["std"]) for c in cells if m in c)
         pad = max(0.5, 0.3 * (hi - lo))
         ax.set_ylim(lo - pad, hi + pad)
         ax.set_xticks(range(len(cells)), labels, fontsize=8)

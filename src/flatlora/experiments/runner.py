@@ -7,14 +7,19 @@ full fine-tuning), which optimizer is built, and how one update's gradients are 
     Flat-*     : the same inside `with flat.step(t)` (noise on W for the window, removed before the update)
     SAM (ab/w) : two passes, the second at the SAM neighbour (flatlora.baselines.sam)
 
-Pairing: the run seeds torch's global RNG before the model is built, so new heads and LoRA A matrices
-start equal across methods for one seed, and the data order comes from a private generator (Task.batches).
+Pairing: the run seeds the global RNGs (`transformers.set_seed`) before the model is built, so new heads
+and LoRA A matrices start equal across methods for one seed, and the data order comes from a private
+generator (Task.batches). Neither depends on the process a run trains in (`compare --jobs`).
+
+Divergence is a result, not a success: a non-finite loss stops training, and the trained tensors and the
+evaluation outputs are checked to be finite; a run that fails a check is saved with `status: failed` and
+the reason (no weights), never with the accuracy of a NaN model.
 
 Results folder (written as `<dir>.partial`, renamed when complete, so a finished folder is never half-written):
-    config.yaml   the resolved spec of this run     metrics.json  final metrics, time, steps, status
+    config.yaml   the resolved spec of this run     metrics.json  status, metrics, time, steps, input fingerprints
     curve.csv     step, epoch, loss, lr, sigma_t    env.json      seed, versions, device, git commit
     weights.safetensors  trainable parameters + floating buffers (what `flatlora landscape RUN_DIR` loads)
-    split.json    example ids of each split
+    split.json    example ids of each split         tb/           TensorBoard events (when tensorboard is installed)
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,7 @@ import yaml
 
 from ..core import batchnorm
 from .methods import Method, create_optimizer, get_method, lora_config, prepare_model
+from .provenance import task_inputs
 from .spec import ExperimentSpec
 from .tasks import create_task
 from .tasks.base import Task
@@ -62,15 +68,6 @@ def total_steps(spec: ExperimentSpec, num_train: int) -> int:
     return min(steps, t.max_steps) if t.max_steps else steps
 
 
-def lr_lambda(kind: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        p = (step - warmup) / max(1, total - warmup)
-        return {"cosine": 0.5 * (1 + math.cos(math.pi * p)), "linear": 1 - p, "constant": 1.0}[kind]
-    return f
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,21 +76,83 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def seed_everything(seed: int) -> None:
+@dataclass
+class _Run:
+    """Everything the loop of one run needs, built by `_setup`."""
+
+    spec: ExperimentSpec
+    method: Method
+    rank: int
+    seed: int
+    task: Task
+    device: torch.device
+    model: torch.nn.Module
+    steps: int
+    opt: torch.optim.Optimizer
+    sched: Any
+    trainable: list
+    flat: Any = None
+    sam: Any = None
+
+
+def run_one(spec: ExperimentSpec, run_dir: str | Path, *, method: str | None = None, seed: int | None = None,
+            rank: int | None = None, task: Task | None = None, inputs: dict | None = None, progress: bool = True,
+            position: int = 0) -> dict[str, Any]:
+    """Train + evaluate one run and write `run_dir`; returns the metrics record (`status` done or failed).
+
+    Args:
+        method, seed, rank: default to spec.method, spec.seed, spec.lora.r.
+        task: a task already built from `spec` (compare builds it once for all runs), and `inputs` its
+            fingerprint (`provenance.task_inputs`, taken when it was built); both built here when None.
+        position: line of the progress bar (one per parallel job).
+    """
+    m = get_method(method or spec.method)
+    seed = spec.seed if seed is None else seed
+    rank = spec.lora.r if rank is None else rank
+    for name, value, lo in (("seed", seed, 0), ("rank", rank, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.json").exists():
+        raise FileExistsError(f"{run_dir} holds finished results; it is never overwritten (use another out_dir)")
+    if spec.train.threads:
+        torch.set_num_threads(spec.train.threads)
+    device = resolve_device(spec.train.device)
+    if task is None:
+        task = create_task(spec.task, model=spec.model, **spec.task_args)
+    if inputs is None:
+        inputs = task_inputs(spec.task, spec.task_args, task)
+    run = _setup(spec, m, rank, seed, task, device)
+    partial = run_dir.with_name(run_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # an interrupted attempt: start it over
+    partial.mkdir(parents=True)
+    start = time.time()
+    failure = _train(run, _Log(partial, run, progress, position))
+    train_seconds = time.time() - start
+    recalibrated = _recalibrate_bn(run) if failure is None else 0
+    if run.flat is not None:
+        run.flat.close()
+    failure = failure or _nonfinite_state(run)
+    metrics, failure = _evaluate(run) if failure is None else ({}, failure)
+    untrusted = {} if failure is None else metrics  # the metrics of a diverged model: kept for a post-mortem only
+    record = {"status": "done" if failure is None else "failed", "failure": failure, "task": spec.task,
+              "method": m.name, "rank": rank, "seed": seed, "metrics": {} if failure else metrics,
+              "untrusted_metrics": untrusted, "primary_metric": task.primary_metric,
+              "steps": run.steps, "train_seconds": round(train_seconds, 2),
+              "eval_seconds": round(time.time() - start - train_seconds, 2),
+              "trainable_params": sum(p.numel() for p in run.trainable), "bn_recalibrated_batches": recalibrated,
+              "flatlora_mode": getattr(run.flat, "mode", None), "run_key": run_key(spec), "inputs": inputs}
+    _write_results(run, record, partial, run_dir)
+    return record
+
+
+# ---------------------------------------------------------------------- set-up
+def _build(spec: ExperimentSpec, method: Method, rank: int, seed: int, task: Task, device: torch.device):
+    from transformers import set_seed
+
     # The runner is the experiment's driver, not library code: seeding the global RNGs here is what
     # makes the model init (new head, LoRA A) the same for every method of one seed.
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-
-
-def _build(spec: ExperimentSpec, method: Method, rank: int, seed: int, task: Task, device: torch.device):
-    seed_everything(seed)
+    set_seed(seed)
     model = task.build_model()
     dtype = getattr(torch, spec.train.dtype)
     if dtype != torch.float32:
@@ -119,140 +178,104 @@ def _build(spec: ExperimentSpec, method: Method, rank: int, seed: int, task: Tas
     return model.to(device).train()
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for mod in ("torch", "transformers", "peft", "flatlora", "scipy", "numpy"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001  (a missing optional package is just not recorded)
-            pass
-    try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                           cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except Exception:  # noqa: BLE001
-        pass
-    return out
+def _setup(spec: ExperimentSpec, m: Method, rank: int, seed: int, task: Task, device: torch.device) -> _Run:
+    """Model, optimizer, lr schedule (transformers.get_scheduler, warm-up rounded up as HF Trainer does),
+    and the Flat-LoRA engine or SAM wrapper of the method."""
+    from transformers import get_scheduler
 
-
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """What the run changed: trainable parameters and floating buffers (BatchNorm statistics), keyed as in
-    the model's state_dict. The frozen base is rebuilt from config.yaml (`flatlora landscape` does)."""
-    from safetensors.torch import save_file
-
-    params = dict(model.named_parameters())
-    # clone(): tied weights (T5's shared embeddings) are one storage under several names, which
-    # safetensors refuses to write.
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-             if (k in params and params[k].requires_grad) or (k not in params and v.is_floating_point())}
-    save_file(state, str(path))
-
-
-def run_one(spec: ExperimentSpec, run_dir: str | Path, *, method: str | None = None, seed: int | None = None,
-            rank: int | None = None, task: Task | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train + evaluate one run and write `run_dir`; returns the metrics record.
-
-    Args:
-        method, seed, rank: default to spec.method, spec.seed, spec.lora.r.
-        task: a task already built from `spec` (compare builds it once for all runs).
-    """
-    m = get_method(method or spec.method)
-    seed = spec.seed if seed is None else seed
-    rank = rank or spec.lora.r
-    run_dir = Path(run_dir)
-    if (run_dir / "metrics.json").exists():
-        raise FileExistsError(f"{run_dir} holds finished results; it is never overwritten (use another out_dir)")
     t = spec.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    device = resolve_device(t.device)
-    task = task or create_task(spec.task, model=spec.model, **spec.task_args)
     model = _build(spec, m, rank, seed, task, device)
-
     steps = total_steps(spec, task.num_train())
-    lr = t.full_lr if m.full else t.lr
-    opt = create_optimizer(m, model, lr=lr, weight_decay=t.weight_decay, loraplus_ratio=spec.lora.loraplus_ratio)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.scheduler, int(t.warmup_ratio * steps), steps))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    flat = sam = None
+    opt = create_optimizer(m, model, lr=t.full_lr if m.full else t.lr, weight_decay=t.weight_decay,
+                           loraplus_ratio=spec.lora.loraplus_ratio)
+    sched = get_scheduler(t.scheduler, opt, num_warmup_steps=math.ceil(t.warmup_ratio * steps), num_training_steps=steps)
+    run = _Run(spec, m, rank, seed, task, device, model, steps, opt, sched,
+               trainable=[p for p in model.parameters() if p.requires_grad])
     if m.flat:
         from ..core.engine import FlatLoRA
 
-        flat = FlatLoRA(model, spec.flat_config(steps, seed, **({"target": "linear"} if m.full else {})))
+        run.flat = FlatLoRA(model, spec.flat_config(steps, seed, **({"target": "linear"} if m.full else {})))
     if m.sam == "ab":
         from ..baselines.sam import LoRASAM
 
-        sam = LoRASAM(trainable, rho=spec.sam_rho_ab)
+        run.sam = LoRASAM(run.trainable, rho=spec.sam_rho_ab)
     elif m.sam == "w":
         from ..baselines.sam import MergedWeightSAM
 
-        sam = MergedWeightSAM(model, rho=spec.sam_rho_w)
+        run.sam = MergedWeightSAM(model, rho=spec.sam_rho_w)
+    return run
 
-    partial = run_dir.with_name(run_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # an interrupted attempt: start it over
-    partial.mkdir(parents=True)
-    curve_f = open(partial / "curve.csv", "w", newline="")
-    curve = csv.writer(curve_f)
-    curve.writerow(["step", "epoch", "loss", "lr", "sigma", "seconds"])
-    bar = _progress(steps, f"{m.name} r={rank} seed={seed}", progress)
-    start = time.time()
+
+# ---------------------------------------------------------------------- the loop
+class _Log:
+    """What one run reports per step: curve.csv, TensorBoard events (when installed), the progress bar."""
+
+    def __init__(self, folder: Path, run: _Run, progress: bool, position: int):
+        from tqdm import tqdm
+
+        self.file = open(folder / "curve.csv", "w", newline="")
+        self.csv = csv.writer(self.file)
+        self.csv.writerow(["step", "epoch", "loss", "lr", "sigma", "seconds"])
+        self.tb = _summary_writer(folder / "tb") if run.spec.tensorboard else None
+        self.bar = tqdm(total=run.steps, desc=f"{run.method.name} r={run.rank} seed={run.seed}", disable=not progress,
+                        position=position, leave=False, dynamic_ncols=True, file=sys.stderr)
+        self.start = time.time()
+
+    def step(self, step: int, epoch: int, loss: float, lr: float, sigma: float) -> None:
+        self.csv.writerow([step, epoch, f"{loss:.6f}", f"{lr:.6e}", f"{sigma:.5f}", f"{time.time() - self.start:.2f}"])
+        if step % 20 == 0:
+            self.file.flush()  # a long run can be watched (tail -f curve.csv) while it trains
+        if self.tb is not None:
+            for name, v in (("train/loss", loss), ("train/sigma", sigma), ("train/lr", lr)):
+                self.tb.add_scalar(name, v, step)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}", sigma=f"{sigma:.3f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _summary_writer(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: curve.csv holds the same numbers
+        return None
+    return SummaryWriter(log_dir=str(path))
+
+
+def _train(run: _Run, log: _Log) -> str | None:
+    """The optimizer steps of the run; returns why it diverged, or None."""
+    t = run.spec.train
     step, epoch, window = 0, 0, []
     try:
-        while step < steps:
-            for batch in task.batches(t.batch_size, seed, epoch, device):
+        while step < run.steps:
+            for batch in run.task.batches(t.batch_size, run.seed, epoch, run.device):
                 window.append(batch)
                 if len(window) < t.grad_accum:
                     continue
-                loss = _update(task, model, window, flat, sam, trainable, step)
-                if t.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+                lr = run.opt.param_groups[0]["lr"]  # the lr this update uses (the schedule steps after it)
+                loss = _update(run.task, run.model, window, run.flat, run.sam, run.trainable, step)
+                sigma = run.flat.sigma_at(step) if run.flat else 0.0
+                log.step(step, epoch, loss, lr, sigma)
                 if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {step}: lower train.lr")
-                sigma = flat.sigma_at(step) if flat else 0.0
-                curve.writerow([step, epoch, f"{loss:.6f}", f"{sched.get_last_lr()[0]:.3e}", f"{sigma:.5f}",
-                                f"{time.time() - start:.2f}"])
-                if step % 20 == 0:
-                    curve_f.flush()  # a long run can be watched (tail -f curve.csv) while it trains
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", sigma=f"{sigma:.3f}")
+                    run.opt.zero_grad(set_to_none=True)
+                    return (f"diverged: the loss became {loss} at step {step} (lr {lr:.3g}); lower train.lr "
+                            "or set train.max_grad_norm")
+                if t.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(run.trainable, t.max_grad_norm)
+                run.opt.step()
+                run.sched.step()
+                run.opt.zero_grad(set_to_none=True)
                 window, step = [], step + 1
-                if step >= steps:
+                if step >= run.steps:
                     break
             epoch += 1
     finally:
-        bar.close()
-        curve_f.close()
-    train_seconds = time.time() - start
-    # BatchNorm models: every method gets its running statistics recomputed from clean forward passes
-    # over the same training batches. Flat-LoRA needs it (its statistics were frozen while noise was on);
-    # doing it for the baselines too keeps the comparison fair (a short run with BN momentum 0.01 would
-    # otherwise leave them with the pretraining statistics).
-    recalibrated = 0
-    if batchnorm.batchnorm_layers(model):
-        batches = (b for _, b in zip(range(20), task.batches(t.batch_size, seed, CALIBRATION_EPOCH, device)))
-        recalibrated = flat.recalibrate_batchnorm(batches) if flat is not None else batchnorm.recalibrate(model, batches)
-    if flat is not None:
-        flat.close()
-    model.eval()
-    metrics = task.evaluate(model, t.eval_batch_size)
-    record = {"status": "done", "task": spec.task, "method": m.name, "rank": rank, "seed": seed,
-              "metrics": metrics, "primary_metric": task.primary_metric, "steps": steps,
-              "train_seconds": round(train_seconds, 2), "eval_seconds": round(time.time() - start - train_seconds, 2),
-              "trainable_params": sum(p.numel() for p in trainable), "bn_recalibrated_batches": recalibrated,
-              "flatlora_mode": getattr(flat, "mode", None), "run_key": run_key(spec)}
-    run_spec = spec.to_dict() | {"method": m.name, "seed": seed, "lora": spec.to_dict()["lora"] | {"r": rank}}
-    _write_yaml(partial / "config.yaml", run_spec, f"# flatlora run {Path(run_dir)/'config.yaml'}  (re-runs this run)\n")
-    (partial / "env.json").write_text(json.dumps({"seed": seed, "device": str(device), "threads": torch.get_num_threads(),
-                                                  "task": task.describe(), **versions()}, indent=1, default=str))
-    (partial / "split.json").write_text(json.dumps(task.split_record()))
-    save_weights(model, partial / "weights.safetensors")
-    (partial / "metrics.json").write_text(json.dumps(record, indent=1, default=str))  # last: marks completion
-    if run_dir.exists():  # a folder without metrics.json: debris of an older layout or a crash
-        shutil.rmtree(run_dir)
-    os.replace(partial, run_dir)
-    return record
+        log.close()
+    return None
 
 
 def _update(task: Task, model, window: list, flat, sam, trainable, step: int) -> float:
@@ -276,26 +299,112 @@ def _update(task: Task, model, window: list, flat, sam, trainable, step: int) ->
     return sum(losses)
 
 
-def _write_yaml(path: Path, data: dict, header: str = "") -> None:
-    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
+# ---------------------------------------------------------------------- after training
+def _recalibrate_bn(run: _Run) -> int:
+    """BatchNorm models: every method gets its running statistics recomputed from clean forward passes over
+    the same training batches. Flat-LoRA needs it (its statistics were frozen while noise was on); doing
+    it for the baselines too keeps the comparison fair (a short run with BN momentum 0.01 would otherwise
+    leave them with the pretraining statistics). Returns the number of batches used (0: no BatchNorm)."""
+    if not batchnorm.batchnorm_layers(run.model):
+        return 0
+    t = run.spec.train
+    batches = (b for _, b in zip(range(20), run.task.batches(t.batch_size, run.seed, CALIBRATION_EPOCH, run.device)))
+    if run.flat is not None:
+        return run.flat.recalibrate_batchnorm(batches)
+    return batchnorm.recalibrate(run.model, batches)
 
 
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
-        pass
+def _saved_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What the run changed: trainable parameters and floating buffers (BatchNorm statistics), keyed as in
+    the model's state_dict."""
+    params = dict(model.named_parameters())
+    return {k: v for k, v in model.state_dict().items()
+            if (k in params and params[k].requires_grad) or (k not in params and v.is_floating_point())}
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
+def _nonfinite_state(run: _Run) -> str | None:
+    state = _saved_state(run.model)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not bad:
+        return None
+    return (f"diverged: {len(bad)} of {len(state)} trained tensors hold nan/inf after training (e.g. {bad[0]}); "
+            "lower train.lr or set train.max_grad_norm")
+
+
+def _evaluate(run: _Run) -> tuple[dict[str, float], str | None]:
+    """The task's metrics, and why they cannot be trusted (a non-finite model output or metric), or None."""
+    run.model.eval()
+    bad: list[str] = []
+
+    def check(module, args, output):  # every forward of the evaluation, generation included
+        if not bad:
+            for name, t in _float_tensors(output, "output"):
+                if not bool(torch.isfinite(t).all()):
+                    bad.append(name)
+                    break
+
+    base = run.model.get_base_model() if hasattr(run.model, "get_base_model") else run.model
+    hook = base.register_forward_hook(check)
     try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
+        metrics = run.task.evaluate(run.model, run.spec.train.eval_batch_size)
+    finally:
+        hook.remove()
+    if bad:
+        return metrics, f"diverged: the model's {bad[0]} held nan/inf during evaluation, so its metrics mean nothing"
+    odd = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    return metrics, (f"evaluation gave non-finite {', '.join(odd)}" if odd else None)
+
+
+def _float_tensors(x: Any, name: str):
+    if isinstance(x, torch.Tensor):
+        if x.is_floating_point():
+            yield name, x
+    elif isinstance(x, dict):  # transformers' ModelOutput is a dict
+        for k, v in x.items():
+            yield from _float_tensors(v, k)
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            yield from _float_tensors(v, f"{name}[{i}]")
+
+
+# ---------------------------------------------------------------------- writes
+def _write_results(run: _Run, record: dict, partial: Path, run_dir: Path) -> None:
+    """config.yaml, env.json, split.json, weights (done runs only) and metrics.json (last: marks completion),
+    then the atomic rename of `<run>.partial` to `<run>`."""
+    spec = run.spec
+    run_spec = spec.to_dict() | {"method": run.method.name, "seed": run.seed, "lora": spec.to_dict()["lora"] | {"r": run.rank}}
+    (partial / "config.yaml").write_text(f"# flatlora run {run_dir / 'config.yaml'}  (re-runs this run)\n"
+                                         + yaml.safe_dump(run_spec, sort_keys=False))
+    (partial / "env.json").write_text(json.dumps({"seed": run.seed, "device": str(run.device), "threads": torch.get_num_threads(),
+                                                  "task": run.task.describe(), **versions()}, indent=1, default=str))
+    (partial / "split.json").write_text(json.dumps(run.task.split_record()))
+    if record["status"] == "done":
+        save_weights(run.model, partial / "weights.safetensors")
+    (partial / "metrics.json").write_text(json.dumps(record, indent=1, default=str))
+    if run_dir.exists():  # a folder without metrics.json: debris of an older layout or a crash
+        shutil.rmtree(run_dir)
+    os.replace(partial, run_dir)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for mod in ("torch", "transformers", "peft", "flatlora", "scipy", "numpy"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001  (a missing optional package is just not recorded)
+            pass
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """What the run changed (`_saved_state`). The frozen base is rebuilt from config.yaml (`flatlora landscape` does)."""
+    from safetensors.torch import save_file
+
+    # clone(): tied weights (T5's shared embeddings) are one storage under several names, which
+    # safetensors refuses to write.
+    save_file({k: v.detach().cpu().clone() for k, v in _saved_state(model).items()}, str(path))
