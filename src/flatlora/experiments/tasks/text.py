@@ -205,25 +205,33 @@ def rt_sentiment(*, model: str, split_seed: int = 1234, max_length: int = 64, tr
 
 # ---------------------------------------------------------------------- bring your own
 def read_table(path: str | Path, text_column: str | list, label_column: str) -> list[tuple[Any, Any]]:
-    """(text, label) pairs of a CSV/TSV (header row) or JSONL file; `text_column` may name two columns (pairs)."""
+    """(text, label) pairs of a CSV/TSV (header row) or JSONL file; `text_column` may name two columns (pairs).
+
+    A row whose label or text is missing or empty is an error naming its file and line (never a class 'None').
+    """
     p = Path(path).expanduser()
     if not p.is_file():
         raise ValueError(f"data file {str(p)!r} does not exist")
     cols = [text_column] if isinstance(text_column, str) else list(text_column)
+    records: list[tuple[int, dict]] = []  # (line number, record)
     if p.suffix in (".jsonl", ".json"):
-        records = []
         with open(p, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        records.append(json.loads(line))
+                        r = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{p}:{n} is not a JSON object per line ({e.msg})") from None
-        available = sorted({k for r in records if isinstance(r, dict) for k in r})
+                    if not isinstance(r, dict):
+                        raise ValueError(f"{p}:{n} is a JSON {type(r).__name__}, not an object with "
+                                         f"{cols + [label_column]} keys")
+                    records.append((n, r))
+        available = sorted({k for _, r in records for k in r})
     elif p.suffix in (".csv", ".tsv"):
         with open(p, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv" else ",")
-            records = list(reader)
+            for r in reader:
+                records.append((reader.line_num, r))
             available = list(reader.fieldnames or [])
     else:
         raise ValueError(f"data file {p.name!r}: use .csv, .tsv or .jsonl")
@@ -232,31 +240,78 @@ def read_table(path: str | Path, text_column: str | list, label_column: str) -> 
         raise ValueError(f"{p.name} has no column {missing[0]!r}; its columns: {available}. "
                          "Set task_args.text_column / task_args.label_column")
     out = []
-    for r in records:
-        text = r[cols[0]] if len(cols) == 1 else tuple(str(r[c]) for c in cols)
-        out.append((text if isinstance(text, tuple) else str(text), r[label_column]))
+    for n, r in records:
+        for c in cols + [label_column]:
+            v = r.get(c)
+            if v is None or (isinstance(v, str) and not v.strip()):
+                what = "label" if c == label_column else "text"
+                raise ValueError(f"{p}:{n} has no {what} (column {c!r} is {'missing' if v is None else 'empty'}): "
+                                 "fill it in or drop the row")
+        text = str(r[cols[0]]) if len(cols) == 1 else tuple(str(r[c]) for c in cols)
+        out.append((text, r[label_column]))
     return out
 
 
 def encode_labels(values: list[Any], num_labels: int | None, task: str) -> tuple[list[int], list[Any]]:
-    """Integer labels as they are (0..K-1); any other labels mapped to ids in sorted order."""
+    """Integer labels as they are (they must be 0..K-1, every class present); other labels mapped to ids
+    in sorted order. Fewer than 2 classes is an error.
+
+    Example:
+        >>> encode_labels(["pos", "neg", "pos"], None, "demo")
+        ([1, 0, 1], ['neg', 'pos'])
+        >>> encode_labels([1, 2, 2], None, "demo")
+        Traceback (most recent call last):
+        ...
+        ValueError: task 'demo': integer labels must be 0..K-1 with every class present, but class 0 has no example (labels found: 1, 2); renumber them from 0 (e.g. subtract 1)
+    """
     def as_int(v):
+        if isinstance(v, bool):
+            return int(v)
         try:
             f = float(v)
             return int(f) if f == int(f) else None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None
 
     ints = [as_int(v) for v in values]
     if all(i is not None for i in ints):
-        k = num_labels or (max(ints) + 1)
+        found = sorted(set(ints))
+        if found[0] < 0:
+            raise ValueError(f"task {task!r}: integer labels must be 0..K-1, found {found[0]}; map them to 0..K-1")
+        k = num_labels if num_labels is not None else max(found) + 1
         check_labels(task, ints, k)
-        return ints, list(range(k))
-    names = sorted({str(v) for v in values})
-    if num_labels is not None and len(names) != num_labels:
-        raise ValueError(f"task {task!r}: the data has {len(names)} distinct labels {names[:10]} but num_labels={num_labels}")
-    m = {n: i for i, n in enumerate(names)}
-    return [m[str(v)] for v in values], names
+        present = set(found)
+        absent = [c for c in range(k) if c not in present]
+        if absent and num_labels is None:
+            shown = ", ".join(map(str, found[:8])) + (", ..." if len(found) > 8 else "")
+            fix = ("renumber them from 0 (e.g. subtract 1)" if found[0] > 0 and len(found) == found[-1] - found[0] + 1
+                   else "map them to 0..K-1, or fix the stray values")
+            raise ValueError(f"task {task!r}: integer labels must be 0..K-1 with every class present, but "
+                             f"{_classes(absent)} {'has' if len(absent) == 1 else 'have'} no example "
+                             f"(labels found: {shown}); {fix}")
+        if absent:
+            raise ValueError(f"task {task!r}: num_labels={num_labels} but {_classes(absent)} "
+                             f"{'has' if len(absent) == 1 else 'have'} no example in the data")
+        names: list[Any] = list(range(k))
+    else:
+        names = sorted({str(v) for v in values})
+        if num_labels is not None and len(names) != num_labels:
+            raise ValueError(f"task {task!r}: the data has {len(names)} distinct labels {names[:10]} but "
+                             f"num_labels={num_labels}")
+        m = {n: i for i, n in enumerate(names)}
+        ints = [m[str(v)] for v in values]
+    if len(names) < 2:
+        raise ValueError(f"task {task!r}: the data has {len(names)} class ({names[0]!r}); classification needs "
+                         "at least 2 — check label_column and the file")
+    return ints, names
+
+
+def _classes(ids: list[int]) -> str:
+    if len(ids) == 1:
+        return f"class {ids[0]}"
+    if len(ids) > 4 and ids == list(range(ids[0], ids[-1] + 1)):
+        return f"classes {ids[0]}..{ids[-1]} ({len(ids)} classes)"
+    return f"classes {', '.join(map(str, ids[:6]))}" + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
 
 
 @register_task("byo-text", "your CSV/TSV/JSONL text classification: task_args.path (+ test_path or a seeded "
