@@ -200,6 +200,32 @@ def test_every_registered_task_is_listed_with_availability():
         assert isinstance(ok, bool) and why
 
 
+def test_tasks_live_in_the_project_registry_and_names_are_unique():
+    from flatlora.experiments.tasks import TASKS, register_task
+    from flatlora.registry import Registry
+
+    assert isinstance(TASKS, Registry) and TASKS.names() == [e.name for e in list_tasks()]
+    with pytest.raises(ValueError, match="task 'byo-text' is already registered"):
+        register_task("byo-text", "again", default_model="tiny-bert")(lambda *, model: None)
+    with pytest.raises(ValueError, match="unknown task 'byo-txt'; available: .*byo-text"):
+        create_task("byo-txt")
+
+
+def test_task_modules_do_not_import_each_other_in_a_cycle():
+    import ast
+    from pathlib import Path
+
+    import flatlora.experiments.tasks as pkg
+
+    def imports(name):
+        tree = ast.parse((Path(pkg.__file__).parent / f"{name}.py").read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
+
+    assert imports("humaneval") == set()  # scoring only: no task module
+    assert "humaneval" in imports("causal_lm") and not imports("causal_lm") & {"gsm", "code_feedback"}
+    assert "causal_lm" in imports("gsm") and "humaneval" not in imports("gsm")
+
+
 # ------------------------------------------------------------------ offline tasks on the fetched data
 @needs("text")
 def test_rt_sentiment_split_is_stratified_recorded_and_disjoint():
