@@ -18,7 +18,7 @@ import logging
 import sys
 import warnings
 
-PLUGINS = ("landscape", "bench")  # optional modules owned by other parts of the project
+PLUGINS = ("landscape", "bench", "fetch")  # optional modules owned by other parts of the project
 
 
 def _spec(args):
