@@ -58,6 +58,31 @@ def test_byo_text_errors(byo_csv, kwargs, message):
         create_task("byo-text", model="tiny-bert", **args)
 
 
+def test_group_by_length_covers_the_epoch_once_with_less_padding(tmp_path):
+    import random as _random
+
+    r = _random.Random(0)
+    lines = [f"{' '.join(['word'] * r.randint(1, 40))} {i},{i % 2}" for i in range(300)]
+    path = tmp_path / "lengths.csv"
+    path.write_text("text,label\n" + "\n".join(lines) + "\n")
+    plain = create_task("byo-text", model="tiny-bert", path=str(path), test_fraction=0.2)
+    grouped = create_task("byo-text", model="tiny-bert", path=str(path), test_fraction=0.2, group_by_length=True)
+
+    def epoch(task, seed):
+        return [b for b in task.batches(16, seed=seed, epoch=0)]
+
+    def padded(bs):
+        return sum(b["input_ids"].numel() for b in bs)
+
+    a, b = epoch(grouped, 0), epoch(grouped, 0)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))  # seeded: replayable
+    rows = sorted(tuple(x[m.bool()].tolist()) for bt in a for x, m in zip(bt["input_ids"], bt["attention_mask"]))
+    ref = sorted(tuple(x[m.bool()].tolist()) for bt in epoch(plain, 0) for x, m in zip(bt["input_ids"], bt["attention_mask"]))
+    assert rows == ref and len(a) == len(epoch(plain, 0)) == 15  # every example once, same number of batches
+    assert padded(a) < 0.7 * padded(epoch(plain, 0))
+    assert [x["input_ids"].shape for x in epoch(grouped, 1)] != [x["input_ids"].shape for x in a]  # seed matters
+
+
 # ---------------------------------------------------------------- label space from bad data (one-line errors)
 def _write(path, text):
     path.write_text(text)

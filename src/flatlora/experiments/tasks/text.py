@@ -20,7 +20,7 @@ from torch import nn
 
 from ..models import HashTokenizer, ModelRef, hub_error, resolve_model, tiny_config
 from . import hub, register_task
-from .base import Task, fingerprint, require_nonempty, stratified_split, stratified_subsample
+from .base import Task, fingerprint, require_nonempty, stratified_split, stratified_subsample, to_device
 
 Row = tuple  # (id, text or (text_a, text_b), label)
 
@@ -62,8 +62,9 @@ class TextClassificationTask(Task):
     """Sentence (or sentence-pair) classification with a HF encoder; accuracy (and MCC for 2 classes)."""
 
     def __init__(self, name: str, train: list[Row], evals: dict[str, list[Row]], num_labels: int, model: str,
-                 max_length: int, info: dict[str, Any] | None = None):
+                 max_length: int, info: dict[str, Any] | None = None, group_by_length: bool = False):
         require_nonempty(name, {"train": train, **evals})
+        self.group_by_length = bool(group_by_length)
         check_labels(name, [r[2] for r in train] + [r[2] for rows in evals.values() for r in rows], num_labels)
         self.name, self.num_labels, self.max_length = name, num_labels, max_length
         self.ref = resolve_model(model)
@@ -110,6 +111,28 @@ class TextClassificationTask(Task):
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         ids, y = self._train
         return self._pad([ids[i] for i in indices], y[list(indices)])
+
+    def batches(self, batch_size: int, seed: int, epoch: int, device: torch.device | str = "cpu"):
+        """The seeded epoch order; with `group_by_length`, sentences of similar length share a batch.
+
+        Grouping (as HF's `group_by_length`): the seeded permutation is cut into chunks of 16 batches,
+        each chunk sorted by length and cut into batches, and the batches are then shuffled (same
+        generator). Every method still sees the same batches for a seed; padding drops from ~1.8x the
+        real tokens to ~1.05x on the demo's sentences, which is most of a CPU step's cost.
+        """
+        if not self.group_by_length:
+            yield from super().batches(batch_size, seed, epoch, device)
+            return
+        ids = self._train[0]
+        g = torch.Generator().manual_seed(1_000_003 * seed + epoch)
+        order = torch.randperm(self.num_train(), generator=g).tolist()
+        chunk = 16 * batch_size
+        groups = []
+        for i in range(0, len(order), chunk):
+            part = sorted(order[i:i + chunk], key=lambda j: -len(ids[j]))
+            groups += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+        for b in torch.randperm(len(groups), generator=g).tolist():
+            yield to_device(self.collate(groups[b]), device)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -174,7 +197,8 @@ def read_vader(path: Path, prefix: str) -> list[tuple[str, str, float]]:
                "70/10/20 split); tweets + Amazon sentences as out-of-domain tests", default_model="minilm",
                requires="text")
 def rt_sentiment(*, model: str, split_seed: int = 1234, max_length: int = 64, train_size: int | None = None,
-                 test_size: int | None = None, ood_size: int | None = None, ood: bool = True, dev: bool = True) -> Task:
+                 test_size: int | None = None, ood_size: int | None = None, ood: bool = True, dev: bool = True,
+                 group_by_length: bool = False) -> Task:
     from ..fetch import vader_dir
     from ..paths import fetch_hint
 
@@ -200,7 +224,8 @@ def rt_sentiment(*, model: str, split_seed: int = 1234, max_length: int = 64, tr
             evals[short] = [r[i] for i in keep]
     info = {"source": "VADER ICWSM-2014 movieReviewSnippets (Hutto & Gilbert 2014), rating > 0 = positive",
             "split_seed": split_seed, "split": "stratified 70/10/20 of the non-zero sentences"}
-    return TextClassificationTask("rt-sentiment", [movie[i] for i in tr], evals, 2, model, max_length, info)
+    return TextClassificationTask("rt-sentiment", [movie[i] for i in tr], evals, 2, model, max_length, info,
+                                  group_by_length=group_by_length)
 
 
 # ---------------------------------------------------------------------- bring your own
@@ -318,7 +343,8 @@ def _classes(ids: list[int]) -> str:
                "split), text_column, label_column", default_model="minilm")
 def byo_text(*, model: str, path: str | None = None, test_path: str | None = None, text_column: Any = "text",
              label_column: str = "label", num_labels: int | None = None, test_fraction: float = 0.2,
-             split_seed: int = 0, max_length: int = 128, train_size: int | None = None) -> Task:
+             split_seed: int = 0, max_length: int = 128, train_size: int | None = None,
+             group_by_length: bool = False) -> Task:
     if path is None:
         raise ValueError("task 'byo-text' needs task_args.path (a .csv/.tsv/.jsonl file with "
                          f"{text_column!r} and {label_column!r} columns)")
@@ -338,7 +364,8 @@ def byo_text(*, model: str, path: str | None = None, test_path: str | None = Non
     keep = stratified_subsample(list(range(len(train_rows))), [r[2] for r in train_rows], train_size, split_seed)
     train_rows = [train_rows[i] for i in keep]
     info = {"path": str(path), "test_path": test_path, "label_names": names, "split_seed": split_seed}
-    return TextClassificationTask("byo-text", train_rows, {"test": test_rows}, len(names), model, max_length, info)
+    return TextClassificationTask("byo-text", train_rows, {"test": test_rows}, len(names), model, max_length, info,
+                                  group_by_length=group_by_length)
 
 
 # ---------------------------------------------------------------------- GLUE (hub)
