@@ -58,6 +58,97 @@ def test_byo_text_errors(byo_csv, kwargs, message):
         create_task("byo-text", model="tiny-bert", **args)
 
 
+def test_group_by_length_covers_the_epoch_once_with_less_padding(tmp_path):
+    import random as _random
+
+    r = _random.Random(0)
+    lines = [f"{' '.join(['word'] * r.randint(1, 40))} {i},{i % 2}" for i in range(300)]
+    path = tmp_path / "lengths.csv"
+    path.write_text("text,label\n" + "\n".join(lines) + "\n")
+    plain = create_task("byo-text", model="tiny-bert", path=str(path), test_fraction=0.2)
+    grouped = create_task("byo-text", model="tiny-bert", path=str(path), test_fraction=0.2, group_by_length=True)
+
+    def epoch(task, seed):
+        return [b for b in task.batches(16, seed=seed, epoch=0)]
+
+    def padded(bs):
+        return sum(b["input_ids"].numel() for b in bs)
+
+    a, b = epoch(grouped, 0), epoch(grouped, 0)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))  # seeded: replayable
+    rows = sorted(tuple(x[m.bool()].tolist()) for bt in a for x, m in zip(bt["input_ids"], bt["attention_mask"]))
+    ref = sorted(tuple(x[m.bool()].tolist()) for bt in epoch(plain, 0) for x, m in zip(bt["input_ids"], bt["attention_mask"]))
+    assert rows == ref and len(a) == len(epoch(plain, 0)) == 15  # every example once, same number of batches
+    assert padded(a) < 0.7 * padded(epoch(plain, 0))
+    assert [x["input_ids"].shape for x in epoch(grouped, 1)] != [x["input_ids"].shape for x in a]  # seed matters
+
+
+# ---------------------------------------------------------------- label space from bad data (one-line errors)
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def _rows(labels):
+    return "text,label\n" + "".join(f"sentence {i},{y}\n" for i, y in enumerate(labels))
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([0, 1] * 10 + [1000000], r"classes 2\.\.999999 \(999998 classes\) have no example"),
+    ([1, 2] * 10, r"class 0 has no example .*renumber them from 0"),
+    ([0, 2] * 10, r"class 1 has no example"),
+    ([0] * 20, r"1 class \(0\); classification needs at least 2"),
+    (["pos"] * 20, r"1 class \('pos'\)"),
+    ([0, -1] * 10, r"must be 0\.\.K-1, found -1"),
+])
+def test_label_space_must_be_complete_and_have_two_classes(tmp_path, labels, message):
+    path = _write(tmp_path / "d.csv", _rows(labels))
+    with pytest.raises(ValueError, match=message) as e:
+        create_task("byo-text", model="tiny-bert", path=path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_stray_label_never_builds_a_huge_head(tmp_path):
+    path = _write(tmp_path / "d.csv", _rows([0, 1] * 10 + [1000000]))
+    with pytest.raises(ValueError, match="fix the stray values"):
+        create_task("byo-text", model="tiny-bert", path=path)
+    # with the stray row fixed, the head has 2 outputs
+    t = create_task("byo-text", model="tiny-bert", path=_write(tmp_path / "ok.csv", _rows([0, 1] * 10 + [1])))
+    assert t.num_labels == 2
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("d.csv", "text,label\na,0\nb,1\nc\nd,1\n", r"d\.csv:4 has no label \(column 'label' is missing\)"),
+    ("d.csv", "text,label\na,0\nb,1\nc,  \n", r"d\.csv:4 has no label \(column 'label' is empty\)"),
+    ("d.csv", "text,label\na,0\n,1\n", r"d\.csv:3 has no text"),
+    ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n\n{"text": "c"}\n',
+     r"d\.jsonl:4 has no label"),
+    ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": null}\n', r"d\.jsonl:2 has no label"),
+    ("d.jsonl", '{"text": "a", "label": "x"}\n["b", "y"]\n', r"d\.jsonl:2 is a JSON list, not an object"),
+])
+def test_missing_label_or_text_names_file_and_line(tmp_path, name, text, message):
+    path = _write(tmp_path / name, text)
+    with pytest.raises(ValueError, match=message):
+        text_mod.read_table(path, "text", "label")
+
+
+def test_image_folder_ignores_hidden_and_refuses_empty_or_single_class(image_folder):
+    (image_folder / ".ipynb_checkpoints").mkdir()
+    (image_folder / ".ipynb_checkpoints" / "x.png").write_bytes((image_folder / "dark" / "0.png").read_bytes())
+    (image_folder / "dark" / ".hidden.png").write_bytes(b"not an image")
+    t = create_task("image-folder", model="tiny-effnet", path=str(image_folder), resolution=32)
+    assert t.info["classes"] == ["dark", "light"] and t.num_labels == 2
+    (image_folder / "zebra").mkdir()
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['zebra'\] hold no images"):
+        create_task("image-folder", model="tiny-effnet", path=str(image_folder), resolution=32)
+    (image_folder / "zebra").rmdir()
+    import shutil
+
+    shutil.rmtree(image_folder / "light")
+    with pytest.raises(ValueError, match=r"has 1 class folder \('dark'\); classification needs at least 2"):
+        create_task("image-folder", model="tiny-effnet", path=str(image_folder), resolution=32)
+
+
 def test_model_references_fail_clearly(tmp_path, byo_csv):
     args = {"path": str(byo_csv), "text_column": "sentence", "label_column": "sentiment"}
     empty = tmp_path / "model"
@@ -132,6 +223,32 @@ def test_every_registered_task_is_listed_with_availability():
     for e in list_tasks():
         ok, why = e.available()
         assert isinstance(ok, bool) and why
+
+
+def test_tasks_live_in_the_project_registry_and_names_are_unique():
+    from flatlora.experiments.tasks import TASKS, register_task
+    from flatlora.registry import Registry
+
+    assert isinstance(TASKS, Registry) and TASKS.names() == [e.name for e in list_tasks()]
+    with pytest.raises(ValueError, match="task 'byo-text' is already registered"):
+        register_task("byo-text", "again", default_model="tiny-bert")(lambda *, model: None)
+    with pytest.raises(ValueError, match="unknown task 'byo-txt'; available: .*byo-text"):
+        create_task("byo-txt")
+
+
+def test_task_modules_do_not_import_each_other_in_a_cycle():
+    import ast
+    from pathlib import Path
+
+    import flatlora.experiments.tasks as pkg
+
+    def imports(name):
+        tree = ast.parse((Path(pkg.__file__).parent / f"{name}.py").read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
+
+    assert imports("humaneval") == set()  # scoring only: no task module
+    assert "humaneval" in imports("causal_lm") and not imports("causal_lm") & {"gsm", "code_feedback"}
+    assert "causal_lm" in imports("gsm") and "humaneval" not in imports("gsm")
 
 
 # ------------------------------------------------------------------ offline tasks on the fetched data

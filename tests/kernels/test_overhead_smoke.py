@@ -2,12 +2,14 @@
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-ANCHOR = Path("/work/shared/bench/anchor_overhead.py")
+# The reference script is carried next to the checkout (benchmarks/overhead/README.md); another place via env.
+ANCHOR = Path(os.environ.get("FLATLORA_BENCH_ANCHOR", ROOT / ".carry" / "anchor_overhead.py"))
 
 
 def test_overhead_benchmark_smoke(tmp_path):
@@ -28,5 +30,5 @@ def test_overhead_benchmark_smoke(tmp_path):
     assert all("restore_record_bytes" in r for r in timed if r["variant"] == "flatlora-inplace")
     exact = [r for r in rows if r["setting"] == "exactness"]
     assert len(exact) == 4 and all(r["bit_identical"] for r in exact)
-    if ANCHOR.exists():
-        assert any(r["variant"] == "reference" for r in timed)
+    # With the anchor the reference variant is timed; without it, it is absent (never a stale row).
+    assert any(r["variant"] == "reference" for r in timed) == ANCHOR.exists()

@@ -12,9 +12,18 @@ SAM (Foret et al. 2021) takes the gradient at the worst-case neighbour of the cu
 Both cost a second forward/backward per step, which is what Flat-LoRA avoids. The perturbed tensors
 are restored from a copy (not by subtracting eps), so they end each step bit-identical.
 
-Example:
-    >>> sam = LoRASAM([p for p in model.parameters() if p.requires_grad], rho=0.05)  # doctest: +SKIP
-    >>> sam.step(lambda: loss_fn(model).backward()); optimizer.step(); optimizer.zero_grad()  # doctest: +SKIP
+Example (any trainable tensors; with PEFT, the adapter's A and B):
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model, x = nn.Linear(4, 1), torch.randn(8, 4)
+    >>> params = [p for p in model.parameters() if p.requires_grad]
+    >>> sam, optimizer = LoRASAM(params, rho=0.05), torch.optim.SGD(params, lr=0.1)
+    >>> before = model.weight.detach().clone()
+    >>> sam.step(lambda: model(x).pow(2).mean().backward(), zero=params)  # .grad: the gradient at the neighbour
+    >>> torch.equal(model.weight, before)  # the point itself is restored bit for bit
+    True
+    >>> optimizer.step(); optimizer.zero_grad()
 """
 
 from __future__ import annotations

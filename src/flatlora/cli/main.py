@@ -26,7 +26,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-PLUGINS = ("landscape", "bench")  # optional modules owned by other parts of the project
+PLUGINS = ("landscape", "bench", "fetch")  # optional modules owned by other parts of the project
 USER_ERRORS = (ValueError, FileExistsError, ImportError)
 
 

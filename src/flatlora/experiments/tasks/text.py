@@ -20,7 +20,7 @@ from torch import nn
 
 from ..models import HashTokenizer, ModelRef, hub_error, resolve_model, tiny_config
 from . import hub, register_task
-from .base import Task, fingerprint, require_nonempty, stratified_split, stratified_subsample
+from .base import Task, fingerprint, require_nonempty, stratified_split, stratified_subsample, to_device
 
 Row = tuple  # (id, text or (text_a, text_b), label)
 
@@ -62,8 +62,9 @@ class TextClassificationTask(Task):
     """Sentence (or sentence-pair) classification with a HF encoder; accuracy (and MCC for 2 classes)."""
 
     def __init__(self, name: str, train: list[Row], evals: dict[str, list[Row]], num_labels: int, model: str,
-                 max_length: int, info: dict[str, Any] | None = None):
+                 max_length: int, info: dict[str, Any] | None = None, group_by_length: bool = False):
         require_nonempty(name, {"train": train, **evals})
+        self.group_by_length = bool(group_by_length)
         check_labels(name, [r[2] for r in train] + [r[2] for rows in evals.values() for r in rows], num_labels)
         self.name, self.num_labels, self.max_length = name, num_labels, max_length
         self.ref = resolve_model(model)
@@ -110,6 +111,28 @@ class TextClassificationTask(Task):
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         ids, y = self._train
         return self._pad([ids[i] for i in indices], y[list(indices)])
+
+    def batches(self, batch_size: int, seed: int, epoch: int, device: torch.device | str = "cpu"):
+        """The seeded epoch order; with `group_by_length`, sentences of similar length share a batch.
+
+        Grouping (as HF's `group_by_length`): the seeded permutation is cut into chunks of 16 batches,
+        each chunk sorted by length and cut into batches, and the batches are then shuffled (same
+        generator). Every method still sees the same batches for a seed; padding drops from ~1.8x the
+        real tokens to ~1.05x on the demo's sentences, which is most of a CPU step's cost.
+        """
+        if not self.group_by_length:
+            yield from super().batches(batch_size, seed, epoch, device)
+            return
+        ids = self._train[0]
+        g = torch.Generator().manual_seed(1_000_003 * seed + epoch)
+        order = torch.randperm(self.num_train(), generator=g).tolist()
+        chunk = 16 * batch_size
+        groups = []
+        for i in range(0, len(order), chunk):
+            part = sorted(order[i:i + chunk], key=lambda j: -len(ids[j]))
+            groups += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+        for b in torch.randperm(len(groups), generator=g).tolist():
+            yield to_device(self.collate(groups[b]), device)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -174,7 +197,8 @@ def read_vader(path: Path, prefix: str) -> list[tuple[str, str, float]]:
                "70/10/20 split); tweets + Amazon sentences as out-of-domain tests", default_model="minilm",
                requires="text")
 def rt_sentiment(*, model: str, split_seed: int = 1234, max_length: int = 64, train_size: int | None = None,
-                 test_size: int | None = None, ood_size: int | None = None, ood: bool = True, dev: bool = True) -> Task:
+                 test_size: int | None = None, ood_size: int | None = None, ood: bool = True, dev: bool = True,
+                 group_by_length: bool = False) -> Task:
     from ..fetch import vader_dir
     from ..paths import fetch_hint
 
@@ -200,30 +224,39 @@ def rt_sentiment(*, model: str, split_seed: int = 1234, max_length: int = 64, tr
             evals[short] = [r[i] for i in keep]
     info = {"source": "VADER ICWSM-2014 movieReviewSnippets (Hutto & Gilbert 2014), rating > 0 = positive",
             "split_seed": split_seed, "split": "stratified 70/10/20 of the non-zero sentences"}
-    return TextClassificationTask("rt-sentiment", [movie[i] for i in tr], evals, 2, model, max_length, info)
+    return TextClassificationTask("rt-sentiment", [movie[i] for i in tr], evals, 2, model, max_length, info,
+                                  group_by_length=group_by_length)
 
 
 # ---------------------------------------------------------------------- bring your own
 def read_table(path: str | Path, text_column: str | list, label_column: str) -> list[tuple[Any, Any]]:
-    """(text, label) pairs of a CSV/TSV (header row) or JSONL file; `text_column` may name two columns (pairs)."""
+    """(text, label) pairs of a CSV/TSV (header row) or JSONL file; `text_column` may name two columns (pairs).
+
+    A row whose label or text is missing or empty is an error naming its file and line (never a class 'None').
+    """
     p = Path(path).expanduser()
     if not p.is_file():
         raise ValueError(f"data file {str(p)!r} does not exist")
     cols = [text_column] if isinstance(text_column, str) else list(text_column)
+    records: list[tuple[int, dict]] = []  # (line number, record)
     if p.suffix in (".jsonl", ".json"):
-        records = []
         with open(p, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        records.append(json.loads(line))
+                        r = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{p}:{n} is not a JSON object per line ({e.msg})") from None
-        available = sorted({k for r in records if isinstance(r, dict) for k in r})
+                    if not isinstance(r, dict):
+                        raise ValueError(f"{p}:{n} is a JSON {type(r).__name__}, not an object with "
+                                         f"{cols + [label_column]} keys")
+                    records.append((n, r))
+        available = sorted({k for _, r in records for k in r})
     elif p.suffix in (".csv", ".tsv"):
         with open(p, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv" else ",")
-            records = list(reader)
+            for r in reader:
+                records.append((reader.line_num, r))
             available = list(reader.fieldnames or [])
     else:
         raise ValueError(f"data file {p.name!r}: use .csv, .tsv or .jsonl")
@@ -232,38 +265,86 @@ def read_table(path: str | Path, text_column: str | list, label_column: str) -> 
         raise ValueError(f"{p.name} has no column {missing[0]!r}; its columns: {available}. "
                          "Set task_args.text_column / task_args.label_column")
     out = []
-    for r in records:
-        text = r[cols[0]] if len(cols) == 1 else tuple(str(r[c]) for c in cols)
-        out.append((text if isinstance(text, tuple) else str(text), r[label_column]))
+    for n, r in records:
+        for c in cols + [label_column]:
+            v = r.get(c)
+            if v is None or (isinstance(v, str) and not v.strip()):
+                what = "label" if c == label_column else "text"
+                raise ValueError(f"{p}:{n} has no {what} (column {c!r} is {'missing' if v is None else 'empty'}): "
+                                 "fill it in or drop the row")
+        text = str(r[cols[0]]) if len(cols) == 1 else tuple(str(r[c]) for c in cols)
+        out.append((text, r[label_column]))
     return out
 
 
 def encode_labels(values: list[Any], num_labels: int | None, task: str) -> tuple[list[int], list[Any]]:
-    """Integer labels as they are (0..K-1); any other labels mapped to ids in sorted order."""
+    """Integer labels as they are (they must be 0..K-1, every class present); other labels mapped to ids
+    in sorted order. Fewer than 2 classes is an error.
+
+    Example:
+        >>> encode_labels(["pos", "neg", "pos"], None, "demo")
+        ([1, 0, 1], ['neg', 'pos'])
+        >>> encode_labels([1, 2, 2], None, "demo")
+        Traceback (most recent call last):
+        ...
+        ValueError: task 'demo': integer labels must be 0..K-1 with every class present, but class 0 has no example (labels found: 1, 2); renumber them from 0 (e.g. subtract 1)
+    """
     def as_int(v):
+        if isinstance(v, bool):
+            return int(v)
         try:
             f = float(v)
             return int(f) if f == int(f) else None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None
 
     ints = [as_int(v) for v in values]
     if all(i is not None for i in ints):
-        k = num_labels or (max(ints) + 1)
+        found = sorted(set(ints))
+        if found[0] < 0:
+            raise ValueError(f"task {task!r}: integer labels must be 0..K-1, found {found[0]}; map them to 0..K-1")
+        k = num_labels if num_labels is not None else max(found) + 1
         check_labels(task, ints, k)
-        return ints, list(range(k))
-    names = sorted({str(v) for v in values})
-    if num_labels is not None and len(names) != num_labels:
-        raise ValueError(f"task {task!r}: the data has {len(names)} distinct labels {names[:10]} but num_labels={num_labels}")
-    m = {n: i for i, n in enumerate(names)}
-    return [m[str(v)] for v in values], names
+        present = set(found)
+        absent = [c for c in range(k) if c not in present]
+        if absent and num_labels is None:
+            shown = ", ".join(map(str, found[:8])) + (", ..." if len(found) > 8 else "")
+            fix = ("renumber them from 0 (e.g. subtract 1)" if found[0] > 0 and len(found) == found[-1] - found[0] + 1
+                   else "map them to 0..K-1, or fix the stray values")
+            raise ValueError(f"task {task!r}: integer labels must be 0..K-1 with every class present, but "
+                             f"{_classes(absent)} {'has' if len(absent) == 1 else 'have'} no example "
+                             f"(labels found: {shown}); {fix}")
+        if absent:
+            raise ValueError(f"task {task!r}: num_labels={num_labels} but {_classes(absent)} "
+                             f"{'has' if len(absent) == 1 else 'have'} no example in the data")
+        names: list[Any] = list(range(k))
+    else:
+        names = sorted({str(v) for v in values})
+        if num_labels is not None and len(names) != num_labels:
+            raise ValueError(f"task {task!r}: the data has {len(names)} distinct labels {names[:10]} but "
+                             f"num_labels={num_labels}")
+        m = {n: i for i, n in enumerate(names)}
+        ints = [m[str(v)] for v in values]
+    if len(names) < 2:
+        raise ValueError(f"task {task!r}: the data has {len(names)} class ({names[0]!r}); classification needs "
+                         "at least 2 — check label_column and the file")
+    return ints, names
+
+
+def _classes(ids: list[int]) -> str:
+    if len(ids) == 1:
+        return f"class {ids[0]}"
+    if len(ids) > 4 and ids == list(range(ids[0], ids[-1] + 1)):
+        return f"classes {ids[0]}..{ids[-1]} ({len(ids)} classes)"
+    return f"classes {', '.join(map(str, ids[:6]))}" + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
 
 
 @register_task("byo-text", "your CSV/TSV/JSONL text classification: task_args.path (+ test_path or a seeded "
                "split), text_column, label_column", default_model="minilm")
 def byo_text(*, model: str, path: str | None = None, test_path: str | None = None, text_column: Any = "text",
              label_column: str = "label", num_labels: int | None = None, test_fraction: float = 0.2,
-             split_seed: int = 0, max_length: int = 128, train_size: int | None = None) -> Task:
+             split_seed: int = 0, max_length: int = 128, train_size: int | None = None,
+             group_by_length: bool = False) -> Task:
     if path is None:
         raise ValueError("task 'byo-text' needs task_args.path (a .csv/.tsv/.jsonl file with "
                          f"{text_column!r} and {label_column!r} columns)")
@@ -283,7 +364,8 @@ def byo_text(*, model: str, path: str | None = None, test_path: str | None = Non
     keep = stratified_subsample(list(range(len(train_rows))), [r[2] for r in train_rows], train_size, split_seed)
     train_rows = [train_rows[i] for i in keep]
     info = {"path": str(path), "test_path": test_path, "label_names": names, "split_seed": split_seed}
-    return TextClassificationTask("byo-text", train_rows, {"test": test_rows}, len(names), model, max_length, info)
+    return TextClassificationTask("byo-text", train_rows, {"test": test_rows}, len(names), model, max_length, info,
+                                  group_by_length=group_by_length)
 
 
 # ---------------------------------------------------------------------- GLUE (hub)
