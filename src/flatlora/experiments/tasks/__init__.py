@@ -75,3 +75,4 @@ def create_task(name: str, model: str | None = None, **task_args) -> Task:
 
 
 from . import text, image, gsm, humaneval  # noqa: E402,F401  (registration)
+from . import reasoning  # noqa: E402,F401  (registration: reasoning-arith)
