@@ -572,29 +572,27 @@ def measure_sharpness(study: Study, sc: dict, rank: int, todo: list[tuple[str, i
 
     from flatlora.analysis import mean_over
     from flatlora.analysis.sharpness import expected_sharpness, top_hessian_eigenvalue
-    from flatlora.cli.landscape import _load_weights, analysis_batches, load_run
+    from flatlora.cli.landscape import analysis_batches, load_run
     from flatlora.experiments.compare import run_name
     from flatlora.experiments.tasks.base import to_device
 
     (d / "per_run").mkdir(parents=True, exist_ok=True)
     device = study.device if study.device and study.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     sigmas = [float(s) for s in sc.get("sigmas", [0.05, 0.1])]
-    model = task = batches = None
+    task = batches = None
     for m, s in todo:
         if time.time() + est > budget.deadline:
             log("  sharpness: budget reached, the rest is left for the next call")
             break
         t0 = time.time()
         run_dir = runs_dir / run_name(m, rank, s)
-        if model is None:
-            # One rebuilt model for every run: lora and flat-lora share the architecture, the frozen base and
-            # the adapter layout; each run's trained weights (every trainable tensor) are loaded over it.
-            loaded = load_run(run_dir, device=device)
-            model, task = loaded.model, loaded.task
+        # The model is rebuilt from each run's config (its seed may shape frozen parts, e.g. a new pooler or a
+        # tiny random base); the task, its tokenised data and the analysis batches are shared.
+        loaded = load_run(run_dir, device=device, task=task)
+        model, task = loaded.model, loaded.task
+        if batches is None:
             batches = [to_device(b, device) for b in analysis_batches(task, int(sc.get("batches", 4)),
                                                                       int(sc.get("batch_size", 32)), 0)]
-        else:
-            _load_weights(model, run_dir)
         model.eval()
         loss_fn = mean_over(batches, task.loss)
         exp = expected_sharpness(model, loss_fn, sigmas=sigmas, n_samples=int(sc.get("samples", 8)), seed=0)
@@ -711,6 +709,30 @@ def pack(out_root: Path, studies: list[str], target: Path) -> Path:
     return target
 
 
+def record_invocation(study: Study, argv: list[str], dry_run: bool = False) -> None:
+    """study.yaml (the resolved config) and one line of commands.jsonl per invocation: the protocol's record."""
+    import yaml
+
+    study.dir.mkdir(parents=True, exist_ok=True)
+    cfg = {k: v for k, v in study.cfg.items() if not k.startswith("_") and k != "tiny"}
+    (study.dir / "study.yaml").write_text("# the study config as run (benchmarks/evidence/study.py)\n"
+                                          + yaml.safe_dump(cfg, sort_keys=False))
+    if dry_run:
+        return
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    line = {"argv": ["python", "benchmarks/evidence/study.py", *argv], "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "gpu": gpu, "device": study.device or get_dotted(study.cfg["spec"], "train.device", "auto")}
+    with open(study.dir / "commands.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("studies", nargs="+", help="text | image | llm (configs/study_<name>.yaml) or a study YAML path")
@@ -763,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
             grand += total
             continue
         print(f"== study {study.name} -> {study.dir}", flush=True)
+        record_invocation(study, argv if argv is not None else sys.argv[1:], dry_run=args.dry_run)
         for stage in stages:
             if stage == "sharpness":
                 summary = sharpness_stage(study, budget, log=lambda s: print(s, flush=True), dry_run=args.dry_run)
