@@ -709,6 +709,26 @@ def pack(out_root: Path, studies: list[str], target: Path) -> Path:
     return target
 
 
+def apply_sets(cfg: dict, sets: list[str]) -> dict:
+    """`PATH=VALUE` changes ('/'-separated path, YAML value) applied to a study config; the result is re-checked."""
+    import yaml
+
+    for item in sets:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: use PATH=VALUE, e.g. stages/main/seeds/count=6")
+        path, raw = item.split("=", 1)
+        keys = [k for k in path.split("/") if k]
+        d = cfg
+        for k in keys[:-1]:
+            if not isinstance(d.get(k), dict):
+                raise SystemExit(f"--set {item!r}: {k!r} is not a section of the study config")
+            d = d[k]
+        d[keys[-1]] = yaml.safe_load(raw)
+    if not str(cfg["dev_metric"]).startswith("dev/"):
+        raise SystemExit(f"--set: dev_metric must stay a dev-split metric, got {cfg['dev_metric']!r}")
+    return cfg
+
+
 def record_invocation(study: Study, argv: list[str], dry_run: bool = False) -> None:
     """study.yaml (the resolved config) and one line of commands.jsonl per invocation: the protocol's record."""
     import yaml
@@ -747,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help=f"results root (default {DEFAULT_OUT.relative_to(ROOT)}; --tiny: runs/evidence_tiny)")
     ap.add_argument("--efficiency", type=float, default=0.75, help="plan: throughput of N parallel runs is N x this (N > 1)")
     ap.add_argument("--call-overhead-s", type=float, default=10.0, help="plan: seconds to start one compare call")
+    ap.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                    help="change the study config for this call, '/'-separated path and a YAML value, e.g. "
+                         "stages/main/seeds/count=6 or stages/recipe/grid/train.lr=[1.0e-3] (recorded in commands.jsonl)")
     ap.add_argument("--pack", default=None, help="afterwards, write a tar.gz of the studies' results (no weights) here")
     args = ap.parse_args(argv)
 
@@ -764,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: this flatlora's compare has no --jobs; {budget.jobs} compare calls run at once instead", flush=True)
     grand = 0.0
     for name in args.studies:
-        cfg = load_study(name, tiny=args.tiny)
+        cfg = apply_sets(load_study(name, tiny=args.tiny), args.set)
         study = Study(cfg, out_root, device=args.device or ("cpu" if args.tiny else None))
         stages = [s for s in STAGES if s in cfg["stages"] and (s in wanted if wanted else s not in OPTIONAL)]
         if args.plan:
