@@ -61,7 +61,7 @@ def test_choices_read_dev_only_and_need_complete_points():
 
 
 def test_a_study_that_chooses_on_test_is_refused(tmp_path):
-    cfg = (ROOT / "configs" / "study_text.yaml").read_text().replace("dev_metric: dev/accuracy", "dev_metric: test/accuracy")
+    cfg = (ROOT / "benchmarks" / "evidence" / "study_text.yaml").read_text().replace("dev_metric: dev/accuracy", "dev_metric: test/accuracy")
     p = tmp_path / "study_bad.yaml"
     p.write_text(cfg)
     with pytest.raises(SystemExit, match="nothing is chosen on test"):

@@ -5,7 +5,7 @@
     python benchmarks/evidence/study.py llm --stages headroom,recipe --jobs 8
     python benchmarks/evidence/study.py llm --tiny --out /tmp/ev            CPU smoke run on tiny models (tests)
 
-A study (configs/study_<name>.yaml) is a base ExperimentSpec plus stages, run in this order, each one
+A study (benchmarks/evidence/study_<name>.yaml) is a base ExperimentSpec plus stages, run in this order, each one
 `flatlora compare --jobs N` per grid point, all on the DEV split until the last:
 
     headroom   (LLM only) LoRA at each task difficulty level, 1 seed: the level whose dev exact match is
@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ROOT / "configs"
+CONFIGS = Path(__file__).resolve().parent  # study_<name>.yaml live here: every configs/*.yaml must be an ExperimentSpec
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "evidence"
 STAGES = ("headroom", "recipe", "sigma", "main", "sharpness", "ranks")
 OPTIONAL = ("ranks",)  # run only when named in --stages
@@ -53,7 +53,7 @@ OPTIONAL = ("ranks",)  # run only when named in --stages
 
 # ---------------------------------------------------------------------- study configuration
 def load_study(name_or_path: str, tiny: bool = False) -> dict[str, Any]:
-    """The study config (configs/study_<name>.yaml or a path), with its `tiny:` overrides merged when tiny."""
+    """The study config (benchmarks/evidence/study_<name>.yaml or a path), with its `tiny:` overrides merged when tiny."""
     import yaml
 
     p = Path(name_or_path)
@@ -755,7 +755,7 @@ def record_invocation(study: Study, argv: list[str], dry_run: bool = False) -> N
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("studies", nargs="+", help="text | image | llm (configs/study_<name>.yaml) or a study YAML path")
+    ap.add_argument("studies", nargs="+", help="text | image | llm (benchmarks/evidence/study_<name>.yaml) or a study YAML path")
     ap.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)} (default: all but {','.join(OPTIONAL)})")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once on the device (flatlora compare --jobs)")
     ap.add_argument("--budget-s", type=float, default=None, help="launch nothing that would end later than this many "
