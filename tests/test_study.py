@@ -89,7 +89,7 @@ def test_plan_counts_runs_and_time(capsys):
     out = capsys.readouterr().out
     rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith("  ") and ln.split()[0] in study.STAGES}
     assert rows["recipe"][1] == "8" and rows["main"][1] == "20"      # llm printed last: 2x2 grid x 2 seeds; 2x2x5
-    assert rows["headroom"][1] == "3"
+    assert rows["headroom"][1] == "4"
     assert "waits for headroom, recipe, sigma" in out
     assert "all studies: ~" in out
 
