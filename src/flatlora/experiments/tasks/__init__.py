@@ -80,3 +80,4 @@ from . import text  # noqa: E402,F401
 from . import image  # noqa: E402,F401
 from . import gsm  # noqa: E402,F401
 from . import code_feedback  # noqa: E402,F401
+from . import reasoning  # noqa: E402,F401

@@ -147,7 +147,7 @@ def read_idx(path: Path) -> torch.Tensor:
 @register_task("fashion-mnist", "Fashion-MNIST (10 classes, official test set) on ImageNet EfficientNet-Lite0, "
                "LoRA on the 1x1 convs; seeded stratified train subset", default_model="efficientnet-lite0", requires="image")
 def fashion_mnist(*, model: str, train_size: int | None = 10000, test_size: int | None = None, resolution: int = 64,
-                  split_seed: int = 0) -> Task:
+                  split_seed: int = 0, dev_size: int | None = None) -> Task:
     from ..fetch import fmnist_dir
     from ..paths import fetch_hint
 
@@ -158,9 +158,16 @@ def fashion_mnist(*, model: str, train_size: int | None = 10000, test_size: int 
     xte, yte = read_idx(d / "t10k-images-idx3-ubyte.gz"), read_idx(d / "t10k-labels-idx1-ubyte.gz").long()
     tr = stratified_subsample(list(range(len(ytr))), ytr.tolist(), train_size, split_seed)
     te = stratified_subsample(list(range(len(yte))), yte.tolist(), test_size, split_seed)
+    evals, ids = {"test": (xte[te], yte[te])}, {"train": tr, "test": te}
+    if dev_size:  # dev: training images outside the train subset (for choosing recipes; test stays untouched)
+        taken = set(tr)
+        rest = [i for i in range(len(ytr)) if i not in taken]
+        if dev_size > len(rest):
+            raise ValueError(f"task_args.dev_size={dev_size} but only {len(rest)} training images are outside train_size")
+        dv = stratified_subsample(rest, ytr.tolist(), dev_size, split_seed + 1)
+        evals["dev"], ids["dev"] = (xtr[dv], ytr[dv]), dv
     info = {"source": "Fashion-MNIST (Zalando, Debian dataset-fashion-mnist)", "split_seed": split_seed}
-    return ImageClassificationTask("fashion-mnist", (xtr[tr], ytr[tr]), {"test": (xte[te], yte[te])}, 10, model,
-                                   resolution, info, ids={"train": tr, "test": te})
+    return ImageClassificationTask("fashion-mnist", (xtr[tr], ytr[tr]), evals, 10, model, resolution, info, ids=ids)
 
 
 # ---------------------------------------------------------------------- bring your own image folder

@@ -1,0 +1,228 @@
+"""benchmarks/evidence/study.py and report.py: choices on dev only, the plan, resumable stages, a report whose
+conclusions follow the numbers."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flatlora.experiments import fetch
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_math_data = pytest.mark.skipif(not fetch.status()["math-data"],
+                                     reason="needs `python -m flatlora.experiments.fetch math-data` (make test fetches it)")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"evidence_{name}", ROOT / "benchmarks" / "evidence" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+study = _load("study")
+report = _load("report")
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+
+
+# ---------------------------------------------------------------------- choices and grids
+def test_grid_points_and_names():
+    pts = study.grid_points({"train.lr": [1e-3, 5e-4], "train.epochs": [3, 5]})
+    assert pts == [{"train.lr": 1e-3, "train.epochs": 3}, {"train.lr": 1e-3, "train.epochs": 5},
+                   {"train.lr": 5e-4, "train.epochs": 3}, {"train.lr": 5e-4, "train.epochs": 5}]
+    assert study.point_name(pts[2]) == "lr0.0005_ep3"
+    assert study.seed_list({"start": 100, "count": 3}) == [100, 101, 102] and study.seed_list([4, 2]) == [4, 2]
+
+
+def test_choices_read_dev_only_and_need_complete_points():
+    pts = [{"point": "a", "complete": True, "mean": 0.80}, {"point": "b", "complete": True, "mean": 0.83},
+           {"point": "c", "complete": False, "mean": 0.99}]
+    assert study.choose_best(pts, "dev/accuracy")["point"] == "b"          # the incomplete c is never chosen
+    with pytest.raises(ValueError, match="dev split only"):
+        study.choose_best(pts, "test/accuracy")
+    tie = [{"point": "x", "complete": True, "mean": 0.5}, {"point": "y", "complete": True, "mean": 0.5}]
+    assert study.choose_best(tie, "dev/accuracy")["point"] == "x"         # first in grid order
+    lv = [{"point": "l1", "complete": True, "mean": 0.93}, {"point": "l2", "complete": True, "mean": 0.61},
+          {"point": "l3", "complete": True, "mean": 0.24}]
+    assert study.choose_headroom(lv, "dev/exact_match", 0.2, 0.8) == (lv[1], True)
+    low = [{"point": "l3", "complete": True, "mean": 0.05}, {"point": "l4", "complete": True, "mean": 0.01}]
+    assert study.choose_headroom(low, "dev/exact_match", 0.2, 0.8) == (low[0], False)
+    with pytest.raises(ValueError, match="dev split only"):
+        study.choose_headroom(lv, "test/exact_match", 0.2, 0.8)
+
+
+def test_a_study_that_chooses_on_test_is_refused(tmp_path):
+    cfg = (ROOT / "benchmarks" / "evidence" / "study_text.yaml").read_text().replace("dev_metric: dev/accuracy", "dev_metric: test/accuracy")
+    p = tmp_path / "study_bad.yaml"
+    p.write_text(cfg)
+    with pytest.raises(SystemExit, match="nothing is chosen on test"):
+        study.load_study(str(p))
+
+
+@pytest.mark.parametrize("name", ["text", "image", "llm"])
+def test_shipped_studies_validate_and_have_a_tiny_mode(name):
+    cfg = study.load_study(name)
+    s = study.Study(cfg, Path("/nonexistent"))
+    for stage in cfg["stages"]:
+        if stage != "sharpness":
+            calls, _ = s.calls(stage)
+            assert calls and all(c.run_names() for c in calls)  # every spec validates
+    main = cfg["stages"]["main"]
+    assert len(study.seed_list(main["seeds"])) >= (5 if name == "llm" else 10)
+    assert set(main["ranks"]) == {8, 16}
+    assert min(study.seed_list(main["seeds"])) > max(study.seed_list(cfg["stages"]["recipe"]["seeds"]))  # fresh seeds
+    tiny = study.load_study(name, tiny=True)
+    assert tiny["spec"]["model"].startswith("tiny-")
+
+
+def test_plan_counts_runs_and_time(capsys):
+    assert study.main(["text", "llm", "--plan", "--jobs", "4", "--out", "/nonexistent"]) == 0
+    out = capsys.readouterr().out
+    rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith("  ") and ln.split()[0] in study.STAGES}
+    assert rows["recipe"][1] == "8" and rows["main"][1] == "20"      # llm printed last: 2x2 grid x 2 seeds; 2x2x5
+    assert rows["headroom"][1] == "4"
+    assert "waits for headroom, recipe, sigma" in out
+    assert "all studies: ~" in out
+
+
+def test_budget_skips_calls_that_do_not_fit(tmp_path):
+    cfg = study.load_study("text", tiny=True)
+    s = study.Study(cfg, tmp_path, device="cpu")
+    calls, _ = s.calls("recipe")
+    logs = []
+    status = study.run_calls(calls, study.Budget(jobs=2, deadline=time.time() + 1), can_jobs=False, log=logs.append)
+    assert status["skipped"] == [study.label(c) for c in calls] and not status["done"]
+    assert not any((c.out_dir / "runs").exists() for c in calls)
+    assert all("do not fit the budget" in ln for ln in logs)
+
+
+def test_budget_wall_estimate():
+    b = study.Budget(jobs=4, efficiency=0.5, call_overhead_s=10)
+    assert b.wall(8, 20, 4) == pytest.approx(10 + 8 * 20 / 2)
+    assert b.wall(3, 20, 1) == pytest.approx(10 + 60)
+    assert b.wall(0, 20, 4) == 0
+
+
+# ---------------------------------------------------------------------- end to end (CPU, tiny models)
+@needs_math_data
+def test_tiny_llm_study_runs_every_stage_and_resumes(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "evidence" / "study.py"), "llm", "--tiny", "--out", str(tmp_path),
+           "--jobs", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**_env(), "FLATLORA_DATA": str(fetch.data_root())},
+                       timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = tmp_path / "llm"
+    for stage in ("headroom", "recipe", "sigma"):
+        summ = json.loads((d / stage / "summary.json").read_text())
+        assert summ["complete"] and summ["metric"] == "dev/exact_match"
+        choice = json.loads((d / stage / "choice.json").read_text())
+        assert choice["metric"] == "dev/exact_match" and choice["point"] in [p["point"] for p in summ["points"]]
+        assert (d / stage / "runs.csv").read_text().startswith("point,")
+    lvl = json.loads((d / "headroom" / "choice.json").read_text())["chosen"]["task_args.level"]
+    sig = json.loads((d / "sigma" / "choice.json").read_text())["chosen"]["flat.sigma"]
+    # later stages ran with the choices of the earlier ones
+    main_cfg = json.loads((d / "main" / "runs" / "flat-lora_r2_s100" / "metrics.json").read_text())["run_key"]
+    assert main_cfg["task_args"]["level"] == lvl and main_cfg["flat"]["sigma"] == sig
+    main = json.loads((d / "main" / "summary.json").read_text())
+    assert {c["method"] for c in main["cells"]} == {"lora", "flat-lora"}
+    pair = next(p for p in main["pairs"] if p["metric"] == "test/exact_match")
+    assert pair["n"] == 2 and pair["seeds"] == [100, 101]
+    assert (d / "main" / "runs.csv").exists() and (d / "main" / "pairs.csv").exists()
+    sharp = json.loads((d / "sharpness" / "summary.json").read_text())
+    assert sharp["seeds"] == [100, 101] and "lambda_max" in sharp["pairs"] and "esharp_0.05" in sharp["pairs"]
+    assert len(json.loads((d / "commands.jsonl").read_text().splitlines()[0])["argv"]) > 2
+    # resume: nothing is re-trained, the summaries are re-written from the finished runs
+    stamp = (d / "main" / "runs" / "lora_r2_s100" / "metrics.json").stat().st_mtime
+    r2 = subprocess.run(cmd, capture_output=True, text=True, env={**_env(), "FLATLORA_DATA": str(fetch.data_root())},
+                        timeout=300, cwd=ROOT)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "start " not in r2.stdout and "sharpness: 0 models" in r2.stdout
+    assert (d / "main" / "runs" / "lora_r2_s100" / "metrics.json").stat().st_mtime == stamp
+    # the pack leaves the weights behind
+    tar = tmp_path / "pack.tgz"
+    study.pack(tmp_path, ["llm"], tar)
+    import tarfile
+
+    names = tarfile.open(tar).getnames()
+    assert any(n.endswith("main/summary.json") for n in names)
+    assert not any(n.endswith(".safetensors") for n in names)
+    assert sum(n.endswith("split.json") for n in names) == 4  # one per stage that trained
+
+
+# ---------------------------------------------------------------------- report
+def _fixture(root: Path, name: str, lora: list[float], flat: list[float], test_metric="test/accuracy"):
+    """A study folder as study.py leaves it: study.yaml, main runs + summary, a sigma stage and sharpness."""
+    import yaml
+
+    cfg = study.load_study(name)
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "study.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "tiny"}))
+    recs = []
+    for i, (a, b) in enumerate(zip(lora, flat)):
+        for method, v in (("lora", a), ("flat-lora", b)):
+            rec = {"method": method, "rank": 8, "seed": 100 + i, "metrics": {test_metric: v, "dev/accuracy": v},
+                   "primary_metric": test_metric, "train_seconds": 30.0 if method == "lora" else 35.0,
+                   "eval_seconds": 2.0, "steps": 10, "point": ""}
+            run = d / "main" / "runs" / f"{method}_r8_s{100 + i}"
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps(rec))
+            (run / "env.json").write_text(json.dumps({"device": "cuda", "torch": "2.x", "task": {"sizes": {"train": 7}}}))
+            recs.append(rec)
+    study.summarize_comparison(d / "main", recs, {**cfg, "study": name}, "main")
+    sp = d / "sharpness" / "per_run"
+    sp.mkdir(parents=True)
+    for i in range(len(lora)):
+        for method, inc in (("lora", 0.02 + 0.001 * i), ("flat-lora", 0.01 + 0.001 * i)):
+            (sp / f"{method}_r8_s{100 + i}.json").write_text(json.dumps({
+                "method": method, "rank": 8, "seed": 100 + i, "base_loss": 0.3, "test_metric": 0.8, "seconds": 1,
+                "expected": [{"sigma": 0.05, "increase": inc}], "hessian": {"eigenvalue": 5.0 + i}, "settings": {}}))
+    study.summarize_sharpness(d / "sharpness", {})
+    return d
+
+
+def test_report_conclusions_follow_the_numbers(tmp_path):
+    lora = [0.800, 0.810, 0.805, 0.795, 0.802, 0.808]
+    better = [x + 0.010 + 0.001 * (i % 2) for i, x in enumerate(lora)]
+    same = [x + (0.002 if i % 2 else -0.002) for i, x in enumerate(lora)]
+    _fixture(tmp_path / "a", "text", lora, better)
+    _fixture(tmp_path / "b", "text", lora, same)
+    ra = report.render(tmp_path / "a", tmp_path / "a.md", figures=False)
+    rb = report.render(tmp_path / "b", tmp_path / "b.md", figures=False)
+    assert "- text, r = 8, test/accuracy: Flat-LoRA is higher (Δ +1.05 points" in ra
+    assert "- text, r = 8, test/accuracy: no detectable effect (Δ +0.00 points" in rb
+    assert "Flat-LoRA is higher" not in rb
+    # sharpness: flat-lora's expected sharpness is lower in every pair; λ_max equal -> no difference
+    assert "esharp_0.05: lower (flatter)" in ra and "lambda_max: no detectable difference" in ra
+    assert "| text | test/accuracy | 8 | 6 | 80.33 ± 0.55 |" in ra  # mean ± std of the fixture, in %
+    assert "30 → 35" in ra
+
+
+def test_report_flags_a_task_without_headroom(tmp_path):
+    _fixture(tmp_path, "llm", [0.01, 0.02, 0.0], [0.02, 0.01, 0.0], test_metric="test/exact_match")
+    text = report.render(tmp_path, tmp_path / "R.md", figures=False)
+    assert "outside the 20.00–80.00 % headroom range" in text and "not counted (no headroom)" in text
+
+
+def test_verdict_rules():
+    assert report.verdict({"mean_diff": -0.01, "ci_low": -0.02, "ci_high": -0.001, "n": 5, "t_pvalue": 0.03}).startswith("Flat-LoRA is lower")
+    assert report.verdict({"mean_diff": 0.0, "ci_low": float("nan"), "ci_high": float("nan"), "n": 1}).startswith("not enough")
+    assert report.headroom_verdict(0.2)[0] and not report.headroom_verdict(0.81)[0]
+
+
+def test_report_with_figures_and_no_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    empty = report.render(tmp_path / "none", tmp_path / "empty.md")
+    assert "No study results found yet" in empty
+    _fixture(tmp_path / "r", "text", [0.8, 0.81, 0.79], [0.81, 0.8, 0.8])
+    text = report.render(tmp_path / "r", tmp_path / "r" / "RESULTS.md")
+    assert "(rank_curves.png)" in text and (tmp_path / "r" / "rank_curves.png").stat().st_size > 1000
