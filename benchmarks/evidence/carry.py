@@ -154,9 +154,9 @@ def pack(data: Path, out: Path, margin: int, studies: list[str]) -> list[list[st
                 part.parent.mkdir(parents=True, exist_ok=True)
                 part.write_bytes(f.read(n))
         manifest = {"gguf": str(rel), "sha256": _sha256(g), "bytes": g.stat().st_size, "parts": len(sizes)}
-        for item in extra_dir.iterdir():  # reasoning-gym and the wheel ride with the last part
-            shutil.move(str(item), str(out / names[-1] / item.name))
-        extra_dir.rmdir()
+        # reasoning-gym and the wheel ride with the last part (merged: both hold a pkgs/ folder)
+        shutil.copytree(extra_dir, out / names[-1], dirs_exist_ok=True)
+        shutil.rmtree(extra_dir)
         for i, name in enumerate(names):
             (out / name / "manifest.json").write_text(json.dumps(manifest, indent=1))
             if i < len(calls):
@@ -220,7 +220,7 @@ def unpack(bundles: list[Path], to: Path, site: Path) -> None:
                 p.unlink()
             print(f"joined {target} ({m['bytes']} bytes, sha256 ok)")
         elif not target.exists():
-            print(f"gguf: {sum(p.exists() for p in parts)}/{m['parts']} parts here; the LLM study needs all three")
+            print(f"gguf: {sum(p.exists() for p in parts)}/{m['parts']} parts here; the LLM study needs all of them")
 
 
 def main(argv: list[str] | None = None) -> int:
