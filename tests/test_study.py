@@ -226,3 +226,21 @@ def test_report_with_figures_and_no_results(tmp_path):
     _fixture(tmp_path / "r", "text", [0.8, 0.81, 0.79], [0.81, 0.8, 0.8])
     text = report.render(tmp_path / "r", tmp_path / "r" / "RESULTS.md")
     assert "(rank_curves.png)" in text and (tmp_path / "r" / "rank_curves.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(not fetch.status()["image"], reason="needs `python -m flatlora.experiments.fetch image`")
+def test_image_study_dev_split_is_carved_outside_train():
+    """fashion-mnist's dev_size (used by the image study): training images not in the train subset, stratified."""
+    from collections import Counter
+
+    from flatlora.experiments.tasks import create_task
+
+    t = create_task("fashion-mnist", model="tiny-effnet", train_size=1000, dev_size=200, test_size=100)
+    ids = t.split_record()
+    assert len(ids["dev"]) == 200 and not set(ids["dev"]) & set(ids["train"])
+    assert set(Counter(t.evals["dev"][1].tolist()).values()) == {20}   # 10 balanced classes
+    assert t.primary_metric == "test/accuracy"
+    again = create_task("fashion-mnist", model="tiny-effnet", train_size=1000, dev_size=200, test_size=100)
+    assert again.split_record() == ids
+    with pytest.raises(ValueError, match="dev_size"):
+        create_task("fashion-mnist", model="tiny-effnet", train_size=None, dev_size=10)

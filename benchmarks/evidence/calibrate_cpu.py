@@ -32,12 +32,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dev-size", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--show", type=int, default=4, help="completions printed per family")
+    ap.add_argument("--families", nargs="+", default=["chain_sum", "number_sorting"])
     ap.add_argument("--out", default="benchmarks/results/evidence/calibration_cpu.jsonl")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     for level in args.levels:
-        ta = {"level": level, "train_size": max(2, args.steps * args.batch_size), "dev_size": args.dev_size,
-              "test_size": 2, "ood": False}
+        nf = len(args.families)
+        ta = {"level": level, "train_size": max(nf, args.steps * args.batch_size), "dev_size": max(nf, args.dev_size),
+              "test_size": nf, "ood": False, "families": args.families}
         spec = ExperimentSpec.from_dict({
             "task": "reasoning-arith", "task_args": ta, "model": "smollm2-135m", "method": "lora",
             "lora": {"r": 8, "alpha": 16}, "train": {"epochs": 1, "max_steps": args.steps, "batch_size": args.batch_size,
@@ -55,6 +57,8 @@ def main(argv=None) -> int:
             loss.backward()
             opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
             losses.append(round(loss.item(), 4))
+            if step % 5 == 0:
+                print(f"step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
         rec["train_s"] = round(time.time() - t0, 1)
         rec["losses"] = losses[:: max(1, len(losses) // 10)] + losses[-1:]
         model.eval()

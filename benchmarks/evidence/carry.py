@@ -1,19 +1,22 @@
 """Bring the fetched data to the GPU machine in calls that carry at most 64 MiB each.
 
-    python benchmarks/evidence/carry.py pack     # here: .carry/{text,image,llm-a,llm-b,llm-c}/ + sizes per call
+    python benchmarks/evidence/carry.py pack                  # here: .carry/<bundle>/ and the carry of each call
+    python benchmarks/evidence/carry.py pack --studies llm    # only the LLM's data (two calls)
     python benchmarks/evidence/carry.py unpack .carry/text .carry/llm-a --to /root/fldata     # there, every call
 
 What travels (the rest of .data is not needed):
     text   pkgs/minilm (model.safetensors cast to fp16: 45 MB instead of 91) + vader/*_GroundTruth.txt
     image  pkgs/effnet (state dict cast to fp16: 9 MB instead of 19) + fashion-mnist (the four IDX files)
-    llm-*  the SmolLM2 gguf (98 MB) cut in three parts that fill the room left in three calls, the part of
-           reasoning-gym the tasks import (arithmetic/, algorithmic/, coaching/, top-level modules: <1 MB), and
-           the `gguf` wheel (pure Python; not installed on the GPU machine)
+    llm-*  the SmolLM2 gguf (98 MB) cut in parts that fill the room the other bundles leave in their calls
+           (then calls of their own); the last part comes with the part of reasoning-gym the tasks import
+           (arithmetic/, algorithmic/, coaching/, top-level modules: <1 MB) and the `gguf` wheel (pure
+           Python; not installed on the GPU machine)
 
-The three calls: (1) text + llm-a, (2) image + llm-b, (3) llm-c. `unpack` copies a bundle into a folder
-outside the working tree (kept while the machine stays warm between back-to-back calls), casts the fp16
-weights back to fp32, joins the gguf once all three parts are there (checked against the sha256 in
-manifest.json), and installs the wheel into /tmp/site (add it to PYTHONPATH). Set FLATLORA_DATA to --to.
+All three studies: (1) text + llm-a, (2) image + llm-b, (3) llm-c; `pack` prints the carry of each call.
+`unpack` copies bundles into a folder outside the working tree (kept while the machine stays warm between
+back-to-back calls), casts the fp16 weights back to fp32, joins the gguf once every part is there (checked
+against the sha256 in manifest.json), and installs the wheel into --site (add it to PYTHONPATH). Set
+FLATLORA_DATA to --to.
 """
 
 from __future__ import annotations
@@ -49,18 +52,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def pack(data: Path, out: Path, margin: int) -> dict[str, int]:
-    import torch
+def _pack_text(data: Path, out: Path, fetch) -> None:
+    """MiniLM folder with fp16 weights, the three VADER sentence sets."""
     from safetensors.torch import load_file, save_file
 
-    sys.path.insert(0, str(ROOT / "src"))
-    from flatlora.experiments import fetch
-
-    shutil.rmtree(out, ignore_errors=True)
-    missing = [k for k, ok in fetch.status(data).items() if k in ("text", "image", "math") and not ok]
-    if missing:
-        raise SystemExit(f"not fetched in {data}: {missing} (python -m flatlora.experiments.fetch {' '.join(missing)})")
-    # text: MiniLM folder with fp16 weights, the three VADER sets
     mini = fetch.minilm_dir(data)
     dst = out / "text" / mini.relative_to(data)
     shutil.copytree(mini, dst, ignore=shutil.ignore_patterns("model.safetensors", "*.onnx", "*.h5", "*.msgpack", "*.bin"))
@@ -68,7 +63,12 @@ def pack(data: Path, out: Path, margin: int) -> dict[str, int]:
               str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "CAST_FP16").write_text("model.safetensors was cast to fp16 for the transfer; `carry.py unpack` casts it back\n")
     shutil.copytree(fetch.vader_dir(data), out / "text" / "vader")
-    # image: EfficientNet-Lite0 state dict in fp16, Fashion-MNIST IDX files
+
+
+def _pack_image(data: Path, out: Path, fetch) -> None:
+    """EfficientNet-Lite0 state dict in fp16, the four Fashion-MNIST IDX files."""
+    import torch
+
     eff = fetch.effnet_file(data)
     dst = out / "image" / eff.relative_to(data)
     dst.parent.mkdir(parents=True)
@@ -80,46 +80,99 @@ def pack(data: Path, out: Path, margin: int) -> dict[str, int]:
     dst.mkdir(parents=True)
     for f in fetch.FMNIST_FILES:
         shutil.copy2(fm / f, dst / f)
-    # llm: reasoning-gym subset, gguf wheel, gguf in three parts
+
+
+def _pack_llm_extra(data: Path, dst: Path, fetch) -> None:
+    """The part of reasoning-gym the tasks import, and the `gguf` wheel of the version that works here."""
     rg = fetch.gsm_dir(data).parent.parent  # .../reasoning_gym (the package folder)
-    c = out / "llm-c"
-    rg_dst = c / rg.relative_to(data)
+    rg_dst = dst / rg.relative_to(data)
     for sub in RG_KEEP:
         shutil.copytree(rg / sub, rg_dst / sub, ignore=shutil.ignore_patterns("__pycache__"))
     for f in rg.glob("*.py"):
         shutil.copy2(f, rg_dst / f.name)
-    (c / "whl").mkdir()
-    import gguf as _gguf  # the version that works here
+    (dst / "whl").mkdir()
+    from importlib.metadata import version
 
-    version = getattr(_gguf, "__version__", None) or __import__("importlib.metadata").metadata.version("gguf")
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(c / "whl"),
-                    f"gguf=={version}"], check=True)
-    g = fetch.smollm2_file(data)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(dst / "whl"),
+                    f"gguf=={version('gguf')}"], check=True)
+
+
+def split_sizes(total: int, extra: int, free: list[int], room: int) -> list[int]:
+    """Byte sizes of the gguf parts: first the room `free` left in the other studies' calls, then calls of their
+    own; the last part's call also holds `extra` bytes (reasoning-gym and the wheel).
+
+    Example:
+        >>> split_sizes(100, 5, [30, 20], 60)
+        [30, 20, 50]
+        >>> split_sizes(100, 5, [], 60)
+        [60, 40]
+    """
+    parts, left = [], total
+    for f in free:
+        take = max(0, min(f, left))
+        parts.append(take)
+        left -= take
+    while left > 0:
+        if left + extra <= room:
+            parts.append(left)
+            return parts
+        parts.append(min(room, left))
+        left -= parts[-1]
+    if not parts or parts[-1] + extra > room:
+        parts.append(0)  # the extra files need a call of their own
+    return parts
+
+
+def pack(data: Path, out: Path, margin: int, studies: list[str]) -> list[list[str]]:
+    """Build the bundles of `studies` in `out`; returns the bundles of each call."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from flatlora.experiments import fetch
+
+    need = {"text": "text", "image": "image", "llm": "math"}
+    missing = [need[k] for k in studies if not fetch.status(data)[need[k]]]
+    if missing:
+        raise SystemExit(f"not fetched in {data}: {missing} (python -m flatlora.experiments.fetch {' '.join(missing)})")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    calls = []
+    for name, fn in (("text", _pack_text), ("image", _pack_image)):
+        if name in studies:
+            fn(data, out, fetch)
+            calls.append([name])
     tree = _tree_size()
     room = CALL_LIMIT - tree - margin
-    sizes_a = room - _size(out / "text")
-    sizes_b = room - _size(out / "image")
-    total = g.stat().st_size
-    cuts = [0, sizes_a, sizes_a + sizes_b, total]
-    if sizes_a <= 0 or sizes_b <= 0 or total - cuts[2] + _size(c) > room:
-        raise SystemExit(f"the data does not fit three calls of {CALL_LIMIT} bytes with a {tree}-byte tree")
-    rel = g.relative_to(data)
-    with open(g, "rb") as f:
-        for i, name in enumerate(("llm-a", "llm-b", "llm-c")):
-            part = out / name / rel.parent / f"{rel.name}.part{i}"
-            part.parent.mkdir(parents=True, exist_ok=True)
-            part.write_bytes(f.read(cuts[i + 1] - cuts[i]))
-    manifest = {"gguf": str(rel), "sha256": _sha256(g), "bytes": total, "parts": 3}
-    for name in ("llm-a", "llm-b", "llm-c"):
-        (out / name / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    sizes = {name: _size(out / name) for name in ("text", "image", "llm-a", "llm-b", "llm-c")}
-    calls = {"call 1 (text + llm-a)": sizes["text"] + sizes["llm-a"], "call 2 (image + llm-b)": sizes["image"] + sizes["llm-b"],
-             "call 3 (llm-c)": sizes["llm-c"]}
-    for k, v in sizes.items():
+    if "llm" in studies:
+        extra_dir = out / "llm-extra"
+        _pack_llm_extra(data, extra_dir, fetch)
+        g = fetch.smollm2_file(data)
+        sizes = split_sizes(g.stat().st_size, _size(extra_dir), [room - _size(out / c[0]) for c in calls], room)
+        names = [f"llm-{chr(ord('a') + i)}" for i in range(len(sizes))]
+        rel = g.relative_to(data)
+        with open(g, "rb") as f:
+            for i, (name, n) in enumerate(zip(names, sizes)):
+                part = out / name / rel.parent / f"{rel.name}.part{i}"
+                part.parent.mkdir(parents=True, exist_ok=True)
+                part.write_bytes(f.read(n))
+        manifest = {"gguf": str(rel), "sha256": _sha256(g), "bytes": g.stat().st_size, "parts": len(sizes)}
+        # reasoning-gym and the wheel ride with the last part (merged: both hold a pkgs/ folder)
+        shutil.copytree(extra_dir, out / names[-1], dirs_exist_ok=True)
+        shutil.rmtree(extra_dir)
+        for i, name in enumerate(names):
+            (out / name / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            if i < len(calls):
+                calls[i].append(name)
+            else:
+                calls.append([name])
+    sizes_mb = {p.name: _size(p) for p in sorted(out.iterdir())}
+    for k, v in sizes_mb.items():
         print(f"{out.name}/{k:6s} {v / 1e6:7.1f} MB")
-    for k, v in calls.items():
-        print(f"{k:24s} {(v + tree) / 2**20:6.1f} MiB with the {tree / 1e6:.1f} MB tree (limit 64 MiB)")
-    return sizes
+    for i, bundles in enumerate(calls, 1):
+        mib = (sum(sizes_mb[b] for b in bundles) + tree) / 2**20
+        if mib > CALL_LIMIT / 2**20:
+            raise SystemExit(f"call {i} would carry {mib:.1f} MiB (limit 64): lower --margin-mb or carry less")
+        print(f"call {i}: carry {', '.join(f'{out.name}/{b}' for b in bundles):34s} {mib:5.1f} MiB with the "
+              f"{tree / 1e6:.1f} MB tree (limit 64)")
+    return calls
 
 
 def unpack(bundles: list[Path], to: Path, site: Path) -> None:
@@ -167,7 +220,7 @@ def unpack(bundles: list[Path], to: Path, site: Path) -> None:
                 p.unlink()
             print(f"joined {target} ({m['bytes']} bytes, sha256 ok)")
         elif not target.exists():
-            print(f"gguf: {sum(p.exists() for p in parts)}/{m['parts']} parts here; the LLM study needs all three")
+            print(f"gguf: {sum(p.exists() for p in parts)}/{m['parts']} parts here; the LLM study needs all of them")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="fetched data (default: $FLATLORA_DATA or ./.data)")
     p.add_argument("--out", default=str(ROOT / ".carry"))
     p.add_argument("--margin-mb", type=float, default=1.0, help="room left in each call for files made meanwhile")
+    p.add_argument("--studies", nargs="+", default=["text", "image", "llm"], choices=["text", "image", "llm"],
+                   help="whose data to bundle (default all three)")
     u = sub.add_parser("unpack", help="on the GPU machine: install bundles into --to")
     u.add_argument("bundles", nargs="+")
     u.add_argument("--to", required=True)
@@ -186,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(ROOT / "src"))
         from flatlora.experiments.paths import data_root
 
-        pack(Path(args.data) if args.data else data_root(), Path(args.out), int(args.margin_mb * 1e6))
+        pack(Path(args.data) if args.data else data_root(), Path(args.out), int(args.margin_mb * 1e6), args.studies)
     else:
         unpack([Path(b) for b in args.bundles], Path(args.to), Path(args.site))
     return 0

@@ -130,7 +130,7 @@ def cell_of(summary: dict, method: str, rank: int) -> dict | None:
 
 
 def headline(studies: dict[str, dict]) -> list[str]:
-    lines = ["| study | test metric | r | n | LoRA | Flat-LoRA | Δ points [95 % CI] | t-test p | Wilcoxon p | d_z | wins/losses | s/run LoRA → Flat |",
+    lines = ["| study | test metric | r | n | LoRA | Flat-LoRA | Δ points [95 % CI] | t-test p | Wilcoxon p | d_z | wins/losses | train s/run LoRA → Flat |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in studies.items():
         if "main" not in s:

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -199,14 +199,25 @@ def run_calls(calls: list[Call], budget: Budget, *, can_jobs: bool, log: Callabl
     Calls that share an out_dir run one after the other (compare writes its summary there). With a
     flatlora whose compare has no --jobs, each call runs its runs one by one and up to `jobs` calls run
     at once instead. Returns {'done': [...], 'failed': [...], 'skipped': [...]} (call labels)."""
-    import yaml
-
     status: dict[str, list[str]] = {"done": [], "failed": [], "skipped": []}
     pending = [c for c in calls if c.unfinished()]
     for c in calls:
         if not c.unfinished():
             status["done"].append(label(c))
     running: list[tuple[Call, subprocess.Popen, int, Any]] = []
+    try:
+        _schedule(pending, running, status, budget, can_jobs, log, dry_run)
+    finally:  # an exception or Ctrl-C here: no compare call outlives the driver
+        for c, proc, _, (logf, _) in running:
+            stop(proc)
+            logf.close()
+    return status
+
+
+def _schedule(pending: list[Call], running: list, status: dict[str, list[str]], budget: Budget, can_jobs: bool,
+              log: Callable[[str], None], dry_run: bool) -> None:
+    import yaml
+
     while pending or running:
         now = time.time()
         used = sum(j for _, _, j, _ in running)
@@ -237,7 +248,9 @@ def run_calls(calls: list[Call], budget: Budget, *, can_jobs: bool, log: Callabl
             logf = open(c.out_dir / "compare.log", "a")
             logf.write(f"$ {' '.join(cmd)}\n")
             logf.flush()
-            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+            # Own process group (stop() ends a call and its job processes together), same session: a driver
+            # killed from outside takes its calls with it instead of leaving them running on the device.
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, process_group=0,
                                     env=child_env(), cwd=str(ROOT))
             running.append((c, proc, j, (logf, time.time())))
             used += j
@@ -265,7 +278,6 @@ def run_calls(calls: list[Call], budget: Budget, *, can_jobs: bool, log: Callabl
             status["done" if ok else "failed"].append(label(c))
             log(f"  {'done' if ok else 'FAILED'} {label(c)} in {time.time() - t0:.0f} s"
                 + ("" if ok else f" (exit {rc}, {left} runs unfinished; see {c.out_dir / 'compare.log'})"))
-    return status
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -275,6 +287,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     except ProcessLookupError:
         pass
 
@@ -773,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pack", default=None, help="afterwards, write a tar.gz of the studies' results (no weights) here")
     args = ap.parse_args(argv)
 
-    out_root = Path(args.out) if args.out else (ROOT / "runs" / "evidence_tiny" if args.tiny else DEFAULT_OUT)
+    out_root = (Path(args.out) if args.out else (ROOT / "runs" / "evidence_tiny" if args.tiny else DEFAULT_OUT)).resolve()
     start = time.time()
     budget = Budget(jobs=max(1, args.jobs), deadline=start + args.budget_s if args.budget_s else math.inf,
                     efficiency=args.efficiency, call_overhead_s=args.call_overhead_s)
@@ -785,6 +798,16 @@ def main(argv: list[str] | None = None) -> int:
     can_jobs = budget.jobs > 1 and not args.plan and not args.dry_run and supports_jobs()
     if budget.jobs > 1 and not can_jobs and not (args.plan or args.dry_run):
         print(f"note: this flatlora's compare has no --jobs; {budget.jobs} compare calls run at once instead", flush=True)
+    # SIGTERM (a time limit from outside) unwinds like Ctrl-C, so the running compare calls are stopped too.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if not args.plan else None
+    try:
+        return _main(args, argv, out_root, budget, wanted, can_jobs)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args, argv, out_root: Path, budget: Budget, wanted: list[str] | None, can_jobs: bool) -> int:
     grand = 0.0
     for name in args.studies:
         cfg = apply_sets(load_study(name, tiny=args.tiny), args.set)
