@@ -147,6 +147,38 @@ def headline(studies: dict[str, dict]) -> list[str]:
     return lines
 
 
+def planned_seeds(cfg: dict) -> int:
+    seeds = cfg["stages"]["main"]["seeds"]
+    return len(seeds) if isinstance(seeds, list) else int(seeds["count"])
+
+
+def status(studies: dict[str, dict]) -> list[str]:
+    """How complete each study is, from its config and what was measured: a comparison with fewer paired seeds
+    than planned is reported, but flagged, and a study never run says so."""
+    lines = ["| study | stages with results | main: paired seeds per rank (planned) | status |", "|---|---|---|---|"]
+    for name in list(STUDY_ORDER) + [n for n in studies if n not in STUDY_ORDER]:
+        s = studies.get(name)
+        if s is None:
+            lines.append(f"| {name} | – | – | not run yet (`python benchmarks/evidence/study.py {name} --plan`) |")
+            continue
+        done = [st for st in ("headroom", "recipe", "sigma", "main", "sharpness", "ranks") if st in s]
+        planned = planned_seeds(s["config"])
+        ns = {}
+        if "main" in s:
+            metric = s["config"]["test_metric"]
+            for rank in sorted({c["rank"] for c in s["main"]["summary"]["cells"]}):
+                p = pair_of(s["main"]["summary"], metric, rank)
+                ns[rank] = p["n"] if p else 0
+        got = ", ".join(f"r{r}: {n}" for r, n in ns.items()) or "0"
+        seeds_ok = bool(ns) and min(ns.values()) >= planned
+        sharp_ok = "sharpness" in s or "sharpness" not in s["config"]["stages"]
+        word = "complete" if seeds_ok and sharp_ok else (
+            f"INCOMPLETE: {min(ns.values()) if ns else 0} of {planned} paired seeds"
+            + ("" if sharp_ok else ", no sharpness") + "; resume with the same command")
+        lines.append(f"| {name} | {', '.join(done) or '–'} | {got} ({planned}) | {word} |")
+    return lines
+
+
 def protocol(name: str, s: dict) -> list[str]:
     cfg, env = s["config"], s["env"]
     spec = cfg["spec"]
@@ -374,6 +406,7 @@ def render(results: Path, out: Path, figures: bool = True) -> str:
         text = "\n".join(lines) + "\n"
         out.write_text(text)
         return text
+    lines += ["## Status", ""] + status(studies) + [""]
     lines += ["## Headline (test split, chosen recipe and σ)", ""] + headline(studies) + [""]
     lines += ["## Conclusions", "", "The rule: a difference counts only when the 95 % CI of the mean paired difference "
               "excludes 0; otherwise it is reported as no detectable effect. The LLM task counts only if LoRA's test score "

@@ -703,14 +703,15 @@ def plan(study: Study, stages: list[str], budget: Budget, can_jobs: bool) -> tup
 
 
 def pack(out_root: Path, studies: list[str], target: Path) -> Path:
-    """tar.gz of the studies' results without the trained weights (large; they stay on the device) and with
-    one split.json per stage (every run of a stage has the same split)."""
+    """tar.gz of the studies' results without the trained weights and TensorBoard events (large; they stay on
+    the device: curve.csv holds the same scalars) and with one split.json per stage (every run of a stage has
+    the same split)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     seen_split: set[Path] = set()
     with tarfile.open(target, "w:gz") as tar:
         for name in studies:
             for p in sorted((out_root / name).rglob("*")):
-                if not p.is_file() or p.name.endswith(".safetensors") or ".partial" in str(p):
+                if not p.is_file() or p.name.endswith(".safetensors") or ".partial" in str(p) or "tb" in p.parts:
                     continue
                 if p.name == "split.json":
                     stage = p.relative_to(out_root / name).parts[0]
