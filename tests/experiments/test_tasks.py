@@ -172,6 +172,18 @@ def test_image_folder(image_folder):
         create_task("image-folder", model="tiny-effnet", path=str(image_folder / "dark"))
 
 
+def test_a_last_batch_of_one_image_joins_the_one_before_so_batchnorm_trains(image_folder):
+    t = create_task("image-folder", model="tiny-effnet", path=str(image_folder), resolution=32)
+    assert len(t.train_y) == 16  # = 3 * 5 + 1
+    sizes = [len(y) for _, y in t.batches(5, seed=0, epoch=0)]
+    assert sizes == [5, 5, 6]
+    model = t.build_model()
+    model.train()
+    for x, y in t.batches(5, seed=0, epoch=0):
+        t.loss(model, (x, y)).backward()  # a batch of one would raise in BatchNorm
+    assert [len(y) for _, y in t.batches(4, seed=0, epoch=0)] == [4, 4, 4, 4]
+
+
 def test_image_folder_on_tiny_clip(image_folder):
     t = create_task("image-folder", model="tiny-clip", path=str(image_folder))
     _one_step(t)

@@ -54,11 +54,16 @@ class Task:
 
     # ------------------------------------------------------------------ shared
     def batches(self, batch_size: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> Iterator[Any]:
-        """Training batches of one epoch in the seeded order (the last, smaller batch is kept)."""
+        """Training batches of one epoch in the seeded order (the last, smaller batch is kept). A last batch of
+        a single example joins the one before it: BatchNorm cannot train on one sample (n = 1 mod batch_size)."""
         g = torch.Generator().manual_seed(1_000_003 * seed + epoch)
         order = torch.randperm(self.num_train(), generator=g).tolist()
-        for i in range(0, len(order), batch_size):
-            yield to_device(self.collate(order[i:i + batch_size]), device)
+        starts = list(range(0, len(order), batch_size))
+        if len(starts) > 1 and len(order) - starts[-1] == 1:
+            starts.pop()
+        for i, start in enumerate(starts):
+            stop = starts[i + 1] if i + 1 < len(starts) else len(order)
+            yield to_device(self.collate(order[start:stop]), device)
 
 
 def to_device(batch: Any, device) -> Any:
