@@ -12,7 +12,6 @@ and the row-std kernel at several row blocks. Prints ms and the fraction of copy
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,6 +22,9 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from flatlora.kernels import triton_noise as K  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import cuda_ms  # noqa: E402  (benchmarks/overhead/kernels.py)
 
 
 @triton.jit
@@ -56,20 +58,6 @@ def _flat_kernel(w_ptr, out_ptr, std_ptr, NUMEL, N, KEY, VAR: tl.constexpr, ROUN
     b = x.to(tl.int32, bitcast=True)
     r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).to(tl.int16)
     tl.store(out_ptr + o, r, mask=mask)
-
-
-def cuda_ms(fn, reps=5):
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
 
 
 def main():

@@ -119,6 +119,13 @@ def wrap_before(obj: Any, name: str, before: Callable[[], None], after: Callable
             after(result, *args, **kwargs)
         return result
 
+    return install(obj, name, original, wrapper)
+
+
+def install(obj: Any, name: str, original: Callable, wrapper: Callable) -> Callable[[], None]:
+    """Set `wrapper` as the instance attribute `obj.name` (wrapping `original`); returns the undo, which removes
+    the wrapper only if nobody replaced it since (and drops the instance attribute when `original` was the
+    class's own method)."""
     setattr(obj, name, wrapper)
 
     def undo() -> None:

@@ -58,7 +58,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from ..config import FlatLoRAConfig  # noqa: E402
 from ..core.engine import FlatLoRA  # noqa: E402
-from ._guard import CleanWeightsGuard, wrap_before  # noqa: E402
+from ._guard import CleanWeightsGuard, install, wrap_before  # noqa: E402
 from .card import CONFIG_FILE, read_adapter_card, write_adapter_card  # noqa: E402
 
 __all__ = ["FlatLoRAArguments", "FlatLoRACallback", "attach", "write_adapter_card", "read_adapter_card",
@@ -388,16 +388,7 @@ def _close_on_raise(obj: Any, name: str, close, always: bool = False):
             close()
         return result
 
-    setattr(obj, name, wrapper)
-
-    def undo() -> None:
-        if obj.__dict__.get(name) is wrapper:
-            if getattr(type(obj), name, None) is getattr(original, "__func__", None):
-                del obj.__dict__[name]
-            else:
-                setattr(obj, name, original)
-
-    return undo
+    return install(obj, name, original, wrapper)
 
 
 def _close_on_sigint(guard: CleanWeightsGuard):
