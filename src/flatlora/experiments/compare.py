@@ -100,6 +100,9 @@ def compare(spec: ExperimentSpec, *, progress: bool = True, log: Callable[[str],
     if spec.plot:
         try:
             plot = plot_summary(records, summary, out / "plot.png")
+            from ..analysis.plot import plot_training_curves  # loss and σ against step, mean over seeds
+
+            plot_training_curves([runs / run_name(*c) for c in cells], out / "curves.png", title=title)
         except ImportError:
             log("matplotlib is not installed: no plot (pip install 'flatlora[plot]')")
     return CompareResult(records, summary, md, out, ran, skipped, plot)
