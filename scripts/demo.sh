@@ -6,9 +6,9 @@
 #
 # Where the time goes (profiled on a 2-core CPU): ~80 % training steps, ~20 % evaluation, <2 % loading.
 # So, without changing what is compared (same data, steps, seeds, evaluation sets):
-#   - the runs of one seed train side by side, one process per method with cores/2 threads each (two
-#     1-thread processes do ~1.7x the work of one 2-thread process on 2 cores: a MiniLM step is too small
-#     to keep two threads busy);
+#   - runs train two at a time, one process each with cores/2 threads (two 1-thread processes do ~1.7x the
+#     work of one 2-thread process on 2 cores: a MiniLM step is too small to keep two threads busy); each
+#     worker takes the next unclaimed run, seed by seed;
 #   - batches group sentences of similar length (configs/demo_text.yaml: group_by_length), so a batch is
 #     padded to ~1.05x its real tokens instead of ~1.8x; every method still sees the same batches;
 #   - with a CUDA device, the runs go one after another on it (`flatlora compare`, device auto).
@@ -47,8 +47,8 @@ sizes = task.describe().get("sizes", {})
 n_eval = sum(v for k, v in sizes.items() if k != "train")
 print(spec.out_dir, jobs, max(1, cores // jobs), "gpu" if gpu else "cpu", total_steps(spec, task.num_train()),
       task.num_train(), n_eval, len(cells))
-for i, (m, r, s) in enumerate(cells):
-    print(i % jobs, m, r, s, run_name(m, r, s))
+for i, (m, r, s) in enumerate(cells):  # seed-major: the runs of a seed are taken together
+    print(i, m, r, s, run_name(m, r, s))
 EOF
 read -r OUT JOBS THREADS DEVICE STEPS NTRAIN NEVAL NCELLS < "$PLAN"
 
@@ -61,11 +61,13 @@ fi
 
 echo "demo: $NCELLS runs of $STEPS steps, $JOBS side by side with $THREADS thread(s) each (logs: $OUT/logs/)"
 mkdir -p "$OUT/runs" "$OUT/logs"
-worker() {  # the runs of worker $1, in seed order; finished runs are kept
-  local w=$1 id m r s name
-  shift
+# Workers take the next unclaimed run (mkdir is atomic): Flat-LoRA runs take longer than LoRA runs, so a
+# fixed split would leave one worker idle at the end.
+rm -rf "$OUT/.claims"; mkdir -p "$OUT/.claims"
+worker() {
+  local id m r s name
   while read -r id m r s name; do
-    [ "$id" = "$w" ] || continue
+    mkdir "$OUT/.claims/$name" 2>/dev/null || continue
     [ -f "$OUT/runs/$name/metrics.json" ] && { echo "  $name: finished before, kept"; continue; }
     if ! "$PY" -m flatlora.cli.main run "$CONFIG" "$@" "method=$m" "seed=$s" "lora.r=$r" "train.threads=$THREADS" \
          --out "$OUT/runs" --no-progress > "$OUT/logs/$name.log" 2>&1; then
@@ -77,7 +79,7 @@ print(f\"  {sys.argv[2]}: {pm} = {100*r['metrics'][pm]:.2f}  ({r['train_seconds'
   done < <(tail -n +2 "$PLAN")
 }
 PIDS=()
-for ((w = 0; w < JOBS; w++)); do worker "$w" "$@" & PIDS+=($!); done
+for ((w = 0; w < JOBS; w++)); do worker "$@" & PIDS+=($!); done
 
 # Time the first steps, then say how long the rest will take (the runner flushes curve.csv every 20 steps).
 "$PY" - "$OUT/runs" "$STEPS" "$NTRAIN" "$NEVAL" "$NCELLS" "$JOBS" "$START" <<'EOF' &
@@ -107,6 +109,7 @@ MON=$!
 STATUS=0
 for p in "${PIDS[@]}"; do wait "$p" || STATUS=1; done
 kill "$MON" 2>/dev/null || true
+rm -rf "$OUT/.claims"
 [ "$STATUS" -eq 0 ] || { echo "demo: a run failed (see above); rerun to resume: finished runs are kept" >&2; exit 1; }
 
 # Pair the finished runs: table, statistics, plots (nothing is retrained).
