@@ -67,6 +67,22 @@ def test_cli_writes_figures_and_json(runs, tmp_path):
     surf = js["models"]["lora r=2"]["surface"]
     assert len(surf["loss"]) == 3 and all(0 <= a <= 1 for row in surf["metric"] for a in row)  # accuracy drawn too
     assert js["paired_expected_sharpness"]["flat-lora r=2"][0]["n"] == 2
+    # The figures come back from the JSON alone (how benchmarks/results/landscape/ is redrawn).
+    again = tmp_path / "again"
+    assert main(["landscape", "--from-json", str(out / "landscape.json"), "--out", str(again)]) == 0
+    for f in ("surfaces.png", "curves.png", "sharpness.png"):
+        assert (again / f).read_bytes()[:4] == b"\x89PNG"
+    assert (again / "sharpness.md").read_text() == (out / "sharpness.md").read_text()
+
+
+def test_from_json_refuses_a_file_that_is_not_a_landscape(tmp_path, capsys):
+    from flatlora.cli.main import main
+
+    bad = tmp_path / "x.json"
+    bad.write_text('{"rows": []}')
+    assert main(["landscape", "--from-json", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a landscape.json of `flatlora landscape` (KeyError" in err and "Traceback" not in err
 
 
 def test_run_without_weights_says_what_is_missing(runs, tmp_path):

@@ -2,11 +2,14 @@
 
     flatlora landscape runs/demo/lora-r8-s0 runs/demo/flat-lora-r8-s0 --out landscape/
     flatlora landscape --task rt-sentiment --model minilm --adapter lora_adapter/ --adapter flat_adapter/
+    flatlora landscape --from-json landscape/landscape.json --out landscape/   # redraw the figures, no model
 
 For each model: a 2-D surface (default 11×11 over [−0.5, 0.5], as in the paper's Fig. 3), a 1-D curve and
 the sharpness numbers (flatlora.analysis), all on one fixed set of training batches and the same seeded
 filter-normalised directions, so the models are compared on equal terms. Writes into --out:
-surfaces.png, curves.png, sharpness.png, sharpness.md, landscape.json (everything, with the command).
+surfaces.png (with the difference of each model from the first), curves.png, sharpness.png (differences
+from the first model with 95 % intervals; 2+ models), sharpness.md, landscape.json (everything, with the
+command). `--from-json` redraws the figures and sharpness.md from a landscape.json alone.
 
 What a run folder must hold (see `load_run`): config.yaml and metrics.json as `flatlora run` writes
 them, plus the trained weights, either `weights.safetensors` (every trainable parameter and floating
@@ -134,6 +137,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("landscape", help="loss surfaces and sharpness of the merged weights of runs",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="*", help="results folders of `flatlora run` (with saved weights)")
+    p.add_argument("--from-json", metavar="LANDSCAPE_JSON", help="redraw the figures of a finished landscape.json "
+                   "into --out (no model is loaded)")
     p.add_argument("--task", help="task of --adapter models (`flatlora tasks`)")
     p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE", help="task option (repeatable)")
     p.add_argument("--model", help="base model of --adapter models (default: the task's)")
@@ -172,8 +177,10 @@ def run(args) -> int:
     import yaml
 
     from ..analysis import eval_mode, loss_landscape, mean_over, sharpness_report
-    from ..analysis.plot import plot_curves, plot_sharpness_table, plot_surfaces, sharpness_markdown
-
+    if args.from_json:
+        if args.run_dirs or args.adapter:
+            raise ValueError("--from-json redraws a finished landscape.json: give no RUN_DIR or --adapter with it")
+        return replot(args.from_json, args.out, vmax=args.vmax, title=args.title)
     if not args.run_dirs and not args.adapter:
         raise ValueError("give RUN_DIR(s) of `flatlora run`, or --task and --adapter folder(s)")
     if args.adapter and not args.task:
@@ -223,18 +230,9 @@ def run(args) -> int:
         _log(f"[{label}] done in {records[label]['seconds']} s")
 
     title = args.title or f"loss of W' = W + sBA along 2 filter-normalised directions (seed {args.seed}, scope {args.scope})"
-    files = {"surfaces": plot_surfaces(surfaces, out / "surfaces.png", title=title, vmax=args.vmax).name,
-             "sharpness_png": plot_sharpness_table(reports, out / "sharpness.png").name}
-    if curves:
-        files["curves"] = plot_curves(curves, out / "curves.png", title=title).name
-    md = sharpness_markdown(reports)
     paired = _paired(reports, labels)
-    if paired:
-        md += "\n\nExpected sharpness, paired over the same noise draws, vs " + labels[0] + " (mean ± 95% CI):\n\n"
-        md += "\n".join(f"- {lab}, σ={p['sigma']:g}: {p['difference']:+.3g} ± {p['ci95']:.2g}"
-                        for lab, rows in paired.items() for p in rows)
-    (out / "sharpness.md").write_text(md + "\n")
-    files["sharpness_md"] = "sharpness.md"
+    files = _draw(out, surfaces, curves, reports, paired, labels, title=title, vmax=args.vmax)
+    md = (out / "sharpness.md").read_text()
     payload = {"argv": sys.argv,
                "settings": {k: v for k, v in vars(args).items() if k != "fn"},
                "models": {lab: {**records[lab], "surface": surfaces[lab].to_dict(),
@@ -244,6 +242,49 @@ def run(args) -> int:
     (out / "landscape.json").write_text(json.dumps(payload, indent=1, default=str))
     print(md)
     print(f"wrote {', '.join(sorted(set(files.values())))}, landscape.json in {out}/")
+    return 0
+
+
+def _draw(out: Path, surfaces, curves, reports, paired, labels, *, title: str, vmax=None) -> dict[str, str]:
+    """surfaces.png, curves.png, sharpness.png (2+ models) and sharpness.md in `out`; returns their names."""
+    from ..analysis.plot import plot_curves, plot_sharpness, plot_surfaces, sharpness_markdown
+
+    files = {"surfaces": plot_surfaces(surfaces, out / "surfaces.png", title=title, vmax=vmax).name}
+    if len(reports) >= 2:
+        files["sharpness_png"] = plot_sharpness(reports, out / "sharpness.png").name
+    if curves:
+        files["curves"] = plot_curves(curves, out / "curves.png", title=title).name
+    md = sharpness_markdown(reports)
+    if paired:
+        md += "\n\nExpected sharpness, paired over the same noise draws, vs " + labels[0] + " (mean ± 95% CI):\n\n"
+        md += "\n".join(f"- {lab}, σ={p['sigma']:g}: {p['difference']:+.3g} ± {p['ci95']:.2g}"
+                        for lab, rows in paired.items() for p in rows)
+    (out / "sharpness.md").write_text(md + "\n")
+    files["sharpness_md"] = "sharpness.md"
+    return files
+
+
+def replot(json_path: str | Path, out: str | Path, *, vmax: float | None = None, title: str | None = None) -> int:
+    """Redraw the figures and sharpness.md of a landscape.json (from `flatlora landscape`) into `out`."""
+    from ..analysis import LandscapeResult, SharpnessResult
+
+    json_path, out = Path(json_path), Path(out)
+    try:
+        payload = json.loads(json_path.read_text())
+        models = payload["models"]
+        surfaces = {lab: LandscapeResult.from_dict(m["surface"]) for lab, m in models.items()}
+        curves = {lab: LandscapeResult.from_dict(m["curve"]) for lab, m in models.items() if m.get("curve")}
+        reports = {lab: SharpnessResult.from_dict(m["sharpness"]) for lab, m in models.items()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{json_path} is not a landscape.json of `flatlora landscape` ({type(e).__name__}: {e})") from None
+    settings = payload.get("settings", {})
+    title = title or settings.get("title") or (f"loss of W' = W + sBA along 2 filter-normalised directions "
+                                               f"(seed {settings.get('seed', 0)}, scope {settings.get('scope', 'lora')})")
+    out.mkdir(parents=True, exist_ok=True)
+    labels = list(models)
+    files = _draw(out, surfaces, curves, reports, _paired(reports, labels), labels, title=title,
+                  vmax=vmax if vmax is not None else settings.get("vmax"))
+    print(f"redrew {', '.join(sorted(set(files.values())))} in {out}/ from {json_path}")
     return 0
 
 

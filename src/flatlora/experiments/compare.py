@@ -146,6 +146,9 @@ def compare(spec: ExperimentSpec, *, jobs: int | None = None, progress: bool = T
     if spec.plot and any(c["n"] for c in summary["cells"]):
         try:
             plot = plot_summary(records, summary, out / "plot.png")
+            from ..analysis.plot import plot_training_curves  # loss and σ against step, mean over seeds
+
+            plot_training_curves([runs / run_name(*c) for c in cells], out / "curves.png", title=title)
         except ImportError:
             log("matplotlib is not installed: no plot (pip install 'flatlora[plot]')")
     return CompareResult(records, summary, md, out, len(new), len(cells) - len(todo), plot, errors)

@@ -184,37 +184,8 @@ def write_summary(out_dir: str | Path, records: list[dict], summary: dict[str, A
 
 
 def plot_summary(records: list[dict], summary: dict[str, Any], path: str | Path) -> Path:
-    """Per-seed values of the primary metric (and the other test-like metrics), one panel each; lines join a seed's runs."""
-    import matplotlib
+    """The comparison figure: per-seed values and the paired Δ with its 95 % CI per metric (analysis.plot)."""
+    from ..analysis.plot import plot_compare
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [m for m in summary["metrics"] if m.endswith(("accuracy", "exact_match", "pass@1"))][:4] or summary["metrics"][:4]
-    records = [r for r in records if r.get("status", "done") == "done"]
-    cells = [c for c in sorted(summary["cells"], key=lambda c: c["rank"]) if c["n"]]  # methods in the order of the spec
-    labels = [f"{c['method']}\nr={c['rank']}" for c in cells]
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown) + 1, 3.6), squeeze=False)
-    for ax, m in zip(axes[0], shown):
-        for x, c in enumerate(cells):
-            if m in c:
-                ax.bar(x, 100 * c[m]["mean"], yerr=100 * c[m]["std"], color=f"C{x % 10}", alpha=0.35, capsize=3)
-        seeds = sorted({r["seed"] for r in records})
-        for s in seeds:
-            ys = []
-            for c in cells:
-                v = [r["metrics"].get(m) for r in records if r["seed"] == s and r["method"] == c["method"] and r["rank"] == c["rank"]]
-                ys.append(100 * v[0] if v and v[0] is not None else float("nan"))
-            ax.plot(range(len(cells)), ys, "o-", color="k", alpha=0.5, lw=0.8, ms=3)
-        lo = min(100 * (c[m]["mean"] - c[m]["std"]) for c in cells if m in c)
-        hi = max(100 * (c[m]["mean"] + c[m]["std"]) for c in cells if m in c)
-        pad = max(0.5, 0.3 * (hi - lo))
-        ax.set_ylim(lo - pad, hi + pad)
-        ax.set_xticks(range(len(cells)), labels, fontsize=8)
-        ax.set_title(m, fontsize=9)
-        ax.set_ylabel("%")
-    fig.suptitle("mean ± std over seeds; dots joined = one seed (paired)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    records = [r for r in records if r.get("status", "done") == "done"]  # failed runs have no metrics
+    return plot_compare(records, summary, path)

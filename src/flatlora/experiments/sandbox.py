@@ -11,7 +11,9 @@ code runs:
 - sets CPU-time, address-space, file-size, open-file, core and process-count limits (`setrlimit`);
 - drops to the unprivileged user `nobody` (uid/gid 65534, no supplementary groups, no_new_privs) when the
   evaluator runs as root, so the program can write nowhere but its own tmpfs and cannot signal the
-  evaluator.
+  evaluator. The interpreter is then the base installation of this Python, bound read-only into the
+  private /tmp (standard library and the base site-packages, not the virtual environment's packages:
+  HumanEval needs only the standard library).
 
 Scoring never trusts the exit code. The evaluator draws a random 32-byte nonce per run and hands it to the
 harness through a pipe; the harness reads it and closes that pipe *before* the program's code runs, then
