@@ -51,6 +51,29 @@ def test_a_finite_run_is_done_with_weights(byo_csv, tmp_path):
     assert (tmp_path / "r" / "weights.safetensors").exists()
 
 
+def test_a_flat_run_folder_holds_a_peft_adapter_that_loads_and_says_how_it_was_trained(byo_csv, tmp_path):
+    import torch
+    from peft import PeftModel
+
+    from flatlora.experiments.tasks import create_task
+    from flatlora.integrations.card import read_adapter_card
+
+    spec = _spec(byo_csv, tmp_path, method="flat-lora", **{"flat.sigma": 0.07})
+    run_one(spec, tmp_path / "r", progress=False)
+    adapter = tmp_path / "r" / "adapter"
+    assert (adapter / "adapter_config.json").exists() and read_adapter_card(adapter).sigma == 0.07
+    assert "Flat-LoRA" in (adapter / "README.md").read_text()
+    task = create_task(spec.task, model=spec.model, **spec.task_args)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(task.build_model(), str(adapter)).eval()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "r" / "weights.safetensors"))
+    state = loaded.state_dict()
+    lora_keys = [k for k in saved if "lora_" in k]
+    assert lora_keys and all(torch.equal(saved[k], state[k]) for k in lora_keys)  # the trained factors, bit for bit
+
+
 @pytest.mark.parametrize("scheduler, warmup, expected", [
     ("linear", 0, [1.0, 0.75, 0.5, 0.25]),
     ("linear", 0.5, [0.0, 0.5, 1.0, 0.5]),   # HF warm-up: step / warmup_steps, from 0

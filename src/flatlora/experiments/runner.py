@@ -369,7 +369,8 @@ def _float_tensors(x: Any, name: str):
 
 # ---------------------------------------------------------------------- writes
 def _write_results(run: _Run, record: dict, partial: Path, run_dir: Path) -> None:
-    """config.yaml, env.json, split.json, weights (done runs only) and metrics.json (last: marks completion),
+    """config.yaml, env.json, split.json, weights and the PEFT adapter folder (done runs only) and metrics.json
+    (last: marks completion),
     then the atomic rename of `<run>.partial` to `<run>`."""
     spec = run.spec
     run_spec = spec.to_dict() | {"method": run.method.name, "seed": run.seed, "lora": spec.to_dict()["lora"] | {"r": run.rank}}
@@ -380,6 +381,7 @@ def _write_results(run: _Run, record: dict, partial: Path, run_dir: Path) -> Non
     (partial / "split.json").write_text(json.dumps(run.task.split_record()))
     if record["status"] == "done":
         save_weights(run.model, partial / "weights.safetensors")
+        save_adapter(run.model, run.flat, partial / "adapter")
     (partial / "metrics.json").write_text(json.dumps(record, indent=1, default=str))
     if run_dir.exists():  # a folder without metrics.json: debris of an older layout or a crash
         shutil.rmtree(run_dir)
@@ -399,6 +401,19 @@ def versions() -> dict[str, str]:
     except Exception:  # noqa: BLE001
         pass
     return out
+
+
+def save_adapter(model: torch.nn.Module, flat: Any, folder: Path) -> None:
+    """A PEFT adapter folder (`PeftModel.from_pretrained(base, folder)` loads it) and, for Flat-* runs, the
+    noise settings next to adapter_config.json (flatlora_config.json + a model-card section), so the adapter
+    says how it was trained wherever it goes. Full fine-tuning has no adapter: weights.safetensors holds it."""
+    if not hasattr(model, "peft_config"):
+        return
+    model.save_pretrained(str(folder))
+    if flat is not None:
+        from ..integrations.card import write_adapter_card
+
+        write_adapter_card(folder, flat.config)
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
