@@ -75,8 +75,10 @@ class Armed:
         if t.kind == "conv":
             # preserve_rng_state off: our noise is keyed, and the layer draws nothing from torch's RNG.
             return checkpoint(self._conv, x, t.weight, bias, use_reentrant=False, preserve_rng_state=False)
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         return torch.ops.flatlora.noisy_linear(x, t.weight, bias, self.std, self.key, t.m, self.row0, t.transposed,
-                                               self.generator, self.backend)
+                                               self.generator, self.backend, dtype)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = torch.ops.flatlora.noisy_weight(weight, self.std, self.key, self.t.m, self.row0, False, self.generator,

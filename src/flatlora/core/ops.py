@@ -1,13 +1,14 @@
 """Forward mode's noise as torch custom ops (`torch.ops.flatlora.*`), so that `torch.compile` traces it.
 
     noisy_weight(weight, std, key, m, row0, transposed, generator, backend) -> round(W + eps)
-    noisy_linear(x, weight, bias, std, key, m, row0, transposed, generator, backend) -> x (W + eps)^T + bias
+    noisy_linear(x, weight, bias, std, key, m, row0, transposed, generator, backend, dtype) -> x (W + eps)^T + b
 
 Only tensors, ints, bools and strings cross the op boundary: `weight` in its storage layout (`transposed`:
 stored (n, rows) as HF Conv1D / fan_in_fan_out do), `std` the float32 per-row std of the rows it holds,
 `row0` its first global row and `m` the layer's global rows, `generator` the stream ("torch" | "philox") and
 `backend` where the noise is computed ("torch" | "triton"; chosen per target by `backends.choose`, so the
-op never decides it). The 64-bit key travels as a 0-d int64 CPU tensor (`key_tensor`), not as an int: an
+op never decides it). `dtype` is autocast's compute dtype, read by the caller: a compiled graph runs without
+the autocast context, so the op applies autocast's cast itself (None: no autocast). The 64-bit key travels as a 0-d int64 CPU tensor (`key_tensor`), not as an int: an
 int read from Python state is a constant to dynamo, so a new key every window would recompile every graph
 every step, while a tensor is a graph input like the weight. Keys >= 2^63 are stored in two's complement
 and read back unsigned (`key_int`).
@@ -93,24 +94,28 @@ noisy_weight.register_autograd(_noisy_weight_backward, setup_context=_noisy_weig
 
 # ---------------------------------------------------------------------------------------------- noisy_linear
 
-def _linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], transposed: bool) -> torch.Tensor:
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], transposed: bool,
+            dtype: Optional[torch.dtype]) -> torch.Tensor:
+    if dtype is not None:  # autocast's cast of a linear layer: every input, W + eps rounded in W's dtype first
+        x, w, bias = x.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
     return F.linear(x, w.t() if transposed else w, bias)
 
 
 @torch.library.custom_op("flatlora::noisy_linear", mutates_args=())
 def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], std: torch.Tensor,
-                 key: torch.Tensor, m: int, row0: int, transposed: bool, generator: str, backend: str) -> torch.Tensor:
+                 key: torch.Tensor, m: int, row0: int, transposed: bool, generator: str, backend: str,
+                 dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     w = compute_noisy_weight(weight, std, key_int(key), m, row0, transposed, generator, backend)
-    return _linear(x, w, bias, transposed)
+    return _linear(x, w, bias, transposed, dtype)
 
 
 @noisy_linear.register_fake
-def _noisy_linear_fake(x, weight, bias, std, key, m, row0, transposed, generator, backend):
-    return _linear(x, weight, bias, transposed)
+def _noisy_linear_fake(x, weight, bias, std, key, m, row0, transposed, generator, backend, dtype=None):
+    return _linear(x, weight, bias, transposed, dtype)
 
 
 def _noisy_linear_setup(ctx, inputs, output):
-    x, weight, bias, std, key, m, row0, transposed, generator, backend = inputs
+    x, weight, bias, std, key, m, row0, transposed, generator, backend, dtype = inputs
     need_w = ctx.needs_input_grad[1]
     ctx.noise = (m, row0, transposed, generator, backend)
     ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
@@ -134,7 +139,7 @@ def _noisy_linear_backward(ctx, grad_out):
         gw = gw.t() if transposed else gw
     if need_b:
         gb = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-    return gx, gw, gb, None, None, None, None, None, None, None
+    return gx, gw, gb, None, None, None, None, None, None, None, None
 
 
 noisy_linear.register_autograd(_noisy_linear_backward, setup_context=_noisy_linear_setup)
