@@ -181,9 +181,16 @@ def run(make, mode, compile_backend=None, dtype=torch.float32, device="cpu", gen
     return records, flat, counter
 
 
-def assert_records(got, expected, exact, rtol=0.0, atol=0.0):
+def assert_records(got, expected, exact, rtol=0.0, atol=0.0, norm_rtol=None):
+    """Losses and gradients equal: bit for bit (`exact`), elementwise within rtol/atol, or (`norm_rtol`, for
+    bf16 under inductor, whose fused upcasts move single entries by several ulps) in relative norm."""
     for (phase, lg, gg), (_, le, ge) in zip(got, expected):
         assert gg.keys() == ge.keys() and gg, phase
+        if norm_rtol is not None:
+            for name, a, e in [("loss", torch.stack(lg), torch.stack(le))] + [(n, gg[n], ge[n]) for n in ge]:
+                a, e = a.double(), e.double()
+                assert (a - e).norm() <= norm_rtol * e.norm(), (phase, name, ((a - e).norm() / e.norm()).item())
+            continue
         for a, e in zip(lg, le):
             if exact:
                 assert torch.equal(a, e), (phase, a, e)
@@ -344,7 +351,7 @@ def test_gpu_inductor_compiled_step_matches_eager_on_the_triton_backend(model, m
     eager, flat, _ = run(make, mode, device="cuda")
     assert set(flat.backends().values()) == {"triton"}, flat.backends()
     compiled, _, counter = run(make, mode, "inductor", device="cuda")
-    assert_records(compiled, eager, exact=False, rtol=1e-4, atol=1e-6)
+    assert_records(compiled, eager, exact=False, rtol=1e-4, atol=1e-5)
     assert_noise_seen(compiled)
     assert counter.frame_count == (2 if mode == "forward" else 1)
 
@@ -355,7 +362,7 @@ def test_gpu_inductor_bf16_keeps_the_base_exact_and_tracks_eager(mode):
     eager, flat, _ = run(_mlp, mode, dtype=torch.bfloat16, device="cuda")  # run() checks the base bits each phase
     assert set(flat.backends().values()) == {"triton"}
     compiled, _, counter = run(_mlp, mode, "inductor", dtype=torch.bfloat16, device="cuda")
-    assert_records(compiled, eager, exact=False, rtol=3e-2, atol=1e-3)
+    assert_records(compiled, eager, exact=False, norm_rtol=2e-2)
     assert_noise_seen(compiled)
     assert counter.frame_count == (2 if mode == "forward" else 1)
 
@@ -372,9 +379,14 @@ def test_gpu_noisy_weight_op_is_the_kernel_for_64bit_keys():
         got = torch.ops.flatlora.noisy_weight(w, std, ops.key_tensor(key), m, 0, False, "philox", "triton")
         assert torch.equal(got, K.noisy_copy(w, std, key)), key
         ref = torch.ops.flatlora.noisy_weight(w, std, ops.key_tensor(key), m, 0, False, "philox", "torch")
-        # The kernel's fast transcendentals may move z by ~1e-6: a bf16 entry may round one ulp apart.
-        assert (got.float() - ref.float()).abs().max() <= 2 * (w.float().abs().max() * 2**-8)
+        # The same stream in torch: the kernel's fast transcendentals may move z by ~1e-6, so a rare bf16 entry
+        # rounds one ulp apart; in float32 the two agree to that 1e-6 times the std.
         assert (got != ref).float().mean() < 0.01
+        w32 = w.float()
+        got32 = torch.ops.flatlora.noisy_weight(w32, std, ops.key_tensor(key), m, 0, False, "philox", "triton")
+        ref32 = torch.ops.flatlora.noisy_weight(w32, std, ops.key_tensor(key), m, 0, False, "philox", "torch")
+        torch.testing.assert_close(got32, ref32, rtol=0, atol=1e-5)
+        assert not torch.equal(got32, w32)
     t = torch.compile(lambda w, s, k: torch.ops.flatlora.noisy_weight(w, s, k, m, 0, False, "philox", "triton") * 1,
                       backend="inductor", fullgraph=True)
     assert torch.equal(t(w, std, ops.key_tensor(2**64 - 1)), K.noisy_copy(w, std, 2**64 - 1))
