@@ -8,10 +8,12 @@ stored (n, rows) as HF Conv1D / fan_in_fan_out do), `std` the float32 per-row st
 `row0` its first global row and `m` the layer's global rows, `generator` the stream ("torch" | "philox") and
 `backend` where the noise is computed ("torch" | "triton"; chosen per target by `backends.choose`, so the
 op never decides it). `dtype` is autocast's compute dtype, read by the caller: a compiled graph runs without
-the autocast context, so the op applies autocast's cast itself (None: no autocast). The 64-bit key travels as a 0-d int64 CPU tensor (`key_tensor`), not as an int: an
-int read from Python state is a constant to dynamo, so a new key every window would recompile every graph
-every step, while a tensor is a graph input like the weight. Keys >= 2^63 are stored in two's complement
-and read back unsigned (`key_int`).
+the autocast context, so the op applies autocast's cast itself (None: no autocast).
+
+The 64-bit key travels as a 0-d int64 CPU tensor (`key_tensor`), not as an int: an int read from Python
+state is a constant to dynamo, so a new key every window would recompile every graph every step, while a
+tensor is a graph input like the weight. Keys >= 2^63 are stored in two's complement and read back unsigned
+(`key_int`). (A CPU input keeps CUDA graphs, torch.compile's mode="reduce-overhead", off for that graph.)
 
 `noisy_linear` saves no m x n tensor: its backward regenerates W + eps from (weight, std, key) through
 `noisy_weight`, as the eager autograd op did. `noisy_weight` is differentiable as the identity in `weight`
