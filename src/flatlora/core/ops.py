@@ -13,7 +13,8 @@ the autocast context, so the op applies autocast's cast itself (None: no autocas
 The 64-bit key travels as a 0-d int64 CPU tensor (`key_tensor`), not as an int: an int read from Python
 state is a constant to dynamo, so a new key every window would recompile every graph every step, while a
 tensor is a graph input like the weight. Keys >= 2^63 are stored in two's complement and read back unsigned
-(`key_int`). (A CPU input keeps CUDA graphs, torch.compile's mode="reduce-overhead", off for that graph.)
+(`key_int`). (Untried with CUDA graphs, torch.compile's mode="reduce-overhead": they may skip a graph
+with a CPU input.)
 
 `noisy_linear` saves no m x n tensor: its backward regenerates W + eps from (weight, std, key) through
 `noisy_weight`, as the eager autograd op did. `noisy_weight` is differentiable as the identity in `weight`
