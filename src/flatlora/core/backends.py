@@ -33,10 +33,11 @@ import torch
 
 from .. import kernels
 from ..noise import get_noise
+from . import ops
 from .noise_draw import Draw
 from .norms import row_sq_norms
 from .targets import Target
-from .view import View, local, matrix
+from .view import View, local
 
 log = logging.getLogger("flatlora")
 
@@ -146,10 +147,8 @@ class TorchBackend(Backend):
         w.copy_(clean)
         return [0]
 
-    @torch.no_grad()
     def noisy_weight(self, view, draw):
-        w = view.tensor
-        return (w.float() + draw.storage(view.target, w)).to(w.dtype)
+        return _noisy_weight(self, view, draw)
 
 
 class TritonBackend(Backend):
@@ -198,13 +197,14 @@ class TritonBackend(Backend):
         return [int(c) for c in counts.tolist()]
 
     def noisy_weight(self, view, draw):
-        from ..kernels import triton_noise as K
+        return _noisy_weight(self, view, draw)
 
-        w = view.tensor
-        out = torch.empty(w.shape, dtype=w.dtype, device=w.device)  # contiguous, so its (m, n) view is a view
-        with torch.no_grad():
-            K.noisy_copy_(view.mat, draw.std.float().contiguous(), draw.key, draw.row0, matrix(view.target, out))
-        return out
+
+def _noisy_weight(backend: Backend, view: View, draw: Draw) -> torch.Tensor:
+    # The implementation of the forward-mode custom ops (`ops`): eager and compiled paths compute one thing.
+    t = view.target
+    return ops.compute_noisy_weight(view.tensor, draw.std, draw.key, t.m, draw.row0, t.transposed, draw.generator,
+                                    backend.name)
 
 
 TORCH = TorchBackend()

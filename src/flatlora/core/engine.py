@@ -123,6 +123,8 @@ class FlatLoRA:
         warn = weakref.WeakMethod(self._warn_eval_in_window)
 
         def eval_guard(module: nn.Module, args: Any) -> None:
+            if module.training:  # first, so that torch.compile traces a training forward without a graph break
+                return
             method = warn()
             if method is not None:
                 method(module, args)

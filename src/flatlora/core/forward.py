@@ -1,14 +1,22 @@
 """Forward mode: W is never written; a targeted layer computes with W + eps and regenerates eps in backward.
 
-While a window is open, the base layer's `forward` is replaced (on the instance, removed at window end)
-by a custom autograd op:
+While a window is open, the base layer's `forward` is replaced (on the instance, removed at window end):
 
     forward:  W_eps = round(W + eps(key, std)),  y = layer(x, W_eps)      nothing m x n is saved
     backward: W_eps regenerated from (key, std), grad_x = grad_y . W_eps   (and grad_W if W trains)
 
 The perturbed weight is the same rounded W + eps that in-place mode writes, so both modes give the same
 outputs and gradients. eps is a pure function of (key, row, column), so gradient-checkpoint recompute,
-which reruns forward, sees the same noise. Quantized bases are dequantized, perturbed and used the same way.
+which reruns forward, sees the same noise.
+
+torch.compile. A linear layer is one custom op, `flatlora::noisy_linear` (see `ops`), fed by tensors only:
+the weight, the window's std and key. Each target keeps one `Armed` object for the engine's life and the
+patched forward is one module-level function, so a compiled graph guards on the same objects every window
+and reads the new std and key as inputs: no recompile per step. A convolution runs its own `_conv_forward`
+on `flatlora::noisy_weight` under non-reentrant checkpoint (recomputed in backward, nothing m x n saved).
+Two kinds of layer keep the eager autograd op below, which dynamo does not trace (a graph break per such
+layer): quantized bases, dequantized again in backward instead of keeping a dense copy alive, and weights
+gathered only inside forward (FSDP1, ZeRO-3, FSDP2), whose noise is drawn at their first forward.
 """
 
 from __future__ import annotations
@@ -18,10 +26,15 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from . import ops
+from .noise_draw import Draw
 from .targets import Target
 
 NoisyWeight = Callable[[], torch.Tensor]  # the window's round(W + eps) of one layer, in W's storage shape
+
+_ATTR = "_flatlora_armed"
 
 
 def _apply_layer(t: Target, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -30,7 +43,52 @@ def _apply_layer(t: Target, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor
     return F.linear(x, w.t() if t.transposed else w, bias)
 
 
+class Armed:
+    """One target's forward-mode state, kept for the engine's life: the current window's noise as tensors
+    (`std`, `key`; the op path) or as a callback (`noisy`; the eager path), None outside windows."""
+
+    def __init__(self, t: Target, backend: str):
+        self.t = t
+        self.backend = backend
+        self.generator = "torch"
+        self.std: torch.Tensor | None = None
+        self.key: torch.Tensor | None = None
+        self.row0 = 0
+        self.noisy: NoisyWeight | None = None
+
+    def set_draw(self, draw: Draw) -> None:
+        """Compute with `draw` through the custom ops (the weight is whole and dense)."""
+        self.std, self.key, self.row0, self.noisy = draw.std, ops.key_tensor(draw.key), draw.row0, None
+        self.generator = draw.generator
+
+    def set_callback(self, noisy: NoisyWeight) -> None:
+        """Compute with `noisy()` through the eager op (quantized, or gathered only inside forward)."""
+        self.std, self.key, self.row0, self.noisy = None, None, 0, noisy
+
+    def clear(self) -> None:
+        self.std = self.key = self.noisy = None
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        t = self.t
+        if self.std is None:
+            return _eager(t, x, bias, self.noisy)
+        if t.kind == "conv":
+            # preserve_rng_state off: our noise is keyed, and the layer draws nothing from torch's RNG.
+            return checkpoint(self._conv, x, t.weight, bias, use_reentrant=False, preserve_rng_state=False)
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        return torch.ops.flatlora.noisy_linear(x, t.weight, bias, self.std, self.key, t.m, self.row0, t.transposed,
+                                               self.generator, self.backend, dtype)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        w = torch.ops.flatlora.noisy_weight(weight, self.std, self.key, self.t.m, self.row0, False, self.generator,
+                                            self.backend)
+        return self.t.base._conv_forward(x, w, bias)
+
+
 class _NoisyLayer(torch.autograd.Function):
+    """The eager op: W + eps comes from a callback, called again in backward."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, t: Target, noisy: NoisyWeight):
         w = noisy()
@@ -73,21 +131,30 @@ class _NoisyLayer(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
-def arm(t: Target, noisy: NoisyWeight) -> None:
-    """Make `t.base` compute with `noisy()` (the window's W + eps) instead of W until `disarm`."""
+@torch.compiler.disable
+def _eager(t: Target, x: torch.Tensor, bias: torch.Tensor | None, noisy: NoisyWeight) -> torch.Tensor:
+    return _NoisyLayer.apply(x, t.weight, bias, t, noisy)
+
+
+def _forward(self, x, *args, **kwargs):
+    # One function for every layer and window (compiled graphs guard on it); the state is the layer's Armed.
+    return getattr(self, _ATTR)(x, getattr(self, "bias", None))
+
+
+def arm(t: Target, armed: Armed) -> None:
+    """Make `t.base` compute with the window's W + eps (held by `armed`) instead of W until `disarm`."""
     base = t.base
     if "forward" in base.__dict__:
         raise RuntimeError(
             f"layer {t.name!r} already has an instance-level forward (e.g. accelerate offload hooks or "
             f"another patch); forward-mode noise would bypass it. Use FlatLoRAConfig(mode='inplace')."
         )
-
-    def forward(self, x, *args, **kwargs):
-        bias = getattr(self, "bias", None)
-        return _NoisyLayer.apply(x, t.weight, bias, t, noisy)
-
-    base.forward = types.MethodType(forward, base)
+    base.__dict__[_ATTR] = armed
+    base.forward = types.MethodType(_forward, base)
 
 
 def disarm(t: Target) -> None:
     t.base.__dict__.pop("forward", None)
+    armed = t.base.__dict__.pop(_ATTR, None)
+    if armed is not None:
+        armed.clear()

@@ -101,6 +101,8 @@ class ForwardMode:
 
     def __init__(self, plan: Plan):
         self.plan = plan
+        # One Armed per target for the engine's life: compiled graphs see the same objects every window.
+        self.armed = {t.name: forward.Armed(t, backend.name) for backend, targets in plan for t in targets}
 
     def open(self, window: Window) -> None:
         # The std of every weight this process holds whole is fixed now, in one grouped call per backend. A
@@ -111,7 +113,13 @@ class ForwardMode:
         window.draws.update(window.draw(whole))
         for backend, targets in self.plan:
             for t in targets:
-                forward.arm(t, _noisy_weight(window, backend, t))
+                armed = self.armed[t.name]
+                draw = window.draws.get(t.name)
+                if draw is not None and not t.quantized:
+                    armed.set_draw(draw)  # the custom ops (torch.compile traces them)
+                else:
+                    armed.set_callback(_noisy_weight(window, backend, t))
+                forward.arm(t, armed)
                 window.armed.append(t)
 
     def close(self, window: Window) -> None:

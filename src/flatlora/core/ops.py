@@ -1,0 +1,148 @@
+"""Forward mode's noise as torch custom ops (`torch.ops.flatlora.*`), so that `torch.compile` traces it.
+
+    noisy_weight(weight, std, key, m, row0, transposed, generator, backend) -> round(W + eps)
+    noisy_linear(x, weight, bias, std, key, m, row0, transposed, generator, backend, dtype) -> x (W + eps)^T + b
+
+Only tensors, ints, bools and strings cross the op boundary: `weight` in its storage layout (`transposed`:
+stored (n, rows) as HF Conv1D / fan_in_fan_out do), `std` the float32 per-row std of the rows it holds,
+`row0` its first global row and `m` the layer's global rows, `generator` the stream ("torch" | "philox") and
+`backend` where the noise is computed ("torch" | "triton"; chosen per target by `backends.choose`, so the
+op never decides it). `dtype` is autocast's compute dtype, read by the caller: a compiled graph runs without
+the autocast context, so the op applies autocast's cast itself (None: no autocast).
+
+The 64-bit key travels as a 0-d int64 CPU tensor (`key_tensor`), not as an int: an int read from Python
+state is a constant to dynamo, so a new key every window would recompile every graph every step, while a
+tensor is a graph input like the weight. Keys >= 2^63 are stored in two's complement and read back unsigned
+(`key_int`). (Untried with CUDA graphs, torch.compile's mode="reduce-overhead": they may skip a graph
+with a CPU input.)
+
+`noisy_linear` saves no m x n tensor: its backward regenerates W + eps from (weight, std, key) through
+`noisy_weight`, as the eager autograd op did. `noisy_weight` is differentiable as the identity in `weight`
+(Flat full fine-tuning: d(W + eps)/dW = I), which the convolution path (recomputed under checkpoint) uses.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import noise_draw
+
+MASK64 = (1 << 64) - 1
+
+
+def key_tensor(key: int) -> torch.Tensor:
+    """A key 0 <= key < 2^64 as a 0-d int64 CPU tensor (keys >= 2^63 in two's complement)."""
+    if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= MASK64:
+        raise ValueError(f"a noise key must be an integer in [0, 2^64), got {key!r}")
+    return torch.tensor(key - (1 << 64) if key >> 63 else key, dtype=torch.int64)
+
+
+def key_int(key: torch.Tensor) -> int:
+    """The unsigned 64-bit key held by a `key_tensor`."""
+    return int(key) & MASK64
+
+
+def _matrix(w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """Storage layout -> the logical (rows, n) view (as `view.matrix`, with n taken from the shape)."""
+    return w.t() if transposed else w.reshape(w.shape[0], -1)
+
+
+def compute_noisy_weight(weight: torch.Tensor, std: torch.Tensor, key: int, m: int, row0: int, transposed: bool,
+                         generator: str, backend: str) -> torch.Tensor:
+    """round(W + eps) as a new contiguous tensor in W's storage shape and dtype (the ops' implementation)."""
+    with torch.no_grad():
+        mat = _matrix(weight, transposed)
+        rows, n = mat.shape
+        out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        out_mat = _matrix(out, transposed)
+        if backend == "triton":
+            from ..kernels import triton_noise as K
+
+            K.noisy_copy_(mat, std.float().contiguous(), key, row0, out_mat)
+        elif backend == "torch":
+            # The stream function Draw uses (eps of in-place mode), looked up there so one definition serves both.
+            part = None if row0 == 0 and rows == m else slice(row0, row0 + rows)
+            eps = noise_draw.standard_normal(key, m, n, weight.device, part, generator).mul_(std.to(weight.device)[:, None])
+            # float32 sum, rounded once into W's dtype: the value in-place mode writes, bit for bit.
+            out_mat.copy_(eps.add_(mat if mat.dtype in (torch.float16, torch.bfloat16) else mat.float()))
+        else:
+            raise ValueError(f"unknown noise backend {backend!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- noisy_weight
+
+@torch.library.custom_op("flatlora::noisy_weight", mutates_args=())
+def noisy_weight(weight: torch.Tensor, std: torch.Tensor, key: torch.Tensor, m: int, row0: int, transposed: bool,
+                 generator: str, backend: str) -> torch.Tensor:
+    return compute_noisy_weight(weight, std, key_int(key), m, row0, transposed, generator, backend)
+
+
+@noisy_weight.register_fake
+def _noisy_weight_fake(weight, std, key, m, row0, transposed, generator, backend):
+    return weight.new_empty(weight.shape)
+
+
+def _noisy_weight_setup(ctx, inputs, output):
+    pass
+
+
+def _noisy_weight_backward(ctx, grad):
+    return grad, None, None, None, None, None, None, None
+
+
+noisy_weight.register_autograd(_noisy_weight_backward, setup_context=_noisy_weight_setup)
+
+
+# ---------------------------------------------------------------------------------------------- noisy_linear
+
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], transposed: bool,
+            dtype: Optional[torch.dtype]) -> torch.Tensor:
+    if dtype is not None:  # autocast's cast of a linear layer: every input, W + eps rounded in W's dtype first
+        x, w, bias = x.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
+    return F.linear(x, w.t() if transposed else w, bias)
+
+
+@torch.library.custom_op("flatlora::noisy_linear", mutates_args=())
+def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], std: torch.Tensor,
+                 key: torch.Tensor, m: int, row0: int, transposed: bool, generator: str, backend: str,
+                 dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    w = compute_noisy_weight(weight, std, key_int(key), m, row0, transposed, generator, backend)
+    return _linear(x, w, bias, transposed, dtype)
+
+
+@noisy_linear.register_fake
+def _noisy_linear_fake(x, weight, bias, std, key, m, row0, transposed, generator, backend, dtype=None):
+    return _linear(x, weight, bias, transposed, dtype)
+
+
+def _noisy_linear_setup(ctx, inputs, output):
+    x, weight, bias, std, key, m, row0, transposed, generator, backend, dtype = inputs
+    need_w = ctx.needs_input_grad[1]
+    ctx.noise = (m, row0, transposed, generator, backend)
+    ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+    # x only when grad_W is wanted (Flat full fine-tuning); the weight is the parameter itself, not a copy.
+    ctx.save_for_backward(x if need_w else None, weight, std, key)
+
+
+def _noisy_linear_backward(ctx, grad_out):
+    x, weight, std, key = ctx.saved_tensors
+    m, row0, transposed, generator, backend = ctx.noise
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gx = gw = gb = None
+    if need_x:
+        w = torch.ops.flatlora.noisy_weight(weight, std, key, m, row0, transposed, generator, backend)
+        w_oi = w.t() if transposed else w  # (out, in)
+        gx = (grad_out @ w_oi.to(grad_out.dtype)).to(ctx.x_dtype)
+    if need_w:
+        # d(W + eps)/dW is the identity, so grad_W is the usual one taken at W + eps.
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        gw = (g2.t().to(x.dtype) @ x.reshape(-1, x.shape[-1])).to(ctx.w_dtype)
+        gw = gw.t() if transposed else gw
+    if need_b:
+        gb = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return gx, gw, gb, None, None, None, None, None, None, None, None
+
+
+noisy_linear.register_autograd(_noisy_linear_backward, setup_context=_noisy_linear_setup)
