@@ -91,6 +91,18 @@ def test_noisy_copy_matches_reference(dtype, shape):
         assert (bits(out) != bits(ref)).float().mean() < 1e-3
 
 
+def test_keys_of_all_64_bits_draw_the_reference_stream():
+    m, n = 3, 64
+    w = torch.zeros(m, n, dtype=torch.float32, device=DEV)
+    std = torch.ones(m, device=DEV)
+    for key in (2**63 - 1, 2**63, 2**63 + 5, 2**64 - 1):
+        z = K.noisy_copy(w, std, key, 0)
+        torch.testing.assert_close(z, philox.standard_normal_rows(key, m, n, DEV), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(K.noisy_copy(w, std, 5, 0), K.noisy_copy(w, std, 5 + 2**63, 0))  # the top bit counts
+    with pytest.raises(ValueError, match="unsigned 64-bit"):
+        K.noisy_copy(w, std, 2**64, 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_perturb_is_the_noisy_copy_and_restore_is_exact(dtype):
     m, n = 20, 1030

@@ -415,6 +415,8 @@ def _check(layers: list[Layer]) -> torch.dtype:
             raise ValueError(f"the noise kernels need logical (m, n) float16/bfloat16/float32 views, got {ly.w.dtype}")
         if ly.std.dtype != torch.float32 or not ly.std.is_contiguous():
             raise ValueError("std must be a contiguous float32 vector")
+        if not 0 <= ly.key < 1 << 64:
+            raise ValueError(f"a noise key must be an unsigned 64-bit integer, got {ly.key}")
         if ly.w.numel() >= 2**31 - BLOCK:
             raise ValueError(f"a {tuple(ly.w.shape)} weight has too many elements for the kernels' int32 indexing")
     return dtype
@@ -426,7 +428,9 @@ def _table(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple
         m, n = ly.w.shape
         o = ly.w if outs is None else outs[i]
         tiles = _tiles(m, n)
-        rows.append([ly.w.data_ptr(), o.data_ptr(), ly.std.data_ptr(), m, n, ly.row0, ly.key,
+        # The table is int64: a key >= 2^63 travels as its two's complement (the kernel's Philox reads the bits).
+        key = ly.key - (1 << 64) if ly.key >= 1 << 63 else ly.key
+        rows.append([ly.w.data_ptr(), o.data_ptr(), ly.std.data_ptr(), m, n, ly.row0, key,
                      ly.w.stride(0), ly.w.stride(1), o.stride(0), o.stride(1), tile0])
         counts.append(tiles)
         tile0 += tiles
