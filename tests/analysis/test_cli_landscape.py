@@ -91,6 +91,9 @@ def test_run_without_weights_says_what_is_missing(runs, tmp_path):
     d = tmp_path / "noweights"
     shutil.copytree(runs[0][0], d)
     (d / "weights.safetensors").unlink()
+    assert (d / "adapter" / "adapter_config.json").exists()
+    cli.load_run(d)  # the run's PEFT adapter folder is enough
+    shutil.rmtree(d / "adapter")
     with pytest.raises(ValueError, match="weights.safetensors or adapter"):
         cli.load_run(d)
 

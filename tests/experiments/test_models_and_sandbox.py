@@ -156,3 +156,21 @@ def test_extract_number():
     assert extract_number("x = 3\n#### 1,234") == 1234.0
     assert extract_number("the answer is -2.5 dollars") == -2.5
     assert extract_number("no number") is None
+
+
+def test_an_interpreter_reached_through_tmp_still_runs(monkeypatch):
+    # A CI checkout under /tmp puts the virtual environment there; the sandbox replaces /tmp with a tmpfs,
+    # so it must resolve the interpreter before that.
+    import shutil
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        (d / "python").symlink_to(os.path.realpath(sys.executable))
+        monkeypatch.setattr(sys, "executable", str(d / "python"))
+        assert run_untrusted("assert 1 + 1 == 2") == "passed"
+        assert run_untrusted("assert 1 + 1 == 3") == "failed"
+    finally:
+        shutil.rmtree(d)

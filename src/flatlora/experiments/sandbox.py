@@ -67,6 +67,8 @@ os.dup2(high[1], 4)
 os.close(high[0])
 os.close(high[1])
 program = sys.stdin.buffer.read()
+# Resolved before /tmp is replaced: a virtual environment under /tmp (a CI checkout) would vanish with it.
+real_exe = os.path.realpath(sys.executable)
 libc = ctypes.CDLL(None, use_errno=True)
 MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 16384, 1 << 18
 if mount:
@@ -93,7 +95,7 @@ python, env = sys.executable, {"HOME": work, "TMPDIR": work}
 if drop:
     # The interpreter may sit where nobody cannot reach it (pyenv under /root): bind its installation,
     # read-only, into the private /tmp. Its absolute RUNPATH then needs LD_LIBRARY_PATH.
-    base, exe = sys.base_prefix, os.path.realpath(sys.executable)
+    base, exe = sys.base_prefix, real_exe
     if not exe.startswith(base + os.sep):
         raise SystemExit(f"sandbox: interpreter {exe} is not under {base}")
     bind = "/tmp/.python"
