@@ -348,6 +348,12 @@ def sigma_figure(studies: dict[str, dict], path: Path) -> Path | None:
         ax.set_ylabel(f"{summ['metric']} (%)")
         ax.set_title(f"{name}: σ on dev ({len(summ['seeds'])} seeds)", fontsize=9)
         ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -388,10 +394,7 @@ def rank_figure(studies: dict[str, dict], path: Path) -> Path | None:
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(f"{name}: test vs rank (mean ± std)", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------------- the document
