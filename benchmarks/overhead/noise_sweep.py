@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 from flatlora.kernels import triton_noise as K  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import cuda_ms  # noqa: E402  (benchmarks/overhead/kernels.py)
+from kernel_bench import cuda_ms  # noqa: E402  (benchmarks/overhead/kernel_bench.py)
 
 
 @triton.jit

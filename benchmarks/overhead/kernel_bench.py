@@ -1,6 +1,6 @@
 """Per-kernel microbenchmark of the Flat-LoRA noise kernels against the GPU's own copy bandwidth.
 
-    python benchmarks/overhead/kernels.py --out $OUT [--old .carry/old_triton_noise.py] [--only layer,group]
+    python benchmarks/overhead/kernel_bench.py --out $OUT [--old .carry/old_triton_noise.py] [--only layer,group]
 
 On one real Llama-2-7B layer (gate_proj, 11008 x 4096 bf16) and on the whole 7B group (32 x 7 LoRA-wrapped
 linears, 6.48 G parameters, 12.95 GB in bf16), times every kernel the engine calls per step (row std,
