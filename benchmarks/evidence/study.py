@@ -599,6 +599,9 @@ def measure_sharpness(study: Study, sc: dict, rank: int, todo: list[tuple[str, i
             break
         t0 = time.time()
         run_dir = runs_dir / run_name(m, rank, s)
+        if not (run_dir / "weights.safetensors").exists():  # a run packed without its weights (another call)
+            log(f"  sharpness: {run_dir.name} has no weights on this machine; skipped (retrain it to measure it)")
+            continue
         # The model is rebuilt from each run's config (its seed may shape frozen parts, e.g. a new pooler or a
         # tiny random base); the task, its tokenised data and the analysis batches are shared.
         loaded = load_run(run_dir, device=device, task=task)
