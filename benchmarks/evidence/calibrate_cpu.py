@@ -19,8 +19,8 @@ from pathlib import Path
 def main(argv=None) -> int:
     import torch
 
-    from flatlora.experiments.methods import create_optimizer, get_method
-    from flatlora.experiments.runner import _build, lr_lambda
+    from flatlora.experiments.methods import get_method
+    from flatlora.experiments.runner import _setup
     from flatlora.experiments.spec import ExperimentSpec
     from flatlora.experiments.tasks import create_task
 
@@ -46,11 +46,10 @@ def main(argv=None) -> int:
                                                     "lr": args.lr, "weight_decay": 0.0, "device": "cpu"}})
         task = create_task("reasoning-arith", model="smollm2-135m", **ta)
         t0 = time.time()
-        model = _build(spec, get_method("lora"), 8, 0, task, torch.device("cpu"))
+        run = _setup(spec, get_method("lora"), 8, 0, task, torch.device("cpu"))  # the runner's model, optimizer, schedule
+        model, opt, sched = run.model, run.opt, run.sched
         rec = {"level": level, "load_s": round(time.time() - t0, 1), "steps": args.steps, "lr": args.lr,
                "batch_size": args.batch_size, "dev_size": args.dev_size}
-        opt = create_optimizer(get_method("lora"), model, lr=args.lr, weight_decay=0.0, loraplus_ratio=16)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", max(1, args.steps // 30), max(1, args.steps)))
         t0, losses = time.time(), []
         for step, batch in zip(range(args.steps), task.batches(args.batch_size, 0, 0)):
             loss = task.loss(model, batch)

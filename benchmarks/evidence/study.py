@@ -185,13 +185,6 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def supports_jobs() -> bool:
-    """Whether this flatlora's `compare` has --jobs (parallel runs on one device)."""
-    r = subprocess.run([sys.executable, "-m", "flatlora.cli.main", "compare", "--help"], capture_output=True, text=True,
-                       env=child_env(), timeout=120)
-    return "--jobs" in r.stdout
-
-
 def run_calls(calls: list[Call], budget: Budget, *, can_jobs: bool, log: Callable[[str], None] = print,
               dry_run: bool = False) -> dict[str, list[str]]:
     """Run the calls, up to `budget.jobs` runs at once in total, none after the deadline.
@@ -799,9 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = [s for s in wanted if s not in STAGES]
         if bad:
             raise SystemExit(f"--stages: unknown {bad}; stages are {list(STAGES)}")
-    can_jobs = budget.jobs > 1 and not args.plan and not args.dry_run and supports_jobs()
-    if budget.jobs > 1 and not can_jobs and not (args.plan or args.dry_run):
-        print(f"note: this flatlora's compare has no --jobs; {budget.jobs} compare calls run at once instead", flush=True)
+    can_jobs = budget.jobs > 1 and not args.plan and not args.dry_run  # this checkout's compare has --jobs
     # SIGTERM (a time limit from outside) unwinds like Ctrl-C, so the running compare calls are stopped too.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if not args.plan else None
     try:

@@ -1,4 +1,4 @@
-"""scripts/demo.py (make demo): its parallel workers train exactly the runs `flatlora compare` trains."""
+"""scripts/demo.py (make demo): two runs at a time through `compare`, the same runs as a sequential compare."""
 
 import json
 import os

@@ -152,21 +152,6 @@ def test_grouped_launch_with_strides_and_row_offsets():
         assert torch.equal(bits(b), bits(s))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rank", [0, 3, 20])
-def test_row_norm_parts(dtype, rank):
-    m, n = 37, 300
-    g = torch.Generator().manual_seed(rank)
-    w = torch.randn(n, m, generator=g).to(dtype).to(DEV).t()  # strided logical view
-    a = torch.randn(rank, n, generator=g).to(DEV) if rank else None
-    sq, wa = K.row_norm_parts(w, a)
-    torch.testing.assert_close(sq, w.float().pow(2).sum(1), rtol=1e-5, atol=1e-4)
-    if rank:
-        torch.testing.assert_close(wa, w.float() @ a.t(), rtol=1e-4, atol=1e-3)
-    else:
-        assert wa is None
-
-
 def _std_targets():
     """Targets covering what row_std_group meets: fp32 with two active adapters (R = 5) and one (R = 3),
     bf16 fan_in_fan_out (transposed view, R = 4), and plain layers without adapters (R = 0)."""

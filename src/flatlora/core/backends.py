@@ -183,7 +183,7 @@ class TritonBackend(Backend):
         for items in groups.values():
             views = [v for v, _ in items]
             draws = [d for _, d in items]
-            layers = [K.Layer(v.mat, d.std.float().contiguous(), d.key, d.row0) for v, d in items]
+            layers = [K.Layer(v.mat, d.std, d.key, d.row0) for v, d in items]  # std: float32 [rows] from row_std
             ptrs = [v.tensor.data_ptr() for v in views]
             record = K.perturb_group(layers)
             yield Applied(self, views, draws, record, ptrs, layers=layers)
@@ -191,10 +191,7 @@ class TritonBackend(Backend):
     def restore(self, applied):
         from ..kernels import triton_noise as K
 
-        counts = K.restore_group(applied.layers, applied.record)
-        if counts is None:  # a kernel without write detection
-            return [0] * len(applied.views)
-        return [int(c) for c in counts.tolist()]
+        return K.restore_group(applied.layers, applied.record).tolist()
 
     def noisy_weight(self, view, draw):
         return _noisy_weight(self, view, draw)

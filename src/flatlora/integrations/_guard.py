@@ -68,13 +68,13 @@ class CleanWeightsGuard:
     def close(self) -> bool:
         """End the window for good (noise removed if on). Returns whether noise was on."""
         self.step, self.paused = None, False
-        return self._end()
+        return self.flat.close_window()
 
     def pause(self, why: str = "") -> None:
         """Remove the noise of the open window until the next training forward of the same window."""
         if not self.flat.active:
             return
-        self._end()
+        self.flat.close_window()
         self.paused = self.step is not None
         log.debug("flatlora: noise of step %s removed for %s", self.step, why)
 
@@ -83,9 +83,6 @@ class CleanWeightsGuard:
         self.close()
         while self._undo:
             self._undo.pop()()
-
-    def _end(self) -> bool:
-        return self.flat.close_window()
 
     # ------------------------------------------------------------------ hooks
     def _before_forward(self, module: nn.Module, args: Any) -> None:

@@ -25,6 +25,7 @@ import weakref
 from typing import Any, Iterator
 
 from ._deps import require
+from ._guard import wrap_before
 
 require("accelerate", "hf", "flatlora.integrations.accelerate")
 
@@ -49,14 +50,9 @@ def accumulate(accelerator: Any, flat: Any, *models: Any) -> Iterator[float]:
             step = _interrupted.pop(flat, None)
             flat.begin_step(step)  # None: the step after the last one (or after flat.resume's)
         sigma = flat.sigma_at(flat.last_step)  # the open window's step
-        original = accelerator.__dict__.get("backward")
-
-        def backward(loss, **kwargs):
-            (original or type(accelerator).backward.__get__(accelerator))(loss, **kwargs)
-            if accelerator.sync_gradients:
-                flat.close_window()
-
-        accelerator.backward = backward
+        # Every accelerator.backward of the window's last micro-batch closes the window right after it.
+        undo = wrap_before(accelerator, "backward", lambda: None,
+                           after=lambda *a, **k: accelerator.sync_gradients and flat.close_window())
         try:
             yield sigma
         except BaseException:
@@ -65,10 +61,6 @@ def accumulate(accelerator: Any, flat: Any, *models: Any) -> Iterator[float]:
                 flat.close_window()
             raise
         finally:
-            if accelerator.__dict__.get("backward") is backward:
-                if original is None:
-                    del accelerator.__dict__["backward"]
-                else:
-                    accelerator.backward = original
+            undo()
         if accelerator.sync_gradients:  # backward not called through accelerator (or not at all)
             flat.close_window()

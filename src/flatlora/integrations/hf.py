@@ -114,11 +114,12 @@ class FlatLoRAArguments:
     def __post_init__(self):
         self.to_config()  # validate now: a bad value fails at parse time with FlatLoRAConfig's message
 
-    def to_config(self, seed: int | None = None) -> FlatLoRAConfig:
-        """The FlatLoRAConfig these arguments describe (`seed` fills `flatlora_seed` when it is None)."""
+    def to_config(self) -> FlatLoRAConfig:
+        """The FlatLoRAConfig these arguments describe (an unset `flatlora_seed` becomes the config's default;
+        the callback then follows the Trainer's seed)."""
         values = {f.name: getattr(self, "flatlora_" + f.name) for f in dataclasses.fields(FlatLoRAConfig)}
         if values["seed"] is None:
-            values["seed"] = _DEFAULT_SEED if seed is None else seed
+            values["seed"] = _DEFAULT_SEED
         return FlatLoRAConfig(**values)
 
 

@@ -245,31 +245,6 @@ def _noise_kernel(
 
 
 @triton.jit
-def _rownorm_kernel(w_ptr, a_ptr, sq_ptr, wa_ptr, M, N, SR, SC, R,
-                    KIND: tl.constexpr, HAS_A: tl.constexpr, RP: tl.constexpr, BM_: tl.constexpr, BK: tl.constexpr):
-    """sq[i] = ||W_i||^2 and wa[i, :] = W_i A^T in one pass over W (float32 accumulation)."""
-    pid = tl.program_id(0)
-    rows = pid * BM_ + tl.arange(0, BM_)
-    rmask = rows < M
-    rows64 = rows.to(tl.int64)
-    acc = tl.zeros((BM_,), dtype=tl.float32)
-    accw = tl.zeros((BM_, RP), dtype=tl.float32)
-    ranks = tl.arange(0, RP)
-    for k in range(0, N, BK):
-        cols = k + tl.arange(0, BK)
-        cm = cols < N
-        bits = tl.load(w_ptr + rows64[:, None] * SR + cols.to(tl.int64)[None, :] * SC, mask=rmask[:, None] & cm[None, :], other=0)
-        w = _to_f32(bits, KIND)
-        acc += tl.sum(w * w, axis=1)
-        if HAS_A:
-            a = tl.load(a_ptr + ranks[None, :] * N + cols[:, None], mask=cm[:, None] & (ranks < R)[None, :], other=0.0)
-            accw += tl.dot(w, a, input_precision="ieee")
-    tl.store(sq_ptr + rows, acc, mask=rmask)
-    if HAS_A:
-        tl.store(wa_ptr + rows64[:, None] * R + ranks[None, :], accw, mask=rmask[:, None] & (ranks < R)[None, :])
-
-
-@triton.jit
 def _rowstd_kernel(tab_ptr, map_ptr, out_ptr, SCALE,
                    KIND: tl.constexpr, VEC: tl.constexpr, BM_: tl.constexpr, BK: tl.constexpr, RK: tl.constexpr):
     """out[OUT0 + i] = SCALE * ||W_i + B_i A|| / sqrt(N) for the BM rows of one layer of the table.
@@ -323,21 +298,6 @@ def _rowstd_kernel(tab_ptr, map_ptr, out_ptr, SCALE,
 def supported(w: torch.Tensor) -> bool:
     """True when the kernels handle this weight (dense float16/bfloat16/float32)."""
     return w.dtype in _BITS and w.layout == torch.strided
-
-
-def row_norm_parts(w: torch.Tensor, a: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(||W_i||^2 [m], W A^T [m, r]) for a logical (m, n) view `w` (any strides) and A [r, n] float32."""
-    m, n = w.shape
-    sq = torch.empty(m, dtype=torch.float32, device=w.device)
-    r = 0 if a is None else a.shape[0]
-    wa = torch.empty((m, max(r, 1)), dtype=torch.float32, device=w.device)
-    a_ = a.float().contiguous() if a is not None else sq
-    rp = max(16, triton.next_power_of_2(max(r, 1)))
-    wb = w.view(_BITS[w.dtype])
-    bm = 16
-    _rownorm_kernel[(triton.cdiv(m, bm),)](wb, a_, sq, wa, m, n, wb.stride(0), wb.stride(1), r,
-                                          KIND=_KIND[w.dtype], HAS_A=a is not None, RP=rp, BM_=bm, BK=128)
-    return sq, (wa if a is not None else None)
 
 
 def _tiles(m: int, n: int) -> int:
