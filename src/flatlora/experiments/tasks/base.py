@@ -53,11 +53,16 @@ class Task:
         return {}
 
     # ------------------------------------------------------------------ shared
+    def epoch_order(self, seed: int, epoch: int, g: torch.Generator) -> list[int]:
+        """The seeded permutation of the training examples for (seed, epoch); `g` is seeded here and can go
+        on drawing (length grouping shuffles its batches with it)."""
+        g.manual_seed(1_000_003 * seed + epoch)
+        return torch.randperm(self.num_train(), generator=g).tolist()
+
     def batches(self, batch_size: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> Iterator[Any]:
         """Training batches of one epoch in the seeded order (the last, smaller batch is kept). A last batch of
         a single example joins the one before it: BatchNorm cannot train on one sample (n = 1 mod batch_size)."""
-        g = torch.Generator().manual_seed(1_000_003 * seed + epoch)
-        order = torch.randperm(self.num_train(), generator=g).tolist()
+        order = self.epoch_order(seed, epoch, torch.Generator())
         starts = list(range(0, len(order), batch_size))
         if len(starts) > 1 and len(order) - starts[-1] == 1:
             starts.pop()

@@ -124,8 +124,8 @@ class TextClassificationTask(Task):
             yield from super().batches(batch_size, seed, epoch, device)
             return
         ids = self._train[0]
-        g = torch.Generator().manual_seed(1_000_003 * seed + epoch)
-        order = torch.randperm(self.num_train(), generator=g).tolist()
+        g = torch.Generator()
+        order = self.epoch_order(seed, epoch, g)
         chunk = 16 * batch_size
         groups = []
         for i in range(0, len(order), chunk):
