@@ -29,12 +29,23 @@ sys.path.insert(0, str(ROOT / "src"))
 SHAPES_7B = [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)]  # q k v o gate up down (out, in)
 
 
-def cuda_ms(fn, reps: int, warm: int = 2) -> float:
+def cuda_ms(fn, reps: int = 10, warm: int = 2) -> float:
+    """Median ms of `fn` over `reps` calls after `warm` (CUDA events; wall clock off the GPU, where the
+    number only checks that a script runs)."""
+    import time
+
     for _ in range(warm):
         fn()
-    torch.cuda.synchronize()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
     ts = []
     for _ in range(reps):
+        if not cuda:
+            t0 = time.perf_counter()
+            fn()
+            ts.append(1e3 * (time.perf_counter() - t0))
+            continue
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()

@@ -219,10 +219,34 @@ def run_setting(name, model, batch_fn, ga, args, rows, variants=None, extra=None
             base = r["median_ms"]
         row["ratio_vs_lora"] = r["median_ms"] / base if base else None
         rows.append(row)
+        if args.profile and variant.startswith("flatlora"):
+            profile(fn, args, f"{name}-{variant}")
         print(f"  {name:<22} {variant:<18} {r['median_ms']:10.2f} ms  x{row['ratio_vs_lora'] or 0:6.3f}  "
               f"peak {r['peak_mem_gib']:7.2f} GiB" + (f"  record {row['restore_record_bytes'] / 2**20:.1f} MiB"
                                                      if "restore_record_bytes" in row else ""), flush=True)
         gc.collect()
+
+
+def profile(fn, args, label, steps=2):
+    """torch.profiler over `steps` steps of a variant: the top ops by device time (and host time) into
+    `--out`, to see where the added time goes (launch counts, syncs, kernels)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.dev == "cuda" else [])
+    with prof(activities=acts) as p:
+        for _ in range(steps):
+            fn()
+        sync(args.dev)
+    key = "cuda_time_total" if args.dev == "cuda" else "cpu_time_total"
+    ka = p.key_averages()
+    text = (f"# {label}: {steps} steps\n## by device time\n{ka.table(sort_by=key, row_limit=30)}\n"
+            f"## by host time\n{ka.table(sort_by='cpu_time_total', row_limit=30)}\n")
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
+    path = Path(args.out) / f"profile-{safe}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"  wrote {path}", flush=True)
 
 
 def llama_batch(vocab, bs, seq, dev):
@@ -321,6 +345,7 @@ def main(argv=None):
     ap.add_argument("--steps-ga", type=int, default=4, help="timed steps (accumulation 16; each is 16 micro-batches)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device (checks the script, not speed)")
+    ap.add_argument("--profile", action="store_true", help="also write a torch.profiler table of 2 steps per Flat-LoRA variant")
     args = ap.parse_args(argv)
     args.dev = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:
