@@ -12,8 +12,8 @@ buy? A development experiment for one GPU call, side by side with torch's copy o
       bitmask     a dense 1-bit-per-element off mask instead of a record     (+ checksum)
     noise streams: Philox4x32-10 (shipped), Philox4x32-7, and Philox-10 split into 16-bit uniforms
     (8 normals per call), each through MUFU Box-Muller
-    row std of W + B A: the shipped FMA kernel at several row blocks, and a tl.dot variant (rank padded to
-    16) in tf32 and bf16, on 56 real 7B-shaped layers
+    row std of W + B A: the shipped kernel (tl.dot) at several tiles, and a per-layer tl.dot variant in
+    tf32, tf32x3, ieee and bf16, on 56 real 7B-shaped layers
 
     python benchmarks/overhead/perturb_sweep.py [--out DIR] [--quick]
 """
@@ -126,13 +126,13 @@ def _perturb_kernel(w_ptr, out_ptr, std_ptr, cnt_ptr, hdr_ptr, roff_ptr, rval_pt
 
 @triton.jit
 def _rowstd_dot(w_ptr, a_ptr, b_ptr, out_ptr, M, N, R, SCALE,
-                BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, BF16: tl.constexpr):
+                BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr):
     t = tl.program_id(0)
     rows = t * BM + tl.arange(0, BM)
     rmask = rows < M
     rr = tl.arange(0, RP)
     b = tl.load(b_ptr + rows[:, None] * R + rr[None, :], mask=rmask[:, None] & (rr[None, :] < R), other=0.0)
-    if BF16:
+    if PREC == "bf16":
         b = b.to(tl.bfloat16)
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     for k in range(0, N, BK):
@@ -140,10 +140,10 @@ def _rowstd_dot(w_ptr, a_ptr, b_ptr, out_ptr, M, N, R, SCALE,
         cm = cols < N
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0)
         a = tl.load(a_ptr + rr[:, None] * N + cols[None, :], mask=(rr[:, None] < R) & cm[None, :], other=0.0)
-        if BF16:
+        if PREC == "bf16":
             ba = tl.dot(b, a.to(tl.bfloat16), out_dtype=tl.float32)
         else:
-            ba = tl.dot(b, a, input_precision="tf32")
+            ba = tl.dot(b, a, input_precision=PREC)
         merged = K._to_f32(w, 0) + ba
         acc += merged * merged
     std = tl.sqrt(tl.sum(acc, axis=1)) * (SCALE / tl.sqrt(N.to(tl.float32)))
@@ -215,33 +215,33 @@ def grouped_rows(shapes, reps, dev):
         rows.append({"what": name, "ms": ms, "frac_of_copy": frac})
         print(f"  {name:<28} {ms:8.3f} ms  {frac:6.1%} of copy bandwidth", flush=True)
     del outs
-    for bm, bk in ((16, 256), (32, 256), (64, 128), (64, 256)):
+    for bm, bk in ((16, 128), (32, 64), (32, 128), (64, 64)):
         K._STD_BM, K._STD_BK = bm, bk
         ms = cuda_ms(lambda: K.row_std_group(items, 0.05), reps)
         frac = 2 * numel / ms / (4 * numel / ms_copy)
-        rows.append({"what": "row_std fma", "bm": bm, "bk": bk, "ms": ms, "frac_of_copy": frac})
-        print(f"  row_std fma BM {bm:3d} BK {bk:4d}: {ms:8.3f} ms  {frac:6.1%} of copy bandwidth", flush=True)
-    K._STD_BM, K._STD_BK = 16, 256
+        rows.append({"what": "row_std shipped", "bm": bm, "bk": bk, "ms": ms, "frac_of_copy": frac})
+        print(f"  row_std shipped BM {bm:3d} BK {bk:4d}: {ms:8.3f} ms  {frac:6.1%} of copy bandwidth", flush=True)
+    K._STD_BM, K._STD_BK = 32, 128
     ref = [s.clone() for s in stds]
     outs = [torch.empty(x.shape[0], device=dev) for x in ws]
-    for bf16 in (False, True):
-        for bm, bk, warps in ((32, 128, 4), (64, 128, 4), (64, 256, 8), (128, 64, 4), (128, 128, 8)):
-            def dot():
-                for it, o in zip(items, outs):
-                    m, nn = it.w.shape
-                    _rowstd_dot[(triton.cdiv(m, bm),)](it.w.view(torch.int16), it.a, it.b, o, m, nn, 8, 0.05,
-                                                       BM=bm, BK=bk, RP=16, BF16=bf16, num_warps=warps)
-            try:
-                ms = cuda_ms(dot, reps)
-            except Exception as e:
-                print(f"  row_std dot bf16={bf16} BM {bm} BK {bk}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                continue
-            err = max(float(((o - r).abs() / r).max()) for o, r in zip(outs, ref))
-            frac = 2 * numel / ms / (4 * numel / ms_copy)
-            rows.append({"what": "row_std dot", "bf16": bf16, "bm": bm, "bk": bk, "warps": warps, "ms": ms,
-                         "frac_of_copy": frac, "max_rel_err_vs_fma": err})
-            print(f"  row_std dot {'bf16' if bf16 else 'tf32'} BM {bm:3d} BK {bk:4d} w{warps}: {ms:8.3f} ms  {frac:6.1%} of copy"
-                  f"  max rel err {err:.1e}", flush=True)
+    for prec, bm, bk, warps in (("tf32", 32, 128, 4), ("tf32x3", 32, 128, 4), ("ieee", 32, 128, 4), ("bf16", 32, 128, 4),
+                                ("tf32x3", 32, 128, 8), ("tf32x3", 32, 256, 8)):
+        def dot():
+            for it, o in zip(items, outs):
+                m, nn = it.w.shape
+                _rowstd_dot[(triton.cdiv(m, bm),)](it.w.view(torch.int16), it.a, it.b, o, m, nn, 8, 0.05,
+                                                   BM=bm, BK=bk, RP=16, PREC=prec, num_warps=warps)
+        try:
+            ms = cuda_ms(dot, reps)
+        except Exception as e:
+            print(f"  row_std dot {prec} BM {bm} BK {bk}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        err = max(float(((o - r).abs() / r).max()) for o, r in zip(outs, ref))
+        frac = 2 * numel / ms / (4 * numel / ms_copy)
+        rows.append({"what": "row_std dot", "prec": prec, "bm": bm, "bk": bk, "warps": warps, "ms": ms,
+                     "frac_of_copy": frac, "max_rel_err_vs_shipped": err})
+        print(f"  row_std dot {prec:<6} BM {bm:3d} BK {bk:4d} w{warps}: {ms:8.3f} ms  {frac:6.1%} of copy"
+              f"  max rel err {err:.1e}", flush=True)
     return rows
 
 
@@ -250,6 +250,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--quick", action="store_true", help="fewer tile shapes; small sizes off the GPU")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--part", choices=("all", "perturb", "grouped"), default="all")
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     fast = dev == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
@@ -258,8 +259,8 @@ def main(argv=None):
     info = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "triton": triton.__version__, "command": " ".join(["python"] + sys.argv)}
-    rows = perturb_rows(numel, n, args.reps, args.quick, fast, dev)
-    rows += grouped_rows(shapes, args.reps, dev)
+    rows = perturb_rows(numel, n, args.reps, args.quick, fast, dev) if args.part in ("all", "perturb") else []
+    rows += grouped_rows(shapes, args.reps, dev) if args.part in ("all", "grouped") else []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"perturb-sweep-{info['device'].lower().replace(' ', '-')}.json"

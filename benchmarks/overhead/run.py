@@ -230,6 +230,10 @@ def run_setting(name, model, batch_fn, ga, args, rows, variants=None, extra=None
 def profile(fn, args, label, steps=2):
     """torch.profiler over `steps` steps of a variant: the top ops by device time (and host time) into
     `--out`, to see where the added time goes (launch counts, syncs, kernels)."""
+    import cProfile
+    import io
+    import pstats
+
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
@@ -240,8 +244,17 @@ def profile(fn, args, label, steps=2):
         sync(args.dev)
     key = "cuda_time_total" if args.dev == "cuda" else "cpu_time_total"
     ka = p.key_averages()
+    cp = cProfile.Profile()
+    cp.enable()
+    for _ in range(steps):
+        fn()
+    sync(args.dev)
+    cp.disable()
+    py = io.StringIO()
+    pstats.Stats(cp, stream=py).sort_stats("cumulative").print_stats("flatlora", 40)
     text = (f"# {label}: {steps} steps\n## by device time\n{ka.table(sort_by=key, row_limit=30)}\n"
-            f"## by host time\n{ka.table(sort_by='cpu_time_total', row_limit=30)}\n")
+            f"## by host time\n{ka.table(sort_by='cpu_time_total', row_limit=30)}\n"
+            f"## Python functions of flatlora (cProfile, {steps} more steps)\n{py.getvalue()}\n")
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
     path = Path(args.out) / f"profile-{safe}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -211,11 +211,14 @@ def test_row_std_group_matches_the_torch_reference():
 
 def test_row_std_group_loops_over_large_ranks():
     g = torch.Generator().manual_seed(9)
-    m, n, r = 19, 150, 40  # R > the kernel's rank chunk: several chunks, the last one partial
+    m, n, r = 19, 150, 150  # R > the kernel's rank chunk (64): several chunks, the last one partial
     w = torch.randn(m, n, generator=g).to(DEV)
     a, b = torch.randn(r, n, generator=g).to(DEV) * 0.2, torch.randn(m, r, generator=g).to(DEV) * 0.2
-    (std,) = K.row_std_group([K.StdItem(w, a, b)], 0.5)
-    torch.testing.assert_close(std, (w + b @ a).norm(dim=1) * (0.5 / n**0.5), rtol=1e-5, atol=1e-7)
+    w2 = torch.randn(7, n, generator=g).to(DEV)  # no low-rank term, in the same launch
+    std, std2 = K.row_std_group([K.StdItem(w, a, b), K.StdItem(w2)], 0.5)
+    ref = (w.double() + b.double() @ a.double()).norm(dim=1) * (0.5 / n**0.5)
+    torch.testing.assert_close(std, ref.float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(std2, w2.norm(dim=1) * (0.5 / n**0.5), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.gpu

@@ -9,10 +9,11 @@ The perturbed weight is the same rounded W + eps that in-place mode writes, so b
 outputs and gradients. eps is a pure function of (key, row, column), so gradient-checkpoint recompute,
 which reruns forward, sees the same noise.
 
-torch.compile. A linear layer is one custom op, `flatlora::noisy_linear` (see `ops`), fed by tensors only:
+torch.compile. Under compile, a linear layer is one custom op, `flatlora::noisy_linear` (see `ops`), fed by tensors only:
 the weight, the window's std and key. Each target keeps one `Armed` object for the engine's life and the
 patched forward is one module-level function, so a compiled graph guards on the same objects every window
-and reads the new std and key as inputs: no recompile per step. A convolution runs its own `_conv_forward`
+and reads the new std and key as inputs: no recompile per step. Eager calls skip the op's dispatch (host
+time) and run the same computation through the autograd op below. A convolution runs its own `_conv_forward`
 on `flatlora::noisy_weight` under non-reentrant checkpoint (recomputed in backward, nothing m x n saved).
 Two kinds of layer keep the eager autograd op below, which dynamo does not trace (a graph break per such
 layer): quantized bases, dequantized again in backward instead of keeping a dense copy alive, and weights
@@ -21,6 +22,7 @@ gathered only inside forward (FSDP1, ZeRO-3, FSDP2), whose noise is drawn at the
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Callable
 
@@ -53,13 +55,14 @@ class Armed:
         self.generator = "torch"
         self.std: torch.Tensor | None = None
         self.key: torch.Tensor | None = None
+        self.key_int = 0
         self.row0 = 0
         self.noisy: NoisyWeight | None = None
 
     def set_draw(self, draw: Draw) -> None:
         """Compute with `draw` through the custom ops (the weight is whole and dense)."""
         self.std, self.key, self.row0, self.noisy = draw.std, ops.key_tensor(draw.key), draw.row0, None
-        self.generator = draw.generator
+        self.key_int, self.generator = draw.key, draw.generator
 
     def set_callback(self, noisy: NoisyWeight) -> None:
         """Compute with `noisy()` through the eager op (quantized, or gathered only inside forward)."""
@@ -75,6 +78,13 @@ class Armed:
         if t.kind == "conv":
             # preserve_rng_state off: our noise is keyed, and the layer draws nothing from torch's RNG.
             return checkpoint(self._conv, x, t.weight, bias, use_reentrant=False, preserve_rng_state=False)
+        if not torch.compiler.is_compiling():
+            # Eager: the same computation as the custom op without its dispatch, which costs ~0.7 ms of host
+            # time a call (forward and backward), enough to make a 7B step host-bound. The window's values are
+            # bound now, so backward regenerates exactly this noise.
+            noisy = functools.partial(ops.compute_noisy_weight, t.weight, self.std, self.key_int, t.m, self.row0,
+                                      t.transposed, self.generator, self.backend)
+            return _NoisyLayer.apply(x, t.weight, bias, t, noisy)
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         return torch.ops.flatlora.noisy_linear(x, t.weight, bias, self.std, self.key, t.m, self.row0, t.transposed,

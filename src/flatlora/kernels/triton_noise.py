@@ -35,10 +35,10 @@ import triton
 import triton.language as tl
 
 PERTURB, RESTORE, COPY = 0, 1, 2
-BLOCK = 4096  # noise tile: 4096 consecutive elements of a layer's (m, n) view; in-tile offsets fit int16
-# Warps a tile, per mode (H200): copy and restore run best at 16 elements a thread; perturb, whose record
-# compaction scans the whole tile across warps, at 4 warps (52 ms against 84 ms at 8 on the 7B group).
-NUM_WARPS = {PERTURB: 4, RESTORE: 8, COPY: 8}
+BLOCK = 2048  # noise tile: 2048 consecutive elements of a layer's (m, n) view; in-tile offsets fit int16
+# Warps a tile, per mode: 16 elements a thread, the fastest on the H200 for the noisy copy and the perturb
+# (perturb_sweep.py: 2048 x 4 warps against 4096 x 4 or x 8).
+NUM_WARPS = {PERTURB: 4, RESTORE: 4, COPY: 4}
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
@@ -204,9 +204,12 @@ def _noise_kernel(
     elif MODE == 0:  # PERTURB
         noisy = _round_bits(x + eps, KIND)
         replay = _round_bits(_to_f32(noisy, KIND) - eps, KIND)
-        off = (replay != bits) & mask
-        off_f = tl.reshape(off.to(tl.int32), (BLOCK_,))
-        count = tl.sum(off_f, axis=0)
+        # The record by a two-level scan: entries before a quad (a scan over the BLOCK/4 quad counts), then
+        # before the entry in its quad (4 lanes a thread holds). A scan over the flat tile instead cost twice
+        # the whole perturb (perturb_sweep.py: 12.2 against 6.6 ms on a quarter of the 7B group).
+        offi = ((replay != bits) & mask).to(tl.int32)
+        qc = tl.sum(offi, axis=1)
+        count = tl.sum(qc, axis=0)
         if RETRY:
             active = tl.load(hdr_ptr + t * 3) == -1
         else:
@@ -215,10 +218,10 @@ def _noise_kernel(
         ok = active & (slot + count <= CAP)
         ok_i = ok.to(tl.int32)  # broadcast as int: the interpreter rejects scalar-bool & tensor-bool masks
         tl.store(ptrs, noisy, mask=mask & ((offs * 0 + ok_i) != 0))
-        pos = slot + tl.cumsum(off_f, axis=0) - 1
-        sel = (off_f * ok_i) != 0
-        tl.store(roff_ptr + pos, tl.arange(0, BLOCK_).to(tl.int16), mask=sel)
-        tl.store(rval_ptr + pos, tl.reshape(bits, (BLOCK_,)), mask=sel)
+        pos = slot + (tl.cumsum(qc, axis=0) - qc)[:, None] + (tl.cumsum(offi, axis=1) - offi)
+        sel = (offi * ok_i) != 0
+        tl.store(roff_ptr + pos, offs.to(tl.int16), mask=sel)
+        tl.store(rval_ptr + pos, bits, mask=sel)
         chk = _checksum(tl.where(mask, noisy, 0), offs)
         tl.store(hdr_ptr + t * 3, tl.where(ok, slot, -1), mask=active)
         tl.store(hdr_ptr + t * 3 + 1, count, mask=active)
@@ -246,12 +249,15 @@ def _noise_kernel(
 
 @triton.jit
 def _rowstd_kernel(tab_ptr, map_ptr, out_ptr, SCALE,
-                   KIND: tl.constexpr, VEC: tl.constexpr, BM_: tl.constexpr, BK: tl.constexpr, RK: tl.constexpr):
+                   KIND: tl.constexpr, VEC: tl.constexpr, BM_: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+                   ONE: tl.constexpr, PREC: tl.constexpr):
     """out[OUT0 + i] = SCALE * ||W_i + B_i A|| / sqrt(N) for the BM rows of one layer of the table.
 
-    The merged row is built tile by tile over N (W tile + sum_r B[rows, r] A[r, cols], float32 FMAs, ranks
-    in unrolled chunks of RK) and its squares summed: no ||W||^2 + 2<WA^T, B> + ... expansion, so no
-    cancellation. VEC: row-major contiguous 16-byte aligned views with n % 8 == 0 (hints for vector loads)."""
+    The merged row is built tile by tile over N (W tile + B[rows] @ A[:, cols] on the tensor cores, the rank
+    in chunks of RP, zero-padded; ONE: every R fits one chunk, loaded once; float32 accumulation, PREC
+    "tf32x3" keeps float32 accuracy) and its squares summed: no
+    ||W||^2 + 2<WA^T, B> + ... expansion, so no cancellation. VEC: row-major contiguous 16-byte aligned
+    views with n % 8 == 0 (hints for vector loads)."""
     t = tl.program_id(0)
     layer = tl.load(map_ptr + t)
     row = tab_ptr + layer.to(tl.int64) * S_COLS
@@ -274,6 +280,9 @@ def _rowstd_kernel(tab_ptr, map_ptr, out_ptr, SCALE,
     rows = (t - tl.load(row + S_BLK0)) * BM_ + tl.arange(0, BM_)
     rmask = rows < M
     rows64 = rows.to(tl.int64)
+    rk = tl.arange(0, RP)
+    if ONE:
+        b = tl.load(b_ptr + rows64[:, None] * R + rk[None, :], mask=rmask[:, None] & (rk[None, :] < R), other=0.0)
     acc = tl.zeros((BM_, BK), dtype=tl.float32)
     for k in range(0, N, BK):
         cols = k + tl.arange(0, BK)
@@ -281,13 +290,15 @@ def _rowstd_kernel(tab_ptr, map_ptr, out_ptr, SCALE,
         cols64 = cols.to(tl.int64)
         bits = tl.load(w_ptr + rows64[:, None] * SR + cols64[None, :] * SC, mask=rmask[:, None] & cm[None, :], other=0)
         merged = _to_f32(bits, KIND)
-        for r0 in range(0, R, RK):  # R = 0: no low-rank term, the loop does not run
-            for j in tl.static_range(RK):
-                r = r0 + j
-                # r < R as tensors: the interpreter rejects scalar-bool & tensor-bool masks
-                b = tl.load(b_ptr + rows64 * R + r, mask=rmask & (rows64 * 0 + r < R), other=0.0)
-                a = tl.load(a_ptr + r * N + cols64, mask=cm & (cols64 * 0 + r < R), other=0.0)
-                merged += b[:, None] * a[None, :]
+        if ONE:
+            a = tl.load(a_ptr + rk[:, None] * N + cols64[None, :], mask=(rk[:, None] < R) & cm[None, :], other=0.0)
+            merged += tl.dot(b, a, input_precision=PREC)
+        else:
+            for r0 in range(0, R, RP):
+                r = r0 + rk
+                bc = tl.load(b_ptr + rows64[:, None] * R + r[None, :], mask=rmask[:, None] & (r[None, :] < R), other=0.0)
+                a = tl.load(a_ptr + r[:, None] * N + cols64[None, :], mask=(r[:, None] < R) & cm[None, :], other=0.0)
+                merged += tl.dot(bc, a, input_precision=PREC)
         acc += merged * merged
     std = tl.sqrt(tl.sum(acc, axis=1)) * (SCALE / tl.sqrt(N.to(tl.float32)))
     tl.store(out_ptr + tl.load(row + S_OUT0) + rows64, std, mask=rmask)
@@ -498,7 +509,7 @@ class StdItem:
     b: torch.Tensor | None = None
 
 
-_STD_BM, _STD_BK, _STD_RK = 16, 256, 8
+_STD_BM, _STD_BK, _STD_PREC = 32, 128, "tf32x3"  # perturb_sweep.py: 2x the FMA kernel on the H200
 
 
 def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor]:
@@ -536,8 +547,10 @@ def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor
             blk += blocks
             row0 += m
         vec = all(_contiguous(items[i].w) and items[i].w.shape[1] % 8 == 0 for i in idx)
+        r_max = max(row[7] for row in rows)
+        rp = min(64, max(16, triton.next_power_of_2(r_max)))  # tl.dot needs K >= 16; chunks keep tiles small
         tab = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
         _rowstd_kernel[(blk,)](tab, _tile_map(dev, tuple(counts)), out, float(sigma_scale),
-                               KIND=_KIND[dtype], VEC=vec, BM_=_STD_BM, BK=_STD_BK, RK=_STD_RK,
-                               num_warps=4)
+                               KIND=_KIND[dtype], VEC=vec, BM_=_STD_BM, BK=_STD_BK, RP=rp,
+                               ONE=r_max <= rp, PREC=_STD_PREC, num_warps=4)
     return result
