@@ -39,22 +39,8 @@ from ._deps import require
 from ._guard import CleanWeightsGuard
 
 
-def _import_lightning():
-    try:
-        return require("lightning.pytorch", "lightning", "flatlora.integrations.lightning")
-    except ImportError as e:
-        if not str(e).startswith("flatlora.integrations.lightning needs"):
-            raise  # lightning is installed but broken: its own error
-        try:
-            return require("pytorch_lightning", "lightning", "flatlora.integrations.lightning")
-        except ImportError as fallback:
-            if str(fallback).startswith("flatlora.integrations.lightning needs"):
-                raise ImportError("flatlora.integrations.lightning needs lightning (or pytorch_lightning), which is "
-                                  "not installed: pip install 'flatlora[lightning]'", name="lightning") from None
-            raise
-
-
-pl = _import_lightning()
+# `lightning.pytorch` first (the `lightning` package), `pytorch_lightning` when only that is installed.
+pl = require(("lightning.pytorch", "pytorch_lightning"), "lightning", "flatlora.integrations.lightning")
 
 log = logging.getLogger("flatlora")
 _DEFAULT_SEED = FlatLoRAConfig().seed
