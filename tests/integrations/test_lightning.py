@@ -195,6 +195,38 @@ def test_checkpoint_saved_by_validation_inside_a_window_holds_clean_weights(tmp_
     assert module.val_checks == [True, True]
 
 
+class SaveInsideWindow(pl.Callback):
+    """trainer.save_checkpoint after the first micro-batch of window 1 (GA 2: batch 2), noise on."""
+
+    def __init__(self, path, flat_cb):
+        self.path, self.flat_cb, self.noise_on_at_save = path, flat_cb, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 2:
+            self.noise_on_at_save = self.flat_cb.flat.active
+            trainer.save_checkpoint(self.path)
+
+
+def test_checkpoint_saved_inside_a_window_holds_clean_weights_and_the_noise_resumes(tmp_path):
+    # No validation and no on_save_checkpoint work: the state dict Lightning saves is taken through
+    # state_dict(), whose hook (the guard's) removes the noise; the next micro-batch of the window brings the
+    # same noise back, so the run ends with the plain loop's bits.
+    data = make_data(16)
+    ref = Holder()
+    plain_loop(ref, data, batch=4, grad_accum=2, steps=2, flat=FlatLoRA(ref, FlatLoRAConfig(sigma=SIGMA, total_steps=2)))
+    module = LitReg()
+    clean = bits(module)
+    cb = FlatLoRACallback(sigma=SIGMA)
+    saver = SaveInsideWindow(tmp_path / "inside.ckpt", cb)
+    fit(module, [cb, saver], data)
+    assert saver.noise_on_at_save  # the save really happened inside an open window
+    sd = torch.load(tmp_path / "inside.ckpt", weights_only=True)["state_dict"]
+    for name, b in clean.items():
+        assert torch.equal(sd[name].view(torch.int32), b), name
+    assert_same_bits(adapters(module.model), adapters(ref.model))
+    assert_same_bits(bits(module), clean)
+
+
 class RaiseAtBatchStart(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 2:  # first micro-batch of step 1: our callback (listed first) has opened the window

@@ -17,7 +17,8 @@ A thin adapter over `flatlora.FlatLoRA` (SPEC Part B §2.1 has Lightning's event
     on_train_batch_end        safety net at the window's end (a step skipped by a None loss fires no optimizer hook)
     on_validation/test/predict_start  the noise is removed first; inside a window (val_check_interval not a
                               multiple of the accumulation) the same noise comes back at the next training forward
-    on_save_checkpoint        (and every state_dict() call, which Lightning makes before this hook) clean weights
+    checkpoints               no hook: Lightning takes the weights through state_dict(), whose pre-hook (the guard's)
+                              removes the noise first; inside a window it comes back at the next training forward
     on_exception, on_train_end  close; BatchNorm statistics are recalibrated on clean weights at the end
 
 Optimizer step-pre-hooks are not used on purpose: under automatic optimisation the last micro-batch's
@@ -146,9 +147,6 @@ class FlatLoRACallback(pl.Callback):
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pause("predict")
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._pause("checkpoint")  # the state dict was taken before this hook, by then already clean (guard)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.restore()
