@@ -2,9 +2,9 @@
 
 Every noise draw gets its own 63-bit key, mixed with splitmix64 from the run seed, the update step,
 a stable id of the layer (a hash of its module name, so adding or excluding other layers never
-changes this layer's noise) and, with per-rank noise, the data-parallel rank. The key seeds a private
-`torch.Generator` that draws the layer's m x n standard normals in row-major order, so element (i, j)
-is fixed by (key, i, j). Restore and backward replay the key instead of storing the noise, and
+changes this layer's noise) and, with per-rank noise, the data-parallel rank. The key seeds private
+`torch.Generator`s that draw the layer's m x n standard normals in row-major order (on CPU one per block
+of CPU_BLOCK_ROWS rows, seeded from (key, block)), so element (i, j) is fixed by (key, i, j). Restore and backward replay the key instead of storing the noise, and
 torch's global RNG (which drives the user's dropout and data order) is never touched.
 """
 
