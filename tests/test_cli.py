@@ -90,6 +90,12 @@ def test_print_config_shows_the_resolved_spec_and_trains_nothing(tmp_path, capsy
     out = capsys.readouterr().out
     assert re.search(r"^  lr: 0.001$", out, re.M) and "seeds:\n- 4\n- 5\n" in out
     assert "jobs: 3" in out and "out_dir: elsewhere" in out and not (tmp_path / "elsewhere").exists()
+    # run: the same, its own keys; no config at all shows the defaults
+    assert main(["run", str(cfg), "--print-config", "seed=7", "method=flat-lora", "--out", "other"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^seed: 7$", out, re.M) and re.search(r"^method: flat-lora$", out, re.M)
+    assert "out_dir: other" in out and not (tmp_path / "other").exists()
+    assert main(["run", "--print-config"]) == 0 and re.search(r"^seed: 0$", capsys.readouterr().out, re.M)
 
 
 @pytest.mark.parametrize("command", ["run", "compare"])

@@ -205,6 +205,7 @@ def test_report_conclusions_follow_the_numbers(tmp_path):
     assert "esharp_0.05: lower (flatter)" in ra and "lambda_max: no detectable difference" in ra
     assert "| text | test/accuracy | 8 | 6 | 80.33 ± 0.55 |" in ra  # mean ± std of the fixture, in %
     assert "30 → 35" in ra
+    assert "| flat-lora | 8 | 6 | 81.38 ± 0.56 | 81.38 ± 0.56 | 35.0 | 2 | not recorded |" in ra  # eval s from the cells
 
 
 def test_report_flags_a_task_without_headroom(tmp_path):

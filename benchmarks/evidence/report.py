@@ -255,7 +255,7 @@ def main_tables(s: dict) -> list[str]:
     peak = summ.get("peak_memory_mb") or {}
     for c in sorted(summ["cells"], key=lambda c: (c["rank"], c["method"] != "lora")):
         key = f"{c['method']}_r{c['rank']}"
-        ev = (summ.get("eval_seconds") or {}).get(key)
+        ev = c.get("eval_seconds")
         lines.append(f"| {c['method']} | {c['rank']} | {c['n']} | " + " | ".join(cell(c, m) for m in metrics)
                      + f" | {c['train_seconds']:.1f} | {num(ev, 3)} | {peak.get(key, 'not recorded')} |")
     lines += ["", "Paired over seeds (Flat-LoRA − LoRA, points):", "",

@@ -461,16 +461,10 @@ def choose_headroom(points: list[dict], metric: str, lo: float, hi: float) -> tu
     return min(done, key=lambda p: min(abs(p["mean"] - lo), abs(p["mean"] - hi))), False
 
 
-def _mean_std(v: list[float]) -> tuple[float, float]:
-    import numpy as np
-
-    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
-
-
 def summarize_grid(d: Path, stage: str, recs: list[dict], cfg: dict, sc: dict, keys: list[str], expected: list[str],
                    seeds: list[int], baseline: list[dict] | None) -> dict:
     """runs.csv, summary.json and (when every point is complete) choice.json of a grid stage."""
-    from flatlora.experiments.results import paired_stats
+    from flatlora.experiments.results import mean_std, paired_stats
 
     metric = cfg["dev_metric"]
     metrics = sorted({k for r in recs for k in r["metrics"]})
@@ -483,9 +477,9 @@ def summarize_grid(d: Path, stage: str, recs: list[dict], cfg: dict, sc: dict, k
         p: dict[str, Any] = {"point": name, "params": rs[0]["params"] if rs else {}, "n": len(vals),
                              "seeds": [r["seed"] for r in rs], "complete": sorted(r["seed"] for r in rs) == sorted(seeds),
                              "per_seed": {str(r["seed"]): r["metrics"].get(metric) for r in rs},
-                             "train_seconds": _mean_std([r["train_seconds"] for r in rs])[0] if rs else None}
+                             "train_seconds": mean_std([r["train_seconds"] for r in rs])[0] if rs else None}
         if vals:
-            p["mean"], p["std"] = _mean_std(vals)
+            p["mean"], p["std"] = mean_std(vals)
         if baseline and rs:
             common = [r["seed"] for r in rs if r["seed"] in base_by_seed and metric in r["metrics"]]
             p["vs_lora"] = paired_stats([next(r for r in rs if r["seed"] == s)["metrics"][metric] for s in common],
@@ -494,8 +488,8 @@ def summarize_grid(d: Path, stage: str, recs: list[dict], cfg: dict, sc: dict, k
     summary: dict[str, Any] = {"stage": stage, "metric": metric, "seeds": seeds, "points": points}
     if baseline:
         vals = [r["metrics"][metric] for r in baseline if metric in r["metrics"]]
-        summary["lora_baseline"] = {"point": baseline[0]["point"], "seeds": sorted(base_by_seed), "mean": _mean_std(vals)[0],
-                                    "std": _mean_std(vals)[1], "per_seed": {str(r["seed"]): r["metrics"].get(metric) for r in baseline}}
+        summary["lora_baseline"] = {"point": baseline[0]["point"], "seeds": sorted(base_by_seed), "mean": mean_std(vals)[0],
+                                    "std": mean_std(vals)[1], "per_seed": {str(r["seed"]): r["metrics"].get(metric) for r in baseline}}
     complete = all(p["complete"] for p in points)
     choice: dict[str, Any] | None = None
     if complete:
@@ -522,9 +516,7 @@ def summarize_comparison(d: Path, recs: list[dict], cfg: dict, stage: str) -> di
     from flatlora.experiments.results import plot_summary, summarize, write_summary
 
     summary = summarize(recs, baseline=None)
-    summary.update(stage=stage, test_metric=cfg["test_metric"],
-                   eval_seconds={f"{m}_r{r}": _mean_std([x["eval_seconds"] for x in recs if x["method"] == m and x["rank"] == r])[0]
-                                 for m, r in {(x["method"], x["rank"]) for x in recs}})
+    summary.update(stage=stage, test_metric=cfg["test_metric"])
     peak = [x.get("peak_memory_mb") for x in recs if x.get("peak_memory_mb") is not None]
     if peak:
         summary["peak_memory_mb"] = {f"{m}_r{r}": max(x["peak_memory_mb"] for x in recs if x["method"] == m and x["rank"] == r
@@ -620,7 +612,7 @@ def measure_sharpness(study: Study, sc: dict, rank: int, todo: list[tuple[str, i
 
 
 def summarize_sharpness(d: Path, sc: dict) -> dict | None:
-    from flatlora.experiments.results import paired_stats
+    from flatlora.experiments.results import mean_std, paired_stats
 
     files = sorted((d / "per_run").glob("*.json"))
     if not files:
@@ -643,7 +635,7 @@ def summarize_sharpness(d: Path, sc: dict) -> dict | None:
             w.writerow([r["method"], r["rank"], r["seed"], *[value(r, k) for k in measures], r["test_metric"], r["seconds"]])
     by = {(r["method"], r["seed"]): r for r in rows}
     seeds = sorted(s for (m, s) in by if m == "lora" and ("flat-lora", s) in by)
-    cells = {m: {k: _mean_std([value(by[(m, s)], k) for s in seeds]) for k in measures} for m in ("lora", "flat-lora")} if seeds else {}
+    cells = {m: {k: mean_std([value(by[(m, s)], k) for s in seeds]) for k in measures} for m in ("lora", "flat-lora")} if seeds else {}
     pairs = {k: paired_stats([value(by[("flat-lora", s)], k) for s in seeds], [value(by[("lora", s)], k) for s in seeds])
              for k in measures} if seeds else {}
     summary = {"stage": "sharpness", "rank": rows[0]["rank"], "seeds": seeds, "measures": measures,

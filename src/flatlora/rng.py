@@ -2,15 +2,16 @@
 
 Every noise draw gets its own 63-bit key, mixed with splitmix64 from the run seed, the update step,
 a stable id of the layer (a hash of its module name, so adding or excluding other layers never
-changes this layer's noise) and, with per-rank noise, the data-parallel rank. The key seeds a private
-`torch.Generator` that draws the layer's m x n standard normals in row-major order, so element (i, j)
-is fixed by (key, i, j). Restore and backward replay the key instead of storing the noise, and
+changes this layer's noise) and, with per-rank noise, the data-parallel rank. The key seeds private
+`torch.Generator`s that draw the layer's m x n standard normals in row-major order (on CPU one per block
+of CPU_BLOCK_ROWS rows, seeded from (key, block)), so element (i, j) is fixed by (key, i, j). Restore and backward replay the key instead of storing the noise, and
 torch's global RNG (which drives the user's dropout and data order) is never touched.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import torch
 
@@ -58,6 +59,7 @@ def noise_key(seed: int, step: int, layer: int, rank: int | None = None) -> int:
 # cost), and a row slice only draws the blocks it touches. Part of the stream's definition: fixed.
 CPU_BLOCK_ROWS = 64
 _POOL = None
+_LOCAL = threading.local()
 
 
 def _pool():
@@ -65,32 +67,55 @@ def _pool():
     if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="flatlora-rng")
+        # The calling thread fills a share itself, so one worker fewer than torch's threads.
+        _POOL = ThreadPoolExecutor(max(1, torch.get_num_threads() - 1), thread_name_prefix="flatlora-rng")
     return _POOL
 
 
-def _cpu_blocks(key: int, m: int, n: int, rows: slice) -> torch.Tensor:
+def _block_generator() -> torch.Generator:
+    # One generator per thread, re-seeded for every block: manual_seed resets the whole state (and the
+    # cached second normal), so it draws exactly what a fresh generator with that seed would.
+    gen = getattr(_LOCAL, "gen", None)
+    if gen is None:
+        gen = _LOCAL.gen = torch.Generator()
+    return gen
+
+
+def _cpu_blocks(key: int, m: int, n: int, rows: slice, scale: torch.Tensor | None) -> torch.Tensor:
     start, stop, _ = rows.indices(m)
     first, last = start // CPU_BLOCK_ROWS, (max(stop, start + 1) - 1) // CPU_BLOCK_ROWS
     lo = first * CPU_BLOCK_ROWS
     out = torch.empty((min(m, (last + 1) * CPU_BLOCK_ROWS) - lo, n), dtype=torch.float32)
+    if scale is not None:  # one factor per row of `out` (rows outside `rows` are dropped below)
+        scale = torch.nn.functional.pad(scale, (start - lo, out.shape[0] - (stop - lo)), value=1.0)[:, None]
 
-    def fill(b: int) -> None:  # torch ops release the GIL, so blocks fill on several cores
-        gen = torch.Generator().manual_seed(_splitmix64(key ^ b) >> 1)
-        out[b * CPU_BLOCK_ROWS - lo:(b + 1) * CPU_BLOCK_ROWS - lo].normal_(generator=gen)
+    def fill(b0: int, b1: int) -> None:  # torch ops release the GIL, so ranges fill on several cores
+        gen = _block_generator()
+        for b in range(b0, b1):
+            gen.manual_seed(_splitmix64(key ^ b) >> 1)
+            i, j = b * CPU_BLOCK_ROWS - lo, (b + 1) * CPU_BLOCK_ROWS - lo
+            block = out[i:j].normal_(generator=gen)
+            if scale is not None:  # while the block is in cache; the same float32 product as a separate pass
+                block.mul_(scale[i:j])
 
-    blocks = range(first, last + 1)
-    if len(blocks) > 1 and out.numel() >= 1 << 16:
-        list(_pool().map(fill, blocks))
-    else:
-        for b in blocks:
-            fill(b)
+    # One contiguous range of blocks per thread, the caller's included: a task per block cost a pool
+    # hand-off (and GIL round trips) every ~0.1 ms, which dominated the draw whenever the cores were busy.
+    blocks = last + 1 - first
+    parts = min(blocks, torch.get_num_threads()) if out.numel() >= 1 << 16 else 1
+    edges = [first + blocks * i // parts for i in range(parts + 1)]
+    futures = [_pool().submit(fill, edges[i], edges[i + 1]) for i in range(1, parts)]
+    try:
+        fill(edges[0], edges[1])
+    finally:
+        for f in futures:
+            f.result()
     return out[start - lo:stop - lo]
 
 
 def standard_normal(key: int, m: int, n: int, device: torch.device | str, rows: slice | None = None,
-                    generator: str = "torch") -> torch.Tensor:
-    """The m x n float32 standard normals of `key` (or just `rows` of them), on `device`.
+                    generator: str = "torch", scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The m x n float32 standard normals of `key` (or just `rows` of them), on `device`; with `scale`
+    (one per returned row) each row multiplied by its factor: `z.mul_(scale[:, None])`, bit for bit.
 
     Values depend only on (key, i, j) and the stream: a row slice equals the same rows of the full draw,
     so sharded weights get the rows the unsharded weight would have. generator="torch" uses private
@@ -101,9 +126,11 @@ def standard_normal(key: int, m: int, n: int, device: torch.device | str, rows: 
     if generator == "philox":
         from .kernels.philox import standard_normal_rows
 
-        return standard_normal_rows(key, m, n, device, rows)
-    if torch.device(device).type == "cpu":
-        return _cpu_blocks(key, m, n, slice(None) if rows is None else rows)
-    gen = torch.Generator(device=device).manual_seed(key)
-    z = torch.randn((m, n), generator=gen, device=device, dtype=torch.float32)
-    return z if rows is None else z[rows]
+        z = standard_normal_rows(key, m, n, device, rows)
+    elif torch.device(device).type == "cpu":
+        return _cpu_blocks(key, m, n, slice(None) if rows is None else rows, scale)
+    else:
+        gen = torch.Generator(device=device).manual_seed(key)
+        z = torch.randn((m, n), generator=gen, device=device, dtype=torch.float32)
+        z = z if rows is None else z[rows]
+    return z if scale is None else z.mul_(scale.to(z.device)[:, None])

@@ -52,7 +52,7 @@ def test_load_run_rebuilds_the_trained_model(runs):
     assert loaded.label == "flat-lora r=2"
 
 
-def test_cli_writes_figures_and_json(runs, tmp_path):
+def test_cli_writes_figures_and_json(runs, tmp_path, capsys):
     from flatlora.cli.main import main
 
     out = tmp_path / "ls"
@@ -62,6 +62,9 @@ def test_cli_writes_figures_and_json(runs, tmp_path):
     assert rc == 0
     for f in ("surfaces.png", "curves.png", "sharpness.png", "sharpness.md", "landscape.json"):
         assert (out / f).stat().st_size > 0
+    md = (out / "sharpness.md").read_text()
+    assert "Expected sharpness, paired over the same noise draws, vs lora r=2" in md
+    assert capsys.readouterr().out.startswith(md)  # the table printed is the one written
     js = json.loads((out / "landscape.json").read_text())
     assert list(js["models"]) == ["lora r=2", "flat-lora r=2"]
     surf = js["models"]["lora r=2"]["surface"]

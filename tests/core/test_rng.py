@@ -133,3 +133,29 @@ def test_cpu_stream_row_slices_equal_the_full_draw_and_are_gaussian():
     assert not torch.equal(full[:CPU_BLOCK_ROWS], full[CPU_BLOCK_ROWS:2 * CPU_BLOCK_ROWS])
     assert abs(full.mean().item()) < 0.01 and abs(full.std().item() - 1) < 0.01
     assert not torch.equal(full, standard_normal(43, m, n, "cpu"))
+
+
+def test_cpu_stream_is_one_fresh_generator_per_block_whatever_the_threads(monkeypatch):
+    # The stream's definition, written out: block b of key k is torch.randn from a fresh Generator seeded
+    # splitmix64(k ^ b) >> 1. The fill reuses one generator per thread and splits the blocks over threads;
+    # neither may change a bit, with one thread or several.
+    from flatlora import rng
+
+    m, n, key = 5 * rng.CPU_BLOCK_ROWS + 9, 384, (1 << 62) + 12345
+    ref = torch.cat([torch.randn(min(rng.CPU_BLOCK_ROWS, m - b * rng.CPU_BLOCK_ROWS), n,
+                                 generator=torch.Generator().manual_seed(rng._splitmix64(key ^ b) >> 1))
+                     for b in range(-(-m // rng.CPU_BLOCK_ROWS))])
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        for _ in range(2):  # the second draw reuses the threads' generators
+            assert torch.equal(rng.standard_normal(key, m, n, "cpu"), ref), threads
+        assert torch.equal(rng.standard_normal(key, m, n, "cpu", slice(70, 200)), ref[70:200]), threads
+        # the row scale, applied block by block inside the fill, is the same float32 product as a pass after it
+        scale = torch.rand(m) * 0.01
+        assert torch.equal(rng.standard_normal(key, m, n, "cpu", scale=scale), ref * scale[:, None]), threads
+        assert torch.equal(rng.standard_normal(key, m, n, "cpu", slice(70, 200), scale=scale[70:200]),
+                           ref[70:200] * scale[70:200, None]), threads
+    # pinned values (drawn by the per-block pool of the previous session): resumed runs replay this stream
+    z = rng.standard_normal(key, m, n, "cpu")
+    assert (z[0, 0].item(), z[64, 1].item(), z[-1, -1].item()) == (1.7102998495101929, -0.7309643626213074,
+                                                                   0.12007860839366913)

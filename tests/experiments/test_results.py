@@ -46,6 +46,16 @@ def test_summary_pairs_flat_methods_with_their_base_by_seed():
     assert {p["method"] for p in s2["pairs"]} == {"lora", "flat-lora"}
 
 
+def test_cells_carry_mean_train_and_eval_seconds():
+    recs = [{"method": "lora", "rank": 8, "seed": s, "metrics": {"test/accuracy": 0.7}, "primary_metric": "test/accuracy",
+             "train_seconds": 10.0 + s, "eval_seconds": 2.0 * s, "steps": 2} for s in range(3)]
+    recs.append({"method": "flat-lora", "rank": 8, "seed": 0, "metrics": {"test/accuracy": 0.7},  # a record without it
+                 "primary_metric": "test/accuracy", "train_seconds": 5.0, "steps": 2})
+    cells = {c["method"]: c for c in summarize(recs)["cells"]}
+    assert (cells["lora"]["train_seconds"], cells["lora"]["eval_seconds"]) == (11.0, 2.0)
+    assert cells["flat-lora"]["train_seconds"] == 5.0 and math.isnan(cells["flat-lora"]["eval_seconds"])
+
+
 def test_intervals_require_scipy_and_say_which_extra(monkeypatch):
     from flatlora.analysis.sharpness import t_halfwidth
 

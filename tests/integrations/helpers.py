@@ -104,3 +104,10 @@ def assert_same_bits(a: dict, b: dict):
         ai = a[k].view(torch.int32) if a[k].dtype == torch.float32 else a[k]
         bi = b[k].view(torch.int32) if b[k].dtype == torch.float32 else b[k]
         assert torch.equal(ai, bi), f"{k} differs"
+
+
+def hook_count(model) -> int:
+    """Forward-pre and state-dict-pre hooks on every module, plus instance-level method wrappers."""
+    wrapped = {"save_pretrained", "generate", "merge", "unmerge"}
+    return sum(len(m._forward_pre_hooks) + len(m._state_dict_pre_hooks) + len(vars(m).keys() & wrapped)
+               for m in model.modules())

@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 from flatlora import FlatLoRA, FlatLoRAConfig  # noqa: E402
 from flatlora.integrations.hf import STATE_FILE, FlatLoRACallback, attach  # noqa: E402
 from tests.integrations.helpers import (  # noqa: E402
-    adapters, assert_same_bits, bits, collate, make_data, make_model, make_optimizer, plain_loop)
+    adapters, assert_same_bits, bits, collate, hook_count, make_data, make_model, make_optimizer, plain_loop)
 
 SIGMA = 0.1
 
@@ -221,6 +221,20 @@ def test_noise_seed_follows_training_arguments_seed_unless_given(tmp_path):
     given = FlatLoRACallback(FlatLoRAConfig(sigma=SIGMA, seed=4))
     make_trainer(tmp_path, make_model(), data, [given], seed=123).train()
     assert given.flat.config.seed == 4
+
+
+def test_a_second_train_replaces_the_engine_and_takes_the_old_hooks_off(tmp_path):
+    data = make_data(16)
+    model = make_model()
+    before = hook_count(model)
+    cb = FlatLoRACallback(sigma=SIGMA)
+    trainer = make_trainer(tmp_path, model, data, [cb])
+    trainer.train()
+    first, with_one = cb.flat, hook_count(model)
+    assert with_one > before  # guard hooks and the save_pretrained wrapper stay for later evaluate/save calls
+    trainer.train()
+    assert cb.flat is not first and not first.active and hook_count(model) == with_one
+    assert cb.flat.config.seed == 0 and cb.flat.config.total_steps == 2
 
 
 # ---------------------------------------------------------------- settings saved with the adapter (issue 14.2)

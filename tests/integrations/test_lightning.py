@@ -11,7 +11,7 @@ pytest.importorskip("flatlora.integrations.lightning")  # lightning or pytorch_l
 from flatlora import FlatLoRA, FlatLoRAConfig  # noqa: E402
 from flatlora.integrations.lightning import FlatLoRACallback, pl  # noqa: E402
 from tests.integrations.helpers import (  # noqa: E402
-    adapters, assert_same_bits, bits, collate, make_data, make_model, plain_loop)
+    adapters, assert_same_bits, bits, collate, hook_count, make_data, make_model, plain_loop)
 
 SIGMA = 0.1
 
@@ -144,6 +144,38 @@ def test_resume_from_checkpoint_continues_schedule_and_noise_stream(tmp_path, mo
     assert cb.flat.last_step == 3 and cb.flat.config.total_steps == 4
 
 
+def test_noise_seed_follows_seed_everything_unless_given(monkeypatch):
+    data = make_data(16)
+    ref = Holder()
+    plain_loop(ref, data, batch=4, grad_accum=2, steps=2,
+               flat=FlatLoRA(ref, FlatLoRAConfig(sigma=SIGMA, total_steps=2, seed=123)))
+    monkeypatch.setenv("PL_GLOBAL_SEED", "123")  # what seed_everything(123) exports
+    module = LitReg()
+    cb = FlatLoRACallback(sigma=SIGMA)
+    fit(module, [cb], data)
+    assert cb.flat.config.seed == 123 and cb.config.seed == 0  # the callback's own config stays the caller's
+    assert_same_bits(adapters(module.model), adapters(ref.model))
+    for given, want in ((FlatLoRACallback(sigma=SIGMA, seed=0), 0), (FlatLoRACallback(FlatLoRAConfig(sigma=SIGMA, seed=4)), 4)):
+        fit(LitReg(), [given], data)
+        assert given.flat.config.seed == want
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    plain = FlatLoRACallback(sigma=SIGMA)
+    fit(LitReg(), [plain], data)
+    assert plain.flat.config.seed == 0
+
+
+def test_a_second_fit_replaces_the_engine_and_takes_the_old_hooks_off():
+    data = make_data(16)
+    module = LitReg()
+    before = hook_count(module)
+    cb = FlatLoRACallback(sigma=SIGMA)
+    fit(module, [cb], data)
+    first, with_one = cb.flat, hook_count(module)
+    assert with_one > before  # the guard stays on after fit: a later validate/predict still sees clean weights
+    fit(module, [cb], data)
+    assert cb.flat is not first and not first.active and hook_count(module) == with_one
+
+
 # ---------------------------------------------------------------- noise never left on (issue 13, class 2)
 def test_checkpoint_saved_by_validation_inside_a_window_holds_clean_weights(tmp_path):
     # GA 2, validation every 3 batches: after batch 2, the first micro-batch of window 1 (noise on), and after
@@ -161,6 +193,38 @@ def test_checkpoint_saved_by_validation_inside_a_window_holds_clean_weights(tmp_
         for name, b in clean.items():
             assert torch.equal(sd[name].view(torch.int32), b), (path.name, name)
     assert module.val_checks == [True, True]
+
+
+class SaveInsideWindow(pl.Callback):
+    """trainer.save_checkpoint after the first micro-batch of window 1 (GA 2: batch 2), noise on."""
+
+    def __init__(self, path, flat_cb):
+        self.path, self.flat_cb, self.noise_on_at_save = path, flat_cb, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 2:
+            self.noise_on_at_save = self.flat_cb.flat.active
+            trainer.save_checkpoint(self.path)
+
+
+def test_checkpoint_saved_inside_a_window_holds_clean_weights_and_the_noise_resumes(tmp_path):
+    # No validation and no on_save_checkpoint work: the state dict Lightning saves is taken through
+    # state_dict(), whose hook (the guard's) removes the noise; the next micro-batch of the window brings the
+    # same noise back, so the run ends with the plain loop's bits.
+    data = make_data(16)
+    ref = Holder()
+    plain_loop(ref, data, batch=4, grad_accum=2, steps=2, flat=FlatLoRA(ref, FlatLoRAConfig(sigma=SIGMA, total_steps=2)))
+    module = LitReg()
+    clean = bits(module)
+    cb = FlatLoRACallback(sigma=SIGMA)
+    saver = SaveInsideWindow(tmp_path / "inside.ckpt", cb)
+    fit(module, [cb, saver], data)
+    assert saver.noise_on_at_save  # the save really happened inside an open window
+    sd = torch.load(tmp_path / "inside.ckpt", weights_only=True)["state_dict"]
+    for name, b in clean.items():
+        assert torch.equal(sd[name].view(torch.int32), b), name
+    assert_same_bits(adapters(module.model), adapters(ref.model))
+    assert_same_bits(bits(module), clean)
 
 
 class RaiseAtBatchStart(pl.Callback):

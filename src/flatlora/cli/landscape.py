@@ -231,8 +231,8 @@ def run(args) -> int:
 
     title = args.title or f"loss of W' = W + sBA along 2 filter-normalised directions (seed {args.seed}, scope {args.scope})"
     paired = _paired(reports, labels)
-    files = _draw(out, surfaces, curves, reports, paired, labels, title=title, vmax=args.vmax)
-    md = (out / "sharpness.md").read_text()
+    md = _sharpness_md(reports, paired, labels)
+    files = _draw(out, surfaces, curves, reports, md, title=title, vmax=args.vmax)
     payload = {"argv": sys.argv,
                "settings": {k: v for k, v in vars(args).items() if k != "fn"},
                "models": {lab: {**records[lab], "surface": surfaces[lab].to_dict(),
@@ -245,20 +245,27 @@ def run(args) -> int:
     return 0
 
 
-def _draw(out: Path, surfaces, curves, reports, paired, labels, *, title: str, vmax=None) -> dict[str, str]:
-    """surfaces.png, curves.png, sharpness.png (2+ models) and sharpness.md in `out`; returns their names."""
-    from ..analysis.plot import plot_curves, plot_sharpness, plot_surfaces, sharpness_markdown
+def _sharpness_md(reports, paired, labels) -> str:
+    """The sharpness table of every model, then the paired differences against the first."""
+    from ..analysis.plot import sharpness_markdown
+
+    md = sharpness_markdown(reports)
+    if paired:
+        md += "\n\nExpected sharpness, paired over the same noise draws, vs " + labels[0] + " (mean ± 95% CI):\n\n"
+        md += "\n".join(f"- {lab}, σ={p['sigma']:g}: {p['difference']:+.3g} ± {p['ci95']:.2g}"
+                        for lab, rows in paired.items() for p in rows)
+    return md
+
+
+def _draw(out: Path, surfaces, curves, reports, md: str, *, title: str, vmax=None) -> dict[str, str]:
+    """surfaces.png, curves.png, sharpness.png (2+ models) and sharpness.md (`md`) in `out`; returns their names."""
+    from ..analysis.plot import plot_curves, plot_sharpness, plot_surfaces
 
     files = {"surfaces": plot_surfaces(surfaces, out / "surfaces.png", title=title, vmax=vmax).name}
     if len(reports) >= 2:
         files["sharpness_png"] = plot_sharpness(reports, out / "sharpness.png").name
     if curves:
         files["curves"] = plot_curves(curves, out / "curves.png", title=title).name
-    md = sharpness_markdown(reports)
-    if paired:
-        md += "\n\nExpected sharpness, paired over the same noise draws, vs " + labels[0] + " (mean ± 95% CI):\n\n"
-        md += "\n".join(f"- {lab}, σ={p['sigma']:g}: {p['difference']:+.3g} ± {p['ci95']:.2g}"
-                        for lab, rows in paired.items() for p in rows)
     (out / "sharpness.md").write_text(md + "\n")
     files["sharpness_md"] = "sharpness.md"
     return files
@@ -282,7 +289,7 @@ def replot(json_path: str | Path, out: str | Path, *, vmax: float | None = None,
                                                f"(seed {settings.get('seed', 0)}, scope {settings.get('scope', 'lora')})")
     out.mkdir(parents=True, exist_ok=True)
     labels = list(models)
-    files = _draw(out, surfaces, curves, reports, _paired(reports, labels), labels, title=title,
+    files = _draw(out, surfaces, curves, reports, _sharpness_md(reports, _paired(reports, labels), labels), title=title,
                   vmax=vmax if vmax is not None else settings.get("vmax"))
     print(f"redrew {', '.join(sorted(set(files.values())))} in {out}/ from {json_path}")
     return 0

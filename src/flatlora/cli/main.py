@@ -48,20 +48,26 @@ def _spec(args):
     return load_spec(config, overrides)
 
 
-def _print_config(spec) -> int:
-    import yaml
+def _spec_command(fn):
+    """`run` and `compare`: the spec from the config and overrides, passed to `fn(args, spec)`; with
+    --print-config the spec is printed instead and nothing runs."""
 
-    print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
-    return 0
+    def command(args) -> int:
+        spec = _spec(args)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
+            return 0
+        return fn(args, spec)
+
+    return command
 
 
-def cmd_run(args) -> int:
+def cmd_run(args, spec) -> int:
     from ..experiments.compare import run_name
     from ..experiments.runner import run_one
 
-    spec = _spec(args)
-    if args.print_config:
-        return _print_config(spec)
     run_dir = Path(spec.out_dir) / run_name(spec.method, spec.lora.r, spec.seed)
     rec = run_one(spec, run_dir, progress=not args.no_progress)
     print(json.dumps({k: rec[k] for k in ("status", "method", "rank", "seed", "metrics", "steps", "train_seconds")}, indent=1))
@@ -72,12 +78,9 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_compare(args) -> int:
+def cmd_compare(args, spec) -> int:
     from ..experiments.compare import compare
 
-    spec = _spec(args)
-    if args.print_config:
-        return _print_config(spec)
     res = compare(spec, progress=not args.no_progress, log=lambda s: print(s, flush=True))
     print()
     print(res.markdown)
@@ -148,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--jobs", type=int, metavar="N",
                            help="train N runs at once on the device, each in its own process (default: the spec's "
                                 "jobs, 1); pairing and resume are unchanged")
-        p.set_defaults(fn=fn)
+        p.set_defaults(fn=_spec_command(fn))
     p = sub.add_parser("tasks", help="list tasks, methods and models available here")
     p.add_argument("--options", action="store_true", help="also list each task's options (task_args)")
     p.set_defaults(fn=cmd_tasks)

@@ -49,8 +49,13 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 
 
 def checksum(x: torch.Tensor) -> int:
-    """Sum of the bit patterns of `x` in int64: changes when any entry changes (barring exact cancellation)."""
-    return int(torch.sum(_bits(x), dtype=torch.int64))
+    """Sum of the bit patterns of `x` in int64, wrapping: changes when any entry changes (barring exact
+    cancellation). The bytes are summed as int64 words where they tile into them (a sum without the
+    widening copy, 3x faster on CPU); the value is only ever compared with another checksum of this process."""
+    flat = x.contiguous().view(-1)
+    if flat.numel() * flat.element_size() % 8 == 0 and flat.storage_offset() * flat.element_size() % 8 == 0:
+        return int(torch.sum(flat.view(torch.int64)))
+    return int(torch.sum(_bits(flat), dtype=torch.int64))
 
 
 @dataclass
@@ -142,9 +147,16 @@ class TorchBackend(Backend):
         if checksum(w) != check:
             return [1]
         eps = draw.storage(view.target, w)
-        clean = (w.float() - eps).to(w.dtype).contiguous()
-        clean.view(-1)[applied.record.index.long()] = applied.record.values
-        w.copy_(clean)
+        patch = applied.record
+        if w.is_contiguous():
+            # In place: a mixed-dtype sub_ computes in float32 and rounds once into W's dtype, the value
+            # perturb replayed; no weight-sized temporary.
+            w.sub_(eps)
+            w.view(-1)[patch.index.long()] = patch.values
+        else:
+            clean = (w.float() - eps).to(w.dtype).contiguous()
+            clean.view(-1)[patch.index.long()] = patch.values
+            w.copy_(clean)
         return [0]
 
     def noisy_weight(self, view, draw):

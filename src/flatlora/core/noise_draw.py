@@ -29,8 +29,7 @@ class Draw:
 
     def matrix(self, t: Target, device: torch.device) -> torch.Tensor:
         """eps in the logical (m, n) layout (only this process's rows), float32."""
-        z = standard_normal(self.key, t.m, t.n, device, self.rows, self.generator)
-        return z.mul_(self.std.to(device)[:, None])
+        return standard_normal(self.key, t.m, t.n, device, self.rows, self.generator, scale=self.std)
 
     def storage(self, t: Target, like: torch.Tensor) -> torch.Tensor:
         """eps shaped like the stored weight `like`."""

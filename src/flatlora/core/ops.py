@@ -63,7 +63,7 @@ def compute_noisy_weight(weight: torch.Tensor, std: torch.Tensor, key: int, m: i
         elif backend == "torch":
             # The stream function Draw uses (eps of in-place mode), looked up there so one definition serves both.
             part = None if row0 == 0 and rows == m else slice(row0, row0 + rows)
-            eps = noise_draw.standard_normal(key, m, n, weight.device, part, generator).mul_(std.to(weight.device)[:, None])
+            eps = noise_draw.standard_normal(key, m, n, weight.device, part, generator, scale=std)
             # float32 sum, rounded once into W's dtype: the value in-place mode writes, bit for bit.
             out_mat.copy_(eps.add_(mat if mat.dtype in (torch.float16, torch.bfloat16) else mat.float()))
         else:

@@ -57,15 +57,28 @@ def paired_stats(a: list[float], b: list[float]) -> dict[str, Any]:
     return out
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value, NaN for none).
+
+    Example:
+        >>> mean_std([1.0, 2.0, 3.0])
+        (2.0, 1.0)
+    """
+    import numpy as np
+
+    if not values:
+        return math.nan, math.nan
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+
+
 def summarize(records: list[dict], baseline: str | None = None, errors: list[dict] | None = None) -> dict[str, Any]:
     """Cells (mean, std per metric per (method, rank)) and pairs (each method vs its baseline, per rank).
 
+    A cell also carries the mean `train_seconds` and `eval_seconds` of its runs (NaN when none recorded it).
     Only runs with `status: done` enter the statistics; failed runs (diverged) are listed under "failed"
     and counted per cell, and a seed where either side failed is left out of that pair. `errors` are runs
     that raised (no results; retried on resume): listed as given.
     """
-    import numpy as np
-
     done = [r for r in records if r.get("status", "done") == "done"]
     metrics = sorted({k for r in done for k in r["metrics"]}, key=_metric_order)
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
@@ -80,11 +93,13 @@ def summarize(records: list[dict], baseline: str | None = None, errors: list[dic
     for (method, rank), rs in groups.items():
         cell = {"method": method, "rank": rank, "n": len(rs), "seeds": sorted(r["seed"] for r in rs),
                 "failed_seeds": sorted(failed_in[(method, rank)]),
-                "train_seconds": float(np.mean([r["train_seconds"] for r in rs])) if rs else math.nan}
+                "train_seconds": mean_std([r["train_seconds"] for r in rs])[0],
+                "eval_seconds": mean_std([r["eval_seconds"] for r in rs if "eval_seconds" in r])[0]}
         for m in metrics:
             v = [r["metrics"][m] for r in rs if m in r["metrics"]]
             if v:
-                cell[m] = {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+                mean, std = mean_std(v)
+                cell[m] = {"mean": mean, "std": std}
         cells.append(cell)
     pairs = []
     for (method, rank), rs in groups.items():

@@ -58,6 +58,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from ..config import FlatLoRAConfig  # noqa: E402
 from ..core.engine import FlatLoRA  # noqa: E402
+from ._engine import DEFAULT_SEED, CallbackEngine  # noqa: E402
 from ._guard import CleanWeightsGuard, install, wrap_before  # noqa: E402
 from .card import CONFIG_FILE, read_adapter_card, write_adapter_card  # noqa: E402
 
@@ -67,7 +68,6 @@ __all__ = ["FlatLoRAArguments", "FlatLoRACallback", "attach", "write_adapter_car
 log = logging.getLogger("flatlora")
 
 STATE_FILE = "flatlora_state.json"
-_DEFAULT_SEED = FlatLoRAConfig().seed
 
 
 def _like(name: str, **changes: Any) -> Any:
@@ -119,7 +119,7 @@ class FlatLoRAArguments:
         the callback then follows the Trainer's seed)."""
         values = {f.name: getattr(self, "flatlora_" + f.name) for f in dataclasses.fields(FlatLoRAConfig)}
         if values["seed"] is None:
-            values["seed"] = _DEFAULT_SEED
+            values["seed"] = DEFAULT_SEED
         return FlatLoRAConfig(**values)
 
 
@@ -142,19 +142,11 @@ class FlatLoRACallback(TrainerCallback):
 
     def __init__(self, config: FlatLoRAConfig | None = None, *, bn_max_batches: int | None = 200,
                  save_state: bool = True, save_card: bool = True, **overrides: Any):
-        if config is None:
-            config = FlatLoRAConfig(**overrides)
-        elif not isinstance(config, FlatLoRAConfig):
-            raise ValueError(f"config must be a FlatLoRAConfig, got {type(config).__name__}")
-        else:  # a copy: the callback resolves total_steps and seed and must not edit the caller's object
-            config = dataclasses.replace(config, **overrides)
-        self.config = config
-        self.seed_explicit = "seed" in overrides or config.seed != _DEFAULT_SEED
+        self._engine = CallbackEngine(config, overrides)
+        self.config = self._engine.config
         self.bn_max_batches = bn_max_batches
         self.save_state = save_state
         self.save_card = save_card
-        self.flat: FlatLoRA | None = None
-        self._guard: CleanWeightsGuard | None = None
         self._trainer: Trainer | None = None
         self._attached = False  # bound by attach(): stays bound across train() calls
         self._undo: list = []  # trainer wrappers
@@ -228,17 +220,21 @@ class FlatLoRACallback(TrainerCallback):
         if state.global_step > 0:
             self.flat.resume(self._checkpoint_state(args, state), state.global_step)
 
+    @property
+    def flat(self) -> FlatLoRA | None:
+        return self._engine.flat
+
+    @property
+    def _guard(self) -> CleanWeightsGuard | None:
+        return self._engine.guard
+
     def _build(self, model, args, state) -> None:
         """A fresh engine for this train() call, with total_steps and seed resolved from the Trainer."""
-        seed = self.config.seed if self.seed_explicit else args.seed
         self._drop_engine()
-        self.flat = FlatLoRA(model, dataclasses.replace(self.config, seed=seed))
-        if self.config.total_steps is None:
-            self.flat.set_total_steps(state.max_steps)
-        elif self.config.total_steps != state.max_steps:
+        self._engine.build(model, args.seed, total_steps=state.max_steps)
+        if self.config.total_steps is not None and self.config.total_steps != state.max_steps:
             log.warning("flatlora: total_steps=%d differs from the Trainer's max_steps=%d; the ramp follows total_steps",
                         self.config.total_steps, state.max_steps)
-        self._guard = CleanWeightsGuard(self.flat)
         if self.save_card:
             guard = self._guard
             if callable(getattr(model, "save_pretrained", None)):
@@ -253,11 +249,7 @@ class FlatLoRACallback(TrainerCallback):
     def _drop_engine(self) -> None:
         while self._model_undo:
             self._model_undo.pop()()
-        if self._guard is not None:
-            self._guard.remove()
-            self._guard = None
-        if self.flat is not None:
-            self.flat.close()
+        self._engine.drop()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._guard.open(state.global_step)

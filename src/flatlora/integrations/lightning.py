@@ -17,7 +17,8 @@ A thin adapter over `flatlora.FlatLoRA` (SPEC Part B §2.1 has Lightning's event
     on_train_batch_end        safety net at the window's end (a step skipped by a None loss fires no optimizer hook)
     on_validation/test/predict_start  the noise is removed first; inside a window (val_check_interval not a
                               multiple of the accumulation) the same noise comes back at the next training forward
-    on_save_checkpoint        (and every state_dict() call, which Lightning makes before this hook) clean weights
+    checkpoints               no hook: Lightning takes the weights through state_dict(), whose pre-hook (the guard's)
+                              removes the noise first; inside a window it comes back at the next training forward
     on_exception, on_train_end  close; BatchNorm statistics are recalibrated on clean weights at the end
 
 Optimizer step-pre-hooks are not used on purpose: under automatic optimisation the last micro-batch's
@@ -27,7 +28,6 @@ The noise keys come from module names relative to the LightningModule (e.g. `mod
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -36,29 +36,20 @@ from typing import Any, Callable
 from ..config import FlatLoRAConfig
 from ..core.engine import FlatLoRA
 from ._deps import require
+from ._engine import CallbackEngine
 from ._guard import CleanWeightsGuard
 
 
-def _import_lightning():
-    try:
-        return require("lightning.pytorch", "lightning", "flatlora.integrations.lightning")
-    except ImportError as e:
-        if not str(e).startswith("flatlora.integrations.lightning needs"):
-            raise  # lightning is installed but broken: its own error
-        try:
-            return require("pytorch_lightning", "lightning", "flatlora.integrations.lightning")
-        except ImportError as fallback:
-            if str(fallback).startswith("flatlora.integrations.lightning needs"):
-                raise ImportError("flatlora.integrations.lightning needs lightning (or pytorch_lightning), which is "
-                                  "not installed: pip install 'flatlora[lightning]'", name="lightning") from None
-            raise
-
-
-pl = _import_lightning()
+# `lightning.pytorch` first (the `lightning` package), `pytorch_lightning` when only that is installed.
+pl = require(("lightning.pytorch", "pytorch_lightning"), "lightning", "flatlora.integrations.lightning")
 
 log = logging.getLogger("flatlora")
-_DEFAULT_SEED = FlatLoRAConfig().seed
 
+
+def _global_seed() -> int | None:
+    """The seed of Lightning's `seed_everything` (it exports PL_GLOBAL_SEED), None when it was not called."""
+    value = os.environ.get("PL_GLOBAL_SEED", "")
+    return int(value) if value.lstrip("-").isdigit() else None
 
 
 class FlatLoRACallback(pl.Callback):
@@ -66,7 +57,9 @@ class FlatLoRACallback(pl.Callback):
 
     Args:
         config: a FlatLoRAConfig; keyword arguments override its fields (or build one), e.g. `sigma=0.05`.
-            `total_steps` left unset is taken from `trainer.estimated_stepping_batches`.
+            `total_steps` left unset is taken from `trainer.estimated_stepping_batches`. The noise seed
+            follows `seed_everything` unless you give one (a `seed=` keyword, or a config whose seed is not
+            the default).
         bn_max_batches: train batches used to recalibrate BatchNorm statistics at the end (BN models only).
         bn_forward_fn: `fn(pl_module, batch)` running one batch for that recalibration; default: a dict batch
             as keyword arguments, a tuple/list's first element, anything else as is.
@@ -78,41 +71,32 @@ class FlatLoRACallback(pl.Callback):
 
     def __init__(self, config: FlatLoRAConfig | None = None, *, bn_max_batches: int | None = 200,
                  bn_forward_fn: Callable[[Any, Any], Any] | None = None, log_sigma: bool = True, **overrides: Any):
-        if config is None:
-            config = FlatLoRAConfig(**overrides)
-        elif not isinstance(config, FlatLoRAConfig):
-            raise ValueError(f"config must be a FlatLoRAConfig, got {type(config).__name__}")
-        else:
-            config = dataclasses.replace(config, **overrides)
-        self.config = config
-        self.seed_explicit = "seed" in overrides or config.seed != _DEFAULT_SEED
+        self._engine = CallbackEngine(config, overrides)
+        self.config = self._engine.config
         self.bn_max_batches = bn_max_batches
         self.bn_forward_fn = bn_forward_fn
         self.log_sigma = log_sigma
-        self.flat: FlatLoRA | None = None
-        self._guard: CleanWeightsGuard | None = None
         self._batch_idx = 0
         self._loaded: dict | None = None
+
+    @property
+    def flat(self) -> FlatLoRA | None:
+        return self._engine.flat
+
+    @property
+    def _guard(self) -> CleanWeightsGuard | None:
+        return self._engine.guard
 
     # ------------------------------------------------------------------ set-up and resume
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.restore()
-        total = self.config.total_steps
-        if total is None:
+        total = None
+        if self.config.total_steps is None:
             total = trainer.estimated_stepping_batches
             if not math.isfinite(total):
                 raise ValueError("flatlora: the number of optimizer steps is unknown (infinite data and no max_steps): "
                                  "set Trainer(max_steps=...) or FlatLoRACallback(total_steps=...)")
-        seed = self.config.seed
-        if not self.seed_explicit and os.environ.get("PL_GLOBAL_SEED", "").lstrip("-").isdigit():
-            seed = int(os.environ["PL_GLOBAL_SEED"])  # set by seed_everything
-        if self._guard is not None:
-            self._guard.remove()
-        if self.flat is not None:
-            self.flat.close()
-        self.flat = FlatLoRA(pl_module, dataclasses.replace(self.config, seed=seed))
-        self.flat.set_total_steps(int(total))
-        self._guard = CleanWeightsGuard(self.flat)
+        self._engine.build(pl_module, _global_seed(), total_steps=total)
         log.info("flatlora: %r", self.flat)
         if self._loaded is not None or trainer.global_step > 0:
             loaded, self._loaded = self._loaded, None
@@ -163,9 +147,6 @@ class FlatLoRACallback(pl.Callback):
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pause("predict")
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._pause("checkpoint")  # the state dict was taken before this hook, by then already clean (guard)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.restore()
