@@ -33,7 +33,8 @@ def autocast(device: str):
 
 
 # ------------------------------------------------------------------------------------------- models
-def quantized_linear(kind: str, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
+def quantized_linear(kind: str, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                     compute_dtype: torch.dtype | None) -> nn.Module:
     """A bitsandbytes layer holding `w` (quantized when moved to a device), as transformers builds them."""
     d_out, d_in = w.shape
     if kind == "int8":
@@ -41,7 +42,7 @@ def quantized_linear(kind: str, w: torch.Tensor, bias: torch.Tensor | None, dtyp
         layer.weight = bnb.nn.Int8Params(w.to(dtype), requires_grad=False, has_fp16_weights=False)
     else:
         quant, nested = kind[:3], kind.endswith("-dq")
-        layer = bnb.nn.Linear4bit(d_in, d_out, bias=bias is not None, compute_dtype=dtype, quant_type=quant,
+        layer = bnb.nn.Linear4bit(d_in, d_out, bias=bias is not None, compute_dtype=compute_dtype, quant_type=quant,
                                   compress_statistics=nested)
         layer.weight = bnb.nn.Params4bit(w.to(dtype), requires_grad=False, quant_type=quant, compress_statistics=nested)
     if bias is not None:
@@ -53,25 +54,28 @@ class QNet(nn.Module):
     """Two quantized layers and a dense head. `is_loaded_in_*bit` is what transformers sets on a quantized
     model: it makes PEFT wrap the layers in its bitsandbytes LoRA classes (lora.bnb.Linear4bit / Linear8bitLt)."""
 
-    def __init__(self, kind: str, dtype: torch.dtype, d_in=64, d_h=48, d_out=8):
+    def __init__(self, kind: str, dtype: torch.dtype, compute_dtype: torch.dtype | None, d_in=64, d_h=48, d_out=8):
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.is_loaded_in_8bit = kind == "int8"
         self.is_loaded_in_4bit = kind != "int8"
-        self.q0 = quantized_linear(kind, torch.randn(d_h, d_in, generator=g) * 0.1, torch.randn(d_h, generator=g) * 0.1, dtype)
-        self.q1 = quantized_linear(kind, torch.randn(d_h, d_h, generator=g) * 0.1, None, dtype)
+        w0, b0, w1 = torch.randn(d_h, d_in, generator=g) * 0.1, torch.randn(d_h, generator=g) * 0.1, torch.randn(d_h, d_h, generator=g) * 0.1
+        self.q0 = quantized_linear(kind, w0, b0, dtype, compute_dtype)
+        self.q1 = quantized_linear(kind, w1, None, dtype, compute_dtype)
         self.head = nn.Linear(d_h, d_out).to(dtype)
         with torch.no_grad():
             self.head.weight.copy_(torch.randn(d_out, d_h, generator=g) * 0.1)
 
     def forward(self, x):
-        return self.head(torch.tanh(self.q1(torch.tanh(self.q0(x)))))
+        h = torch.tanh(self.q1(torch.tanh(self.q0(x))))
+        return self.head(h.to(self.head.weight.dtype))
 
 
-def make_qnet(kind: str, device: str, dtype: torch.dtype = torch.bfloat16):
-    """PEFT LoRA (r=4, nonzero B) on both quantized layers; deterministic, torch's global RNG untouched."""
+def make_qnet(kind: str, device: str, dtype: torch.dtype = torch.bfloat16, compute_dtype: torch.dtype | None = "same"):
+    """PEFT LoRA (r=4, nonzero B) on both quantized layers, stored in `dtype` (4-bit: computing in `compute_dtype`,
+    by default `dtype`; None lets the layer pick it from its first input); deterministic, global RNG untouched."""
     with torch.random.fork_rng(devices=[]):
-        model = QNet(kind, dtype).to(device)  # quantizes
+        model = QNet(kind, dtype, dtype if compute_dtype == "same" else compute_dtype).to(device)  # quantizes
         pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q0", "q1"],
                                                         init_lora_weights=False))
     g = torch.Generator().manual_seed(1)
@@ -179,6 +183,45 @@ def test_opening_a_window_dequantizes_nothing(device, kind):
     # gradient of its input; q0's input (the data) needs none, so it is not dequantized again.
     q0, q1 = (t.name for t in flat.targets)
     assert sorted(calls) == sorted([q0, q1, q1])
+
+
+@pytest.mark.parametrize("compute", ["bf16", "unset"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["x32", "xbf16", "x16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_window_computes_in_the_dtypes_of_the_layers_own_forward(device, kind, x_dtype, compute, monkeypatch):
+    """With noise far below every rounding step, the noisy layer returns what the layer's own forward returns, in
+    its dtype; it multiplies in the layer's compute dtype (4-bit: `compute_dtype`, which bitsandbytes fixes from
+    the first input when unset; 8-bit: the input's) and leaves the layer's compute dtype as its own forward would."""
+    compute_dtype = torch.bfloat16 if compute == "bf16" else None
+    plain, noisy = (make_qnet(kind, device, compute_dtype=compute_dtype) for _ in range(2))
+    x = inputs(device, x_dtype)
+    y = plain.base_model.model.q0(x)
+    q_plain, q_flat = plain.base_model.model.q0.get_base_layer(), noisy.base_model.model.q0.get_base_layer()
+    expected = getattr(q_plain, "compute_dtype", None) or x_dtype
+
+    flat = FlatLoRA(noisy, FlatLoRAConfig(sigma=1e-30, schedule="constant"))
+    linear, seen = F.linear, []
+
+    def spy(inp, weight, bias=None):
+        if weight.shape == (q_flat.out_features, q_flat.in_features):
+            seen.append((inp.dtype, weight.dtype))
+        return linear(inp, weight, bias)
+
+    monkeypatch.setattr(F, "linear", spy)
+    with flat.step(0):
+        y_flat = noisy.base_model.model.q0(x)
+    monkeypatch.undo()
+    assert seen == [(expected, expected)]
+    assert y_flat.dtype == y.dtype == x_dtype
+    assert getattr(q_flat, "compute_dtype", None) == getattr(q_plain, "compute_dtype", None)
+    if kind == "int8":  # LLM.int8() quantizes the activations too; inside a window the product is a float one
+        torch.testing.assert_close(y_flat.float(), y.float(), rtol=0.05, atol=0.02)
+    elif expected == torch.bfloat16 and device == "cpu":
+        torch.testing.assert_close(y_flat, y, rtol=0, atol=0)  # the same dequantized W, the same product
+    else:
+        # bitsandbytes dequantizes straight into the compute dtype; PEFT's accessor (and so the window) goes
+        # through the stored bf16 first, a difference of one bf16 rounding of W (and on CUDA, its own kernels).
+        torch.testing.assert_close(y_flat.float(), y.float(), rtol=2e-2, atol=1e-2)
 
 
 # ------------------------------------------------------------------------------------------- exactness
