@@ -357,6 +357,12 @@ def qlora_llama(llama_dir, kind: str, device: str, checkpointing: bool = True, r
     return pm
 
 
+def rel_dist(a: dict, b: dict) -> float:
+    """||a - b|| / ||b|| over every tensor of two {name: tensor} dicts."""
+    num = sum((a[n].float() - b[n].float()).square().sum().item() for n in b)
+    return math.sqrt(num / sum(v.float().square().sum().item() for v in b.values()))
+
+
 def tokens(n: int, seq: int = 16, seed: int = 4) -> torch.Tensor:
     return torch.randint(0, LLAMA["vocab_size"], (n, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -385,12 +391,14 @@ def test_gradient_checkpointing_recompute_sees_the_same_noise(llama_dir, device,
             with autocast(device):
                 pm(input_ids=ids, labels=ids).loss.backward()
             clean = adapter_grads(pm)
-            assert max((clean[n] - g).norm() / g.norm() for n, g in grads[True].items()) > 1e-2
+            assert rel_dist(clean, grads[True]) > 0.05  # 0.21 on CPU
         flat.close()
     assert len(calls[True]) == 2 and len(calls[False]) == 1  # the recompute did run the layer again
-    tol = dict(rtol=1e-5, atol=1e-7) if device == "cpu" else dict(rtol=1e-3, atol=1e-5)
-    for n, g in grads[True].items():
-        torch.testing.assert_close(g, grads[False][n], **tol, msg=lambda m, n=n: f"{n}: {m}")
+    if device == "cpu":  # bit-identical here; on CUDA bf16 kernels (attention backward) need not be deterministic
+        for n, g in grads[True].items():
+            torch.testing.assert_close(g, grads[False][n], rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+    else:
+        assert rel_dist(grads[True], grads[False]) < 1e-2
 
 
 def test_hf_trainer_callback_on_a_4bit_model(llama_dir, device, tmp_path):
@@ -422,17 +430,18 @@ def test_hf_trainer_callback_on_a_4bit_model(llama_dir, device, tmp_path):
         assert_same_bytes(packed(pm), before)
         return {n: p.detach().float().clone() for n, p in pm.named_parameters() if p.requires_grad}, trainer
 
-    cb = FlatLoRACallback(sigma=SIGMA, seed=3)
+    sigma = 0.3  # a visible effect within 3 steps (the ramp gives steps 1 and 2 noise)
+    cb = FlatLoRACallback(sigma=sigma, seed=3)
     flat_adapters, trainer = train([cb], "flat")
     assert cb.flat.mode == "forward" and cb.flat.config.total_steps == steps and cb.flat.draws == steps - 1
     logged = [h["flatlora/sigma"] for h in trainer.state.log_history if "flatlora/sigma" in h]
-    assert logged == pytest.approx([cb.flat.sigma_at(t) for t in range(steps)]) and logged[-1] == SIGMA
+    assert logged == pytest.approx([cb.flat.sigma_at(t) for t in range(steps)]) and logged[-1] == sigma
     bare_adapters, _ = train([], "bare")
 
     # The plain loop with the same noise: one window per optimizer step, the same micro-batches.
     pm = qlora_llama(llama_dir, "nf4-dq", device)
     pm.train()
-    flat = FlatLoRA(pm, FlatLoRAConfig(sigma=SIGMA, total_steps=steps, seed=3))
+    flat = FlatLoRA(pm, FlatLoRAConfig(sigma=sigma, total_steps=steps, seed=3))
     opt, _ = optimizer(pm)
     for t in range(steps):
         with flat.step(t):
@@ -449,7 +458,7 @@ def test_hf_trainer_callback_on_a_4bit_model(llama_dir, device, tmp_path):
         return math.sqrt(sum((a[n] - b[n]).square().sum().item() for n in a))
 
     # The Trainer's loss is a token sum over the window divided by its token count, the loop's a mean per
-    # micro-batch divided by the accumulation: equal up to rounding, so "equal" is measured against the
-    # effect of the noise itself.
-    assert dist(flat_adapters, bare_adapters) > 0
-    assert dist(flat_adapters, loop_adapters) < 0.02 * dist(flat_adapters, bare_adapters)
+    # micro-batch divided by the accumulation: equal up to rounding (bit-identical on CPU; bf16 on CUDA), so
+    # "equal" is measured against the effect of the noise itself.
+    assert dist(flat_adapters, bare_adapters) > 1e-3 * math.sqrt(sum(v.square().sum().item() for v in bare_adapters.values()))
+    assert dist(flat_adapters, loop_adapters) < 0.05 * dist(flat_adapters, bare_adapters)

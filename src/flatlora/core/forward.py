@@ -22,8 +22,11 @@ Quantized bases (QLoRA: bitsandbytes Linear4bit NF4/FP4, Linear8bitLt). The pack
 Forward dequantizes it through PEFT (`Target.dequantize`), adds eps with the row std of the dequantized
 W + sBA (drawn at the layer's first forward of the window), and multiplies in the dtype the layer's own
 forward would use (4-bit: its compute dtype; 8-bit: the input's); backward dequantizes and regenerates eps
-again. One difference from bitsandbytes' own 8-bit forward: inside a window the product is a float matmul
-with the dequantized weight, not LLM.int8()'s int8 matmul (which quantizes the activations too).
+again. W is PEFT's dequantized weight, in the dtype the layer was quantized from. Two differences from the
+layer's own forward, both far below the noise: bitsandbytes' 4-bit kernels dequantize straight into the compute
+dtype (with a float32 compute dtype over bf16-stored weights, one bf16 rounding of W apart; none under bf16
+autocast), and its 8-bit forward is LLM.int8()'s int8 matmul, which quantizes the activations too, where a
+window multiplies in floating point.
 """
 
 from __future__ import annotations
