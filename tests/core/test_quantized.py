@@ -162,7 +162,7 @@ def test_row_std_is_that_of_the_dequantized_w_plus_sba(device, kind):
             ba = lora.scaling["default"] * lora.lora_B["default"].weight.float() @ lora.lora_A["default"].weight.float()
             merged = dequantized(t).float() + ba
             expected = SIGMA * merged.norm(dim=1) / math.sqrt(t.n)
-            torch.testing.assert_close(flat.row_std(t.name, 4), expected, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(flat.row_std(t.name, 4), expected, rtol=1e-4, atol=1e-7)
             # ... and not the std of the dequantized W alone (B is nonzero): the test sees the sBA term.
             assert not torch.allclose(expected, SIGMA * dequantized(t).float().norm(dim=1) / math.sqrt(t.n), rtol=1e-3)
 
