@@ -2,6 +2,7 @@
 
     python benchmarks/overhead/run.py --out $OUT [--anchor .carry/anchor_overhead.py] [--only acc1,acc16,...]
     python benchmarks/overhead/run.py --smoke --out /tmp/ovh          # tiny shapes, CPU, < 30 s
+    python benchmarks/overhead/run.py --out $OUT --only qlora         # QLoRA vs Flat-QLoRA (needs bitsandbytes)
 
 Variants per setting: `lora` (plain PEFT LoRA step), `flatlora-inplace`, `flatlora-forward` (the engine,
 generator=auto: Triton Philox kernels on CUDA), `reference` (the public reference code's perturb/restore,
@@ -9,8 +10,12 @@ taken from the carried anchor_overhead.py at run time and applied to this very m
 the LoRA parameters: two forward/backward passes per step). Settings: Llama-2-7B shapes at accumulation
 1 (micro 4x512) and 16 (micro 2x1024); a MiniLM-L6-shaped text classifier (batch 32x64); a size sweep
 (~1B/3B/7B Llama shapes; plus two token counts at ~1B) and an exactness check (bf16/fp16 weights
-bit-identical after 1000 steps, both modes). Median of CUDA-synchronised step times after warm-up;
-peak memory per variant. Writes overhead-<device>.json (rows + provenance) and prints a table.
+bit-identical after 1000 steps, both modes). `qlora` (only when asked for): the Llama-2-7B shape with
+q, k, v, o, gate, up, down in bitsandbytes NF4 (double quant, bf16 compute) through
+prepare_model_for_kbit_training, plain QLoRA (`lora` rows) against Flat-QLoRA (`flatlora-forward`; in-place
+is refused on a quantized base, and the refusal is recorded), micro 4x512 and 2x1024 (accumulation 16).
+Median of CUDA-synchronised step times after warm-up; peak memory per variant. Writes
+overhead-<device>.json (rows + provenance) and prints a table.
 """
 
 from __future__ import annotations
@@ -47,9 +52,9 @@ SIZES = {  # hidden, intermediate, layers, heads
 
 
 # ------------------------------------------------------------------------------------ models
-def build_llama(size: str, dev: str, vocab: int):
+def build_llama(size: str, dev: str, vocab: int, nf4: bool = False):
     from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     h, inter, nl, heads = SIZES[size]
@@ -68,14 +73,40 @@ def build_llama(size: str, dev: str, vocab: int):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.02, generator=g)
+    if nf4:
+        model = quantize_nf4(model, dev, compute_dtype=dtype)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=PROJ, lora_dropout=0.0))
     with torch.no_grad():
         for mod in model.modules():
-            if isinstance(mod, LoraLinear):
+            if isinstance(mod, LoraLayer) and "default" in mod.lora_A:  # lora.Linear and lora.bnb.Linear4bit
                 for ab in (mod.lora_A.default, mod.lora_B.default):
                     ab.weight.data = ab.weight.data.float()  # fp32 adapters on a 16-bit base (the paper's setup)
                 mod.lora_B.default.weight.normal_(0, 1e-3, generator=g)
     return model
+
+
+def quantize_nf4(model, dev: str, compute_dtype: torch.dtype):
+    """The PROJ linears of `model` -> bitsandbytes NF4 with double quantization, then the usual QLoRA preparation,
+    as `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16))` + `prepare_model_for_kbit_training` would
+    build it (no checkpoint on disk: a 7B random model is quantized in memory, one layer at a time)."""
+    import bitsandbytes as bnb
+    from peft import prepare_model_for_kbit_training
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name not in PROJ or not isinstance(child, torch.nn.Linear):
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True, device="meta")
+            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True).to(dev)  # quantizes
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, q)  # the 16-bit weight goes with `child`
+    model.is_loaded_in_4bit = True  # what transformers' 4-bit loader sets; PEFT then wraps in lora.bnb.Linear4bit
+    # No gradient checkpointing: the same graph as the LoRA rows (fp32 embeddings and norms, as QLoRA has them).
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def build_minilm(dev: str, tiny: bool):
@@ -271,13 +302,27 @@ def llama_batch(vocab, bs, seq, dev):
     return make
 
 
-def bench_llama(args, rows, setting, size, bs, seq, ga, variants=None):
+def bench_llama(args, rows, setting, size, bs, seq, ga, variants=None, nf4=False):
     vocab = 256 if args.smoke else 32000
-    model = build_llama(size, args.dev, vocab)
-    n_params = sum(p.numel() for n, p in model.named_parameters() if any(k in n for k in PROJ) and "lora" not in n)
-    run_setting(setting, model, llama_batch(vocab, bs, seq, args.dev), ga, args, rows, variants,
-                {"model": size, "micro_batch": [bs, seq], "accumulation": ga, "tokens_per_step": bs * seq * ga,
-                 "base_linear_params": n_params})
+    model = build_llama(size, args.dev, vocab, nf4=nf4)
+    if nf4:
+        import bitsandbytes as bnb
+
+        n_params = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    else:
+        n_params = sum(p.numel() for n, p in model.named_parameters() if any(k in n for k in PROJ) and "lora" not in n)
+    extra = {"model": size, "micro_batch": [bs, seq], "accumulation": ga, "tokens_per_step": bs * seq * ga,
+             "base_linear_params": n_params}
+    if nf4:
+        extra["base"] = "bitsandbytes nf4, double quant, compute " + ("bf16" if args.dev == "cuda" else "fp32")
+        try:
+            FlatLoRA(model, sigma=0.05, mode="inplace")
+            refusal = None
+        except ValueError as e:
+            refusal = str(e)
+        rows.append({"setting": setting, "variant": "flatlora-inplace", "refused": refusal, **extra})
+        print(f"  {setting:<22} flatlora-inplace   refused: {refusal}", flush=True)
+    run_setting(setting, model, llama_batch(vocab, bs, seq, args.dev), ga, args, rows, variants, extra)
     del model
     gc.collect()
     if args.dev == "cuda":
@@ -335,13 +380,31 @@ def bench_exact(args, rows):
                   f"max record {max(records) / 2**20:.2f} MiB of {row['weight_bytes'] / 2**20:.0f} MiB", flush=True)
 
 
+def bench_qlora(args, rows):
+    """Plain QLoRA vs Flat-QLoRA (forward mode) on the Llama-2-7B shape in NF4; skipped, with a row saying
+    why, where bitsandbytes cannot be imported."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # not installed, or its native library does not load
+        why = (f"bitsandbytes is not importable ({type(e).__name__}: {e}); install its wheel first "
+               f"(benchmarks/overhead/README.md, 'QLoRA on the GPU')")
+        rows.append({"setting": "qlora", "skipped": why})
+        print(f"  qlora: skipped: {why}", flush=True)
+        return
+    big = "tiny" if args.smoke else "llama-7b"
+    keep = ["lora", "flatlora-forward"]
+    bench_llama(args, rows, "qlora micro 4x512", big, 4, 16 if args.smoke else 512, 1, keep, nf4=True)
+    bench_llama(args, rows, "qlora micro 2x1024", big, 2, 32 if args.smoke else 1024, 2 if args.smoke else 16, keep,
+                nf4=True)
+
+
 def provenance(args):
     info = {"device": torch.cuda.get_device_name(0) if args.dev == "cuda" else platform.processor() or "cpu",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
             "command": " ".join([Path(sys.executable).name] + sys.argv), "smoke": args.smoke,
             "anchor": args.anchor if args.anchor and Path(args.anchor).exists() else None}
-    for mod in ("triton", "peft", "transformers"):
+    for mod in ("triton", "peft", "transformers", "bitsandbytes"):
         try:
             info[mod] = __import__(mod).__version__
         except Exception as e:  # a missing optional package is recorded, not fatal
@@ -353,7 +416,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--anchor", default=".carry/anchor_overhead.py", help="the carried reference script")
-    ap.add_argument("--only", default="acc1,acc16,minilm,sweep,exact")
+    ap.add_argument("--only", default="acc1,acc16,minilm,sweep,exact",
+                    help="comma-separated settings: acc1, acc16, minilm, sweep, exact, qlora (needs bitsandbytes)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (accumulation 1)")
     ap.add_argument("--steps-ga", type=int, default=4, help="timed steps (accumulation 16; each is 16 micro-batches)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -384,6 +448,8 @@ def main(argv=None):
             bench_llama(args, rows, f"sweep {sizes[0]} {bs}x512", sizes[0], bs, 16 if args.smoke else 512, 1, keep)
     if "exact" in only:
         bench_exact(args, rows)
+    if "qlora" in only:
+        bench_qlora(args, rows)
     info["total_secs"] = time.perf_counter() - t_all
     slug = "smoke-" + args.dev if args.smoke else torch.cuda.get_device_name(0).lower().replace(" ", "-") if args.dev == "cuda" else "cpu"
     if args.only != ap.get_default("only"):

@@ -290,11 +290,11 @@ def test_quantized_base_compiles_with_a_graph_break_and_matches_eager():
     """Quantized bases keep the eager op (dequantized again in backward, no dense copy saved): dynamo runs it
     outside the graph."""
     pytest.importorskip("bitsandbytes")
-    from tests.core.test_quantized import make
+    from tests.core.test_quantized import make_qnet
 
-    def quantized(dtype):
-        torch.manual_seed(0)  # the head's init
-        return make(), [torch.randn(5, 64, generator=torch.Generator().manual_seed(s)) for s in (2, 3)], {}
+    def quantized(dtype):  # PEFT's lora.bnb.Linear4bit on NF4 layers (stored and computing in float32)
+        return (make_qnet("nf4", "cpu", torch.float32),
+                [torch.randn(5, 64, generator=torch.Generator().manual_seed(s)) for s in (2, 3)], {})
 
     eager, flat, _ = run(quantized, "forward")
     assert flat.mode == "forward"

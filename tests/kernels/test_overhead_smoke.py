@@ -32,3 +32,25 @@ def test_overhead_benchmark_smoke(tmp_path):
     assert len(exact) == 4 and all(r["bit_identical"] for r in exact)
     # With the anchor the reference variant is timed; without it, it is absent (never a stale row).
     assert any(r["variant"] == "reference" for r in timed) == ANCHOR.exists()
+
+
+def test_overhead_benchmark_qlora_smoke(tmp_path):
+    """--only qlora: plain QLoRA and Flat-QLoRA rows for both micro-batch shapes plus the recorded in-place
+    refusal where bitsandbytes works; a single 'skipped' row saying why where it does not."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("overhead_run", ROOT / "benchmarks/overhead/run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    rows = run.main(["--smoke", "--only", "qlora", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "overhead-smoke-cpu-qlora.json").read_text())
+    assert data["rows"] == json.loads(json.dumps(rows)) and "bitsandbytes" in data["provenance"]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert len(rows) == 1 and "bitsandbytes is not importable" in rows[0]["skipped"]
+        return
+    for setting in ("qlora micro 4x512", "qlora micro 2x1024"):
+        got = {r["variant"]: r for r in rows if r["setting"] == setting}
+        assert set(got) == {"flatlora-inplace", "lora", "flatlora-forward"}
+        assert "re-quantize" in got["flatlora-inplace"]["refused"] and "mode='forward'" in got["flatlora-inplace"]["refused"]
+        assert got["lora"]["ratio_vs_lora"] == 1.0 and got["flatlora-forward"]["ratio_vs_lora"] > 0
+        assert got["lora"]["base"].startswith("bitsandbytes nf4, double quant")

@@ -146,8 +146,10 @@ class FlatLoRA:
         special = [t for t in self.targets if t.quantized or unmaterialised(t.weight)
                    or is_sharded(t.weight) and InplaceMode.refusal(t) is not None]
         if special:
-            log.info("flatlora: mode=auto -> forward (%s has a quantized, unmaterialised or column-sharded weight)",
-                     special[0].name)
+            t = special[0]
+            why = (f"a quantized base: {t.quantization}; in-place noise could not be removed from it" if t.quantized
+                   else "an unmaterialised or column-sharded weight")
+            log.info("flatlora: mode=auto -> forward (%s has %s)", t.name, why)
             return "forward"
         for t in self.targets:
             why = InplaceMode.refusal(t)

@@ -18,6 +18,16 @@ on `flatlora::noisy_weight` under non-reentrant checkpoint (recomputed in backwa
 Two kinds of layer keep the eager autograd op below, which dynamo does not trace (a graph break per such
 layer): quantized bases, dequantized again in backward instead of keeping a dense copy alive, and weights
 gathered only inside forward (FSDP1, ZeRO-3, FSDP2), whose noise is drawn at their first forward.
+
+Quantized bases (QLoRA: bitsandbytes Linear4bit NF4/FP4, Linear8bitLt). The packed weight is never written.
+Forward dequantizes it through PEFT (`Target.dequantize`), adds eps with the row std of the dequantized
+W + sBA (drawn at the layer's first forward of the window), and multiplies in the dtype the layer's own
+forward would use (4-bit: its compute dtype; 8-bit: the input's); backward dequantizes and regenerates eps
+again. W is PEFT's dequantized weight, in the dtype the layer was quantized from. Two differences from the
+layer's own forward, both far below the noise: bitsandbytes' 4-bit kernels dequantize straight into the compute
+dtype (with a float32 compute dtype over bf16-stored weights, one bf16 rounding of W apart; none under bf16
+autocast), and its 8-bit forward is LLM.int8()'s int8 matmul, which quantizes the activations too, where a
+window multiplies in floating point.
 """
 
 from __future__ import annotations
@@ -102,6 +112,8 @@ class _NoisyLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, t: Target, noisy: NoisyWeight):
         w = noisy()
+        if t.quantized:  # the dequantized dtype (bitsandbytes: the original weight's) -> the compute dtype
+            w = w.to(x.dtype)
         # Flat full fine-tuning: d(W + eps)/dW is the identity, so grad_W is the usual one taken at W + eps.
         ctx.t, ctx.noisy, ctx.x_dtype, ctx.w_dtype = t, noisy, x.dtype, weight.dtype
         needs_x = t.kind == "conv" or weight.requires_grad
@@ -143,7 +155,24 @@ class _NoisyLayer(torch.autograd.Function):
 
 @torch.compiler.disable
 def _eager(t: Target, x: torch.Tensor, bias: torch.Tensor | None, noisy: NoisyWeight) -> torch.Tensor:
+    if t.quantized:
+        return _quantized(t, x, bias, noisy)
     return _NoisyLayer.apply(x, t.weight, bias, t, noisy)
+
+
+def _quantized(t: Target, x: torch.Tensor, bias: torch.Tensor | None, noisy: NoisyWeight) -> torch.Tensor:
+    """A quantized base's forward with W + eps for W, in the dtypes of the layer's own forward: bitsandbytes'
+    Linear4bit computes in `compute_dtype` (fixed from the first input it sees), Linear8bitLt in the input's
+    dtype; both return the input's dtype."""
+    base = t.base
+    if hasattr(base, "set_compute_type") and not getattr(base, "compute_type_is_set", True):
+        # What the layer's own first forward does (a float32/bfloat16 input sets the compute dtype), so a window
+        # that comes first computes in the dtype every later plain forward will use.
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    dtype = getattr(base, "compute_dtype", None) or x.dtype
+    y = _NoisyLayer.apply(x.to(dtype), t.weight, None if bias is None else bias.to(dtype), t, noisy)
+    return y.to(x.dtype)
 
 
 def _forward(self, x, *args, **kwargs):

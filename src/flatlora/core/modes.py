@@ -55,7 +55,12 @@ class InplaceMode:
         if unmaterialised(w):
             return (f"layer {t.name!r} has no materialised weight here (FSDP1 flat parameter or DeepSpeed ZeRO-3 "
                     f"partition): in-place noise cannot be applied. Use mode='forward', or FSDP2 (fully_shard).")
-        if t.quantized or w.dtype not in BITS:
+        if t.quantized:
+            return (f"layer {t.name!r} has a quantized base ({t.quantization}): in-place noise would have to "
+                    f"re-quantize W + eps, and re-quantizing cannot be undone (its error is as large as the noise). "
+                    f"Use FlatLoRAConfig(mode='forward') (mode='auto' picks it): it computes with the dequantized "
+                    f"W + eps and never writes the packed weight.")
+        if w.dtype not in BITS:
             return (f"layer {t.name!r} stores its weight as {type(w).__name__}/{w.dtype}: in-place noise cannot be "
                     f"removed exactly from it. Use FlatLoRAConfig(mode='forward') (or mode='auto').")
         try:
@@ -105,11 +110,13 @@ class ForwardMode:
         self.armed = {t.name: forward.Armed(t, backend.name) for backend, targets in plan for t in targets}
 
     def open(self, window: Window) -> None:
-        # The std of every weight this process holds whole is fixed now, in one grouped call per backend. A
-        # weight gathered only inside forward (FSDP1, ZeRO-3, FSDP2) is drawn at its layer's first forward of
-        # the window, from the gathered weight; every later micro-batch and backward reuse the draw.
+        # The std of every dense weight this process holds whole is fixed now, in one grouped call per backend.
+        # A weight gathered only inside forward (FSDP1, ZeRO-3, FSDP2) is drawn at its layer's first forward of
+        # the window, from the gathered weight; every later micro-batch and backward reuse the draw. So is a
+        # quantized base, from the weight its forward dequantizes anyway: dequantizing every layer here would
+        # hold all of them dense at once (13 GB for a 7B model), the memory QLoRA exists to save.
         whole = [View.of(t) for _, targets in self.plan for t in targets
-                 if not unmaterialised(t.weight) and not is_sharded(t.weight)]
+                 if not t.quantized and not unmaterialised(t.weight) and not is_sharded(t.weight)]
         window.draws.update(window.draw(whole))
         for backend, targets in self.plan:
             for t in targets:

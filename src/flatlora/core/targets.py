@@ -52,6 +52,11 @@ class Target:
     def quantized(self) -> bool:
         return self.dequantize is not None
 
+    @property
+    def quantization(self) -> str | None:
+        """How a quantized base stores its weight ("bitsandbytes 4-bit nf4 (double quant)", ...); None if dense."""
+        return _quantization(self.weight) if self.quantized else None
+
     def dense_weight(self) -> torch.Tensor:
         """The base weight as a dense float tensor in storage layout (dequantized if needed)."""
         return self.dequantize() if self.dequantize is not None else self.weight
@@ -132,17 +137,38 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+_BNB_PARAMS = ("Params4bit", "Int8Params")  # bitsandbytes' packed weight classes, matched by name (no import)
+
+
 def _dequantizer(base: nn.Module) -> Callable[[], torch.Tensor] | None:
+    """A function rebuilding `base`'s dense weight through PEFT's accessors, or None for a dense float weight."""
     w = getattr(base, "weight", None)
-    if isinstance(w, torch.Tensor) and w.is_floating_point() and type(w).__name__ not in ("Params4bit", "Int8Params"):
+    if isinstance(w, torch.Tensor) and w.is_floating_point() and type(w).__name__ not in _BNB_PARAMS:
         return None
 
     def dequantize() -> torch.Tensor:
-        from peft.utils.integrations import dequantize_module_weight
+        from peft.utils.integrations import dequantize_bnb_weight, dequantize_module_weight
 
-        return dequantize_module_weight(base)
+        weight = base.weight
+        if type(weight).__name__ in _BNB_PARAMS:
+            # PEFT's bitsandbytes accessor (4-bit: the weight's quant_state; 8-bit: the layer's state holds the
+            # scales after its first forward). Not dequantize_module_weight: on CPU it re-assigns layer.weight
+            # with a new 8-bit parameter on every call, and the engine tracks the parameter it found.
+            return dequantize_bnb_weight(weight, state=getattr(base, "state", None))
+        return dequantize_module_weight(base)  # HQQ, torchao and whatever else PEFT knows how to dequantize
 
     return dequantize
+
+
+def _quantization(w: torch.Tensor) -> str:
+    """A short name of how `w` is stored, for messages: "bitsandbytes 4-bit nf4 (double quant)", ..."""
+    name = type(w).__name__
+    if name == "Params4bit":
+        nested = getattr(getattr(w, "quant_state", None), "nested", False)
+        return f"bitsandbytes 4-bit {getattr(w, 'quant_type', '?')}" + (" (double quant)" if nested else "")
+    if name == "Int8Params":
+        return "bitsandbytes 8-bit"
+    return f"{name}/{w.dtype}"
 
 
 def _describe(name: str, base: nn.Module, lora: nn.Module | None) -> Target | str:
