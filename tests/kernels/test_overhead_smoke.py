@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 # The reference script is carried next to the checkout (benchmarks/overhead/README.md); another place via env.
@@ -43,7 +44,8 @@ def test_overhead_benchmark_qlora_smoke(tmp_path):
     run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run)
     rows = run.main(["--smoke", "--only", "qlora", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "overhead-smoke-cpu-qlora.json").read_text())
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # run.py names the smoke file after the device
+    data = json.loads((tmp_path / f"overhead-smoke-{dev}-qlora.json").read_text())
     assert data["rows"] == json.loads(json.dumps(rows)) and "bitsandbytes" in data["provenance"]
     if importlib.util.find_spec("bitsandbytes") is None:
         assert len(rows) == 1 and "bitsandbytes is not importable" in rows[0]["skipped"]
