@@ -91,6 +91,27 @@ def test_noisy_copy_matches_reference(dtype, shape):
         assert (bits(out) != bits(ref)).float().mean() < 1e-3
 
 
+def test_repeated_noisy_copies_reuse_the_table_and_follow_std_and_output():
+    """Forward mode's per-layer copies reuse a cached launch table: the result must still be a fresh copy into
+    each output (contiguous or transposed), and follow new std values written into the same tensor."""
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(40, 96, generator=g) * 0.02).to(torch.bfloat16).to(DEV)
+    std = (torch.rand(40, generator=g) * 0.01).to(DEV)
+    first = K.noisy_copy(w, std, 77, 0)
+    again = K.noisy_copy(w, std, 77, 0)
+    assert torch.equal(bits(first), bits(again)) and first.data_ptr() != again.data_ptr()
+    t_out = torch.empty(96, 40, dtype=w.dtype, device=DEV).t()  # a transposed output view
+    K.noisy_copy_(w, std, 77, 0, t_out)
+    assert torch.equal(bits(t_out.contiguous()), bits(first))
+    std.mul_(3)  # same tensor, new values: the table holds pointers, the kernel reads the values
+    tripled = K.noisy_copy(w, std, 77, 0)
+    eps, eps3 = first.float() - w.float(), tripled.float() - w.float()
+    assert not torch.equal(bits(tripled), bits(first))
+    assert abs(float(eps3.std() / eps.std()) - 3) < 0.1
+    with pytest.raises(ValueError, match="output must be a"):
+        K.noisy_copy_(w, std, 77, 0, torch.empty(40, 96, dtype=torch.float16, device=DEV))
+
+
 def test_keys_of_all_64_bits_draw_the_reference_stream():
     m, n = 3, 64
     w = torch.zeros(m, n, dtype=torch.float32, device=DEV)

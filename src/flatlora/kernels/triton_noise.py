@@ -155,8 +155,9 @@ def _checksum(bits, offs):
 def _noise_kernel(
     tab_ptr, map_ptr,  # layer table and tile -> layer map
     cnt_ptr, hdr_ptr, roff_ptr, rval_ptr, CAP, bad_ptr,  # record (PERTURB / RESTORE)
+    oarg_ptr,  # COPY with OUT_ARG: the output (one layer), instead of the table's C_OUT
     MODE: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr, CONTIG: tl.constexpr, RETRY: tl.constexpr,
-    FAST: tl.constexpr, BLOCK_: tl.constexpr, PB: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_: tl.constexpr, PB: tl.constexpr, OUT_ARG: tl.constexpr,
 ):
     """One tile = BLOCK consecutive elements o of a layer's logical (m, n) view (row o // n, column o % n).
     CONTIG: every view in the launch is row-major contiguous with 16-byte aligned storage, so o is also the
@@ -195,7 +196,10 @@ def _noise_kernel(
     eps = std * _normals(tl.load(row + C_KEY), tl.load(row + C_ROW0) * N + start.to(tl.int64), q, ALIGNED, FAST)
     x = _to_f32(bits, KIND)
     if MODE == 2:  # COPY
-        out_ptr = tl.load(row + C_OUT).to(tl.pointer_type(BITS))
+        if OUT_ARG:
+            out_ptr = oarg_ptr
+        else:
+            out_ptr = tl.load(row + C_OUT).to(tl.pointer_type(BITS))
         if CONTIG:
             optrs = tl.multiple_of(out_ptr, 16) + o
         else:
@@ -421,7 +425,7 @@ def _flags(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple
     return all(ly.w.shape[1] % 4 == 0 for ly in layers), all(_contiguous(v) for v in views)
 
 
-def _launch(tab, tile_map, tiles, dtype, flags, mode, rec: Record | None, bad=None, retry=False) -> None:
+def _launch(tab, tile_map, tiles, dtype, flags, mode, rec: Record | None, bad=None, retry=False, out=None) -> None:
     dummy = tab
     if rec is None:
         cnt = hdr = off = val = dummy
@@ -429,9 +433,9 @@ def _launch(tab, tile_map, tiles, dtype, flags, mode, rec: Record | None, bad=No
     else:
         cnt, hdr, off, val, cap = rec.counter, rec.header, rec.off, rec.val, rec.off.numel()
     _noise_kernel[(tiles,)](
-        tab, tile_map, cnt, hdr, off, val, cap, bad if bad is not None else dummy,
+        tab, tile_map, cnt, hdr, off, val, cap, bad if bad is not None else dummy, out if out is not None else dummy,
         MODE=mode, KIND=_KIND[dtype], ALIGNED=flags[0], CONTIG=flags[1], RETRY=retry, FAST=_fast(), BLOCK_=BLOCK,
-        PB=256, num_warps=NUM_WARPS[mode])
+        PB=256, OUT_ARG=out is not None, num_warps=NUM_WARPS[mode])
 
 
 def noisy_copy_group(layers: list[Layer], outs: list[torch.Tensor]) -> None:
@@ -442,9 +446,32 @@ def noisy_copy_group(layers: list[Layer], outs: list[torch.Tensor]) -> None:
     _launch(tab, tile_map, tiles, dtype, _flags(layers, outs), COPY, None)
 
 
+_ONE: dict[tuple, tuple] = {}  # one-layer launch tables by everything they hold (see noisy_copy_)
+
+
 def noisy_copy_(w: torch.Tensor, std: torch.Tensor, key: int, row0: int, out: torch.Tensor) -> None:
-    """out <- round(w + std[:, None] * z(key, (row0 + i) * n + j)) for logical (m, n) views w and out."""
-    noisy_copy_group([Layer(w, std, key, row0)], [out])
+    """out <- round(w + std[:, None] * z(key, (row0 + i) * n + j)) for logical (m, n) views w and out.
+
+    Forward mode calls this for every layer in forward and again in backward, with the same (w, std, key)
+    through a window and a fresh output each time. Building and uploading the layer table cost about a third
+    of the 0.29 ms of host time a call took on the H200 (a 7B step was host-bound), so the table is cached
+    under the tuple of every value it holds, the output's strides included, and the output pointer travels as
+    a kernel argument: a hit is exactly the table a rebuild would give."""
+    k = (w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device, std.data_ptr(), key, row0, out.stride())
+    hit = _ONE.get(k)
+    if hit is None:
+        ly = Layer(w, std, key, row0)
+        dtype = _check([ly])
+        tab, tile_map, tiles = _table([ly], [out])
+        hit = (tab, tile_map, tiles, dtype, w.shape[1] % 4 == 0, _contiguous(w))
+        if len(_ONE) >= 4096:  # a window's layers; older windows' keys never come back
+            _ONE.clear()
+        _ONE[k] = hit
+    tab, tile_map, tiles, dtype, aligned, contig = hit
+    if out.dtype != dtype or out.shape != w.shape:
+        raise ValueError(f"the output must be a {tuple(w.shape)} {dtype} view, got {tuple(out.shape)} {out.dtype}")
+    o = out.view(_BITS[dtype])
+    _launch(tab, tile_map, tiles, dtype, (aligned, contig and _contiguous(o)), COPY, None, out=o)
 
 
 def noisy_copy(w: torch.Tensor, std: torch.Tensor, key: int, row0: int = 0) -> torch.Tensor:
