@@ -55,6 +55,15 @@ def cuda_ms(fn, reps: int = 10, warm: int = 2) -> float:
     return statistics.median(ts)
 
 
+def write_results(out: str, prefix: str, info: dict, rows: list[dict]) -> Path:
+    """<out>/<prefix>-<device>.json with the provenance and the rows."""
+    path = Path(out) / f"{prefix}-{info['device'].lower().replace(' ', '-')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"provenance": info, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+    return path
+
+
 def load_module(path: str, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
@@ -166,12 +175,7 @@ def main(argv=None):
         for label, K in mods:
             bench_module(K, label, shapes, args.rank, args.sigma, args.reps if setting == "layer" else max(3, args.reps // 2),
                          bw, rows, setting)
-    slug = info["device"].lower().replace(" ", "-")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"kernels-{slug}.json"
-    path.write_text(json.dumps({"provenance": info, "rows": rows}, indent=1))
-    print(f"wrote {path}")
+    write_results(args.out, "kernels", info, rows)
 
 
 if __name__ == "__main__":

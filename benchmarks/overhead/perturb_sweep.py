@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flatlora.kernels import triton_noise as K  # noqa: E402
-from kernel_bench import SHAPES_7B, cuda_ms  # noqa: E402
+from kernel_bench import SHAPES_7B, cuda_ms, write_results  # noqa: E402
 
 VARIANTS = {"copy": 0, "count": 1, "count+chk": 2, "flatscan": 3, "current": 4, "twolevel": 5, "bitmask": 6}
 STREAMS = {"philox10": (0, 4), "philox7": (1, 4), "philox10-16bit": (2, 8)}  # (RNG, elements per Philox call)
@@ -261,11 +260,7 @@ def main(argv=None):
             "torch": torch.__version__, "triton": triton.__version__, "command": " ".join(["python"] + sys.argv)}
     rows = perturb_rows(numel, n, args.reps, args.quick, fast, dev) if args.part in ("all", "perturb") else []
     rows += grouped_rows(shapes, args.reps, dev) if args.part in ("all", "grouped") else []
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"perturb-sweep-{info['device'].lower().replace(' ', '-')}.json"
-    path.write_text(json.dumps({"provenance": info, "rows": rows}, indent=1))
-    print(f"wrote {path}")
+    write_results(args.out, "perturb-sweep", info, rows)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,18 @@ class CallbackEngine:
             self.guard = None
         if self.flat is not None:
             self.flat.close()
+
+
+class EngineOwner:
+    """What a trainer callback shows of the CallbackEngine it keeps in `self._engine`."""
+
+    _engine: CallbackEngine
+
+    @property
+    def flat(self) -> FlatLoRA | None:
+        """The engine of the current (or last) training run."""
+        return self._engine.flat
+
+    @property
+    def _guard(self) -> CleanWeightsGuard | None:
+        return self._engine.guard

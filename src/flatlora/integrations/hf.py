@@ -57,8 +57,7 @@ require("peft", "hf", "flatlora.integrations.hf")
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from ..config import FlatLoRAConfig  # noqa: E402
-from ..core.engine import FlatLoRA  # noqa: E402
-from ._engine import DEFAULT_SEED, CallbackEngine  # noqa: E402
+from ._engine import DEFAULT_SEED, CallbackEngine, EngineOwner  # noqa: E402
 from ._guard import CleanWeightsGuard, install, wrap_before  # noqa: E402
 from .card import CONFIG_FILE, read_adapter_card, write_adapter_card  # noqa: E402
 
@@ -123,7 +122,7 @@ class FlatLoRAArguments:
         return FlatLoRAConfig(**values)
 
 
-class FlatLoRACallback(TrainerCallback):
+class FlatLoRACallback(EngineOwner, TrainerCallback):
     """Flat-LoRA noise around every optimizer step of a `transformers.Trainer`.
 
     Args:
@@ -219,14 +218,6 @@ class FlatLoRACallback(TrainerCallback):
         self._sigint_undo = _close_on_sigint(self._guard)
         if state.global_step > 0:
             self.flat.resume(self._checkpoint_state(args, state), state.global_step)
-
-    @property
-    def flat(self) -> FlatLoRA | None:
-        return self._engine.flat
-
-    @property
-    def _guard(self) -> CleanWeightsGuard | None:
-        return self._engine.guard
 
     def _build(self, model, args, state) -> None:
         """A fresh engine for this train() call, with total_steps and seed resolved from the Trainer."""

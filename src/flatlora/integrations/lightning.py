@@ -34,10 +34,8 @@ import os
 from typing import Any, Callable
 
 from ..config import FlatLoRAConfig
-from ..core.engine import FlatLoRA
 from ._deps import require
-from ._engine import CallbackEngine
-from ._guard import CleanWeightsGuard
+from ._engine import CallbackEngine, EngineOwner
 
 
 # `lightning.pytorch` first (the `lightning` package), `pytorch_lightning` when only that is installed.
@@ -52,7 +50,7 @@ def _global_seed() -> int | None:
     return int(value) if value.lstrip("-").isdigit() else None
 
 
-class FlatLoRACallback(pl.Callback):
+class FlatLoRACallback(EngineOwner, pl.Callback):
     """Flat-LoRA noise around every optimizer step of a Lightning fit.
 
     Args:
@@ -78,14 +76,6 @@ class FlatLoRACallback(pl.Callback):
         self.log_sigma = log_sigma
         self._batch_idx = 0
         self._loaded: dict | None = None
-
-    @property
-    def flat(self) -> FlatLoRA | None:
-        return self._engine.flat
-
-    @property
-    def _guard(self) -> CleanWeightsGuard | None:
-        return self._engine.guard
 
     # ------------------------------------------------------------------ set-up and resume
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
