@@ -78,11 +78,16 @@ def make_qnet(kind: str, device: str, dtype: torch.dtype = torch.bfloat16, compu
         model = QNet(kind, dtype, dtype if compute_dtype == "same" else compute_dtype).to(device)  # quantizes
         pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q0", "q1"],
                                                         init_lora_weights=False))
+    return randomize_adapters(pm, 0.1)
+
+
+def randomize_adapters(pm, scale: float):
+    """Every trainable tensor ~ N(0, scale^2) from a fixed generator (LoRA B starts at zero otherwise)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in pm.parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     return pm
 
 
@@ -350,12 +355,7 @@ def qlora_llama(llama_dir, kind: str, device: str, checkpointing: bool = True, r
     with torch.random.fork_rng(devices=[]):
         pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                         lora_dropout=0.0, init_lora_weights=False))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return pm
+    return randomize_adapters(pm, 0.05)
 
 
 def rel_dist(a: dict, b: dict) -> float:
