@@ -172,14 +172,12 @@ class TritonBackend(Backend):
         items = []
         for v in views:
             mat = v.mat
-            dense = v.dense_delta()
+            fac, dense = v.terms()  # one pass over the adapters; B and A uncopied, s applied in the kernel
             if dense is not None:
                 # Adapters without a factor form (grouped convs, unknown LoRA kinds) are small layers: the
-                # kernel gets W + D as its weight, and still adds B A tile by tile.
+                # kernel gets W + D as its weight, and still adds s B A tile by tile.
                 mat = mat.float() + dense
-            lowrank = v.lowrank()
-            b, a = (None, None) if lowrank is None else lowrank
-            items.append(K.StdItem(mat, a, b))
+            items.append(K.StdItem(mat) if fac is None else K.StdItem(mat, fac[1], fac[0], fac[2]))
         if noise == "filter":
             return K.row_std_group(items, sigma)
         # Other rules need ||W'_i||^2: the same kernel at scale 1 gives ||W'_i|| / sqrt(n).

@@ -95,6 +95,17 @@ class View:
     def to_storage(self, mat: torch.Tensor) -> torch.Tensor:
         return storage(self.target, mat, self.tensor)
 
+    def terms(self) -> tuple[tuple[torch.Tensor, torch.Tensor, float] | None, torch.Tensor | None]:
+        """`Target.terms` for the rows this view holds, on the weight's device."""
+        fac, dense = self.target.terms()
+        dev = self.tensor.device
+        if fac is not None:
+            b, a, s = fac
+            fac = ((b if self.rows is None else b[self.rows]).to(dev), a.to(dev), s)
+        if dense is not None:
+            dense = (dense if self.rows is None else dense[self.rows]).to(dev)
+        return fac, dense
+
     def lowrank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(B rows [rows, R], A [R, n]) of the active adapters, on the weight's device; None without any."""
         lr = self.target.lowrank()

@@ -28,6 +28,7 @@ instead of "restoring" someone else's values into garbage.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +69,8 @@ S_SC = tl.constexpr(6)
 S_R = tl.constexpr(7)
 S_BLK0 = tl.constexpr(8)  # first row block of this layer in the launch
 S_OUT0 = tl.constexpr(9)  # first output row
-S_COLS = tl.constexpr(10)
+S_BS = tl.constexpr(10)  # scale of B (float64 bits): the adapter's scaling, applied here instead of copying B
+S_COLS = tl.constexpr(11)
 
 
 @triton.jit
@@ -285,8 +287,9 @@ def _rowstd_kernel(tab_ptr, map_ptr, out_ptr, SCALE,
     rmask = rows < M
     rows64 = rows.to(tl.int64)
     rk = tl.arange(0, RP)
+    bscale = tl.load(row + S_BS).to(tl.float64, bitcast=True).to(tl.float32)
     if ONE:
-        b = tl.load(b_ptr + rows64[:, None] * R + rk[None, :], mask=rmask[:, None] & (rk[None, :] < R), other=0.0)
+        b = tl.load(b_ptr + rows64[:, None] * R + rk[None, :], mask=rmask[:, None] & (rk[None, :] < R), other=0.0) * bscale
     acc = tl.zeros((BM_, BK), dtype=tl.float32)
     for k in range(0, N, BK):
         cols = k + tl.arange(0, BK)
@@ -300,7 +303,8 @@ def _rowstd_kernel(tab_ptr, map_ptr, out_ptr, SCALE,
         else:
             for r0 in range(0, R, RP):
                 r = r0 + rk
-                bc = tl.load(b_ptr + rows64[:, None] * R + r[None, :], mask=rmask[:, None] & (r[None, :] < R), other=0.0)
+                bc = tl.load(b_ptr + rows64[:, None] * R + r[None, :], mask=rmask[:, None] & (r[None, :] < R),
+                             other=0.0) * bscale
                 a = tl.load(a_ptr + r[:, None] * N + cols64[None, :], mask=(r[:, None] < R) & cm[None, :], other=0.0)
                 merged += tl.dot(bc, a, input_precision=PREC)
         acc += merged * merged
@@ -529,18 +533,19 @@ def restore_group(layers: list[Layer], rec: Record) -> torch.Tensor:
 @dataclass
 class StdItem:
     """One layer for `row_std_group`: its logical (m, n) weight view (any strides) and its low-rank term
-    B_cat [m, R] @ A_cat [R, n] (float32, scalings folded into B; None, or R = 0, for none)."""
+    scale * B [m, R] @ A [R, n] (None, or R = 0, for none; float32 in the kernel: other dtypes are copied)."""
 
     w: torch.Tensor
     a: torch.Tensor | None = None
     b: torch.Tensor | None = None
+    scale: float = 1.0
 
 
 _STD_BM, _STD_BK, _STD_PREC = 32, 128, "tf32x3"  # perturb_sweep.py: 2x the FMA kernel on the H200
 
 
 def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor]:
-    """Filter-noise std of every layer, sigma_scale * ||(W + B A)_i|| / sqrt(n) as float32 [m] vectors,
+    """Filter-noise std of every layer, sigma_scale * ||(W + s B A)_i|| / sqrt(n) as float32 [m] vectors,
     in one launch per (device, weight dtype) (one in practice): the rows of all layers form one grid, and
     each program finds its layer through a row-block -> layer map."""
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -567,7 +572,8 @@ def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor
             else:
                 pa = pb = out.data_ptr()  # never read (R = 0)
             wb = it.w.view(_BITS[dtype])
-            rows.append([wb.data_ptr(), pa, pb, m, n, wb.stride(0), wb.stride(1), r, blk, row0])
+            rows.append([wb.data_ptr(), pa, pb, m, n, wb.stride(0), wb.stride(1), r, blk, row0,
+                         struct.unpack("<q", struct.pack("<d", float(it.scale)))[0]])
             result[i] = out[row0:row0 + m]
             blocks = triton.cdiv(m, _STD_BM)
             counts.append(blocks)
