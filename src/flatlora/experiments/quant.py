@@ -79,7 +79,7 @@ def quantized_base(model: nn.Module, spec: ExperimentSpec, device: torch.device)
         save_model(model.to(dtype), f"{folder}/model.safetensors")
         del model
         q = cls.from_pretrained(folder, quantization_config=bnb_config(spec, device), dtype=dtype,
-                                            device_map={"": device})
+                                device_map={"": _map_target(device)})
     q.config._name_or_path = q.name_or_path = source  # adapter_config.json names the real base, not the temp folder
     _check_cpu_blocks(q, spec, device)
     q = prepare_model_for_kbit_training(q, use_gradient_checkpointing=spec.quant.gradient_checkpointing)
@@ -99,3 +99,10 @@ def _check_cpu_blocks(model: nn.Module, spec: ExperimentSpec, device: torch.devi
                              f"bitsandbytes' CPU backend needs a multiple of {block}: train on CUDA "
                              "(train.device=cuda) or use a model whose layers are that wide")
 
+
+
+def _map_target(device: torch.device) -> int | str:
+    """A device_map value: the GPU index for CUDA (bare `cuda` = the current device), else the device name."""
+    if device.type == "cuda":
+        return torch.cuda.current_device() if device.index is None else device.index
+    return str(device)
