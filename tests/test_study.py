@@ -84,6 +84,64 @@ def test_shipped_studies_validate_and_have_a_tiny_mode(name):
     assert tiny["spec"]["model"].startswith("tiny-")
 
 
+def _borrowed_choices(root: Path, level: int, lr: float, sigma: float) -> None:
+    """What the llm study's headroom, recipe and sigma stages leave behind (choice.json), written by hand."""
+    for stage, chosen in (("headroom", {"task_args.level": level}), ("recipe", {"train.lr": lr, "train.epochs": 1}),
+                          ("sigma", {"flat.sigma": sigma})):
+        (root / "llm" / stage).mkdir(parents=True)
+        (root / "llm" / stage / "choice.json").write_text(json.dumps({"chosen": chosen, "point": "p", "metric": "dev/exact_match"}))
+
+
+def test_qlora_study_applies_the_llm_studys_choices(tmp_path):
+    cfg = study.load_study("llm_qlora")
+    s = study.Study(cfg, tmp_path)
+    assert cfg["spec"]["quant"]["type"] == "nf4" and set(cfg["stages"]) == {"main"}
+    main = cfg["stages"]["main"]
+    assert main["ranks"] == [8] and len(study.seed_list(main["seeds"])) >= 5
+    calls, pending = s.calls("main")
+    assert pending == ["llm's headroom", "llm's recipe", "llm's sigma"]
+    _borrowed_choices(tmp_path, level=3, lr=2e-3, sigma=0.1)
+    calls, pending = s.calls("main")
+    assert not pending
+    spec = calls[0].spec
+    assert spec["task_args"]["level"] == 3 and spec["train"]["lr"] == 2e-3 and spec["flat"]["sigma"] == 0.1
+    assert spec["quant"]["type"] == "nf4" and spec["methods"] == ["lora", "flat-lora"]
+    # everything but the quantization is the llm study's spec, so its choices mean the same thing
+    llm = study.load_study("llm")["spec"]
+    assert {k: v for k, v in cfg["spec"].items() if k != "quant"} == llm
+
+
+def test_borrowing_a_stage_that_also_runs_is_refused(tmp_path):
+    text = (ROOT / "benchmarks" / "evidence" / "study_llm_qlora.yaml").read_text()
+    p = tmp_path / "study_bad.yaml"
+    p.write_text(text.replace("  main: {ranks: [8]", "  sigma: {seeds: [0], sigmas: [0.1]}\n  main: {ranks: [8]"))
+    with pytest.raises(SystemExit, match=r"stage\(s\) \['sigma'\] both run here and borrowed from llm: drop one"):
+        study.load_study(str(p))
+    p.write_text(text.replace("stages: [headroom, recipe, sigma]}", "stages: [main]}"))
+    with pytest.raises(SystemExit, match="choices_from must be {study: NAME, stages:"):
+        study.load_study(str(p))
+
+
+@needs_math_data
+def test_tiny_qlora_study_runs_main_on_a_4bit_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "evidence" / "study.py"), "llm_qlora", "--tiny", "--out", str(tmp_path)]
+    env = {**_env(), "FLATLORA_DATA": str(fetch.data_root())}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert r.returncode == 0 and "waits for the choice of llm's headroom" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert not (tmp_path / "llm_qlora" / "main" / "runs").exists()
+    _borrowed_choices(tmp_path, level=1, lr=1e-2, sigma=0.2)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = tmp_path / "llm_qlora" / "main"
+    rec = json.loads((d / "runs" / "flat-lora_r2_s100" / "metrics.json").read_text())
+    assert rec["status"] == "done" and rec["flatlora_mode"] == "forward"
+    assert rec["run_key"]["quant"]["type"] == "nf4" and rec["run_key"]["flat"]["sigma"] == 0.2
+    assert rec["run_key"]["train"]["lr"] == 1e-2
+    pair = next(p for p in json.loads((d / "summary.json").read_text())["pairs"] if p["metric"] == "test/exact_match")
+    assert pair["n"] == 2 and pair["seeds"] == [100, 101]
+
+
 def test_plan_counts_runs_and_time(capsys):
     assert study.main(["text", "llm", "--plan", "--jobs", "4", "--out", "/nonexistent"]) == 0
     out = capsys.readouterr().out

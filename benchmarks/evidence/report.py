@@ -22,7 +22,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "evidence"
-STUDY_ORDER = ("text", "image", "llm")
+STUDY_ORDER = ("text", "image", "llm", "llm_qlora")
 
 
 # ---------------------------------------------------------------------- loading
@@ -194,6 +194,10 @@ def protocol(name: str, s: dict) -> list[str]:
     lines.append(f"**Base spec** (before the choices below): `{json.dumps(spec, default=str)}`")
     lines.append("")
     lines.append(f"**Choices**, all on `{cfg['dev_metric']}` (the dev split; the test split chooses nothing):")
+    borrowed = cfg.get("choices_from") or {}
+    if borrowed:
+        lines.append(f"- {', '.join(borrowed['stages'])}: the {borrowed['study']} study's choices (its section), "
+                     "not chosen again here")
     for stage in ("headroom", "recipe", "sigma"):
         ch = (s.get(stage) or {}).get("choice")
         if stage not in cfg.get("stages", {}):

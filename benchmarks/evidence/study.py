@@ -72,6 +72,15 @@ def load_study(name_or_path: str, tiny: bool = False) -> dict[str, Any]:
     unknown = sorted(set(cfg["stages"]) - set(STAGES))
     if unknown:
         raise SystemExit(f"{p}: unknown stage(s) {unknown}; stages are {list(STAGES)}")
+    src = cfg.get("choices_from")
+    if src is not None:
+        bad = sorted(set(src.get("stages") or []) - {"headroom", "recipe", "sigma"}) if isinstance(src, dict) else None
+        if not isinstance(src, dict) or not src.get("study") or bad or not src.get("stages"):
+            raise SystemExit(f"{p}: choices_from must be {{study: NAME, stages: [...]}} with stages among headroom, recipe, "
+                             f"sigma, got {src!r}")
+        both = sorted(set(src["stages"]) & set(cfg["stages"]))
+        if both:
+            raise SystemExit(f"{p}: stage(s) {both} both run here and borrowed from {src['study']}: drop one")
     if tiny:
         t = cfg.get("tiny")
         if not t:
@@ -308,18 +317,27 @@ class Study:
     def stage_cfg(self, stage: str) -> dict:
         return self.cfg["stages"].get(stage) or {}
 
+    def borrowed(self) -> tuple[str | None, list[str]]:
+        """`choices_from: {study: llm, stages: [...]}`: the study whose choices of those stages this one applies
+        (in the same results root) instead of choosing again, e.g. the quantized variant of a study."""
+        src = self.cfg.get("choices_from") or {}
+        return src.get("study"), [s for s in ("headroom", "recipe", "sigma") if s in (src.get("stages") or [])]
+
     def choice(self, stage: str) -> dict | None:
-        f = self.dir / stage / "choice.json"
+        other, stages = self.borrowed()
+        f = (self.dir.parent / other if stage in stages else self.dir) / stage / "choice.json"
         return json.loads(f.read_text()) if f.exists() else None
 
     def tuned_spec(self, upto: str) -> tuple[dict, list[str]]:
-        """The base spec with the choices of the stages before `upto` applied; and what is still pending."""
+        """The base spec with the choices of the stages before `upto` applied (own or borrowed); and what is
+        still pending."""
         spec, pending = self.base_spec(), []
-        order = [s for s in ("headroom", "recipe", "sigma") if s in self.cfg["stages"]]
+        other, borrowed = self.borrowed()
+        order = [s for s in ("headroom", "recipe", "sigma") if s in self.cfg["stages"] or s in borrowed]
         for stage in order[:order.index(upto) if upto in order else len(order)]:
             ch = self.choice(stage)
             if ch is None or not ch.get("chosen"):
-                pending.append(stage)
+                pending.append(f"{other}'s {stage}" if stage in borrowed else stage)
                 continue
             for k, v in ch["chosen"].items():
                 set_dotted(spec, k, v)

@@ -5,7 +5,7 @@ from dataclasses import fields
 
 import pytest
 
-from flatlora.experiments.spec import ExperimentSpec, LoraSection, SpecError, TrainSection, config_keys, load_spec
+from flatlora.experiments.spec import ExperimentSpec, LoraSection, QuantSection, SpecError, TrainSection, config_keys, load_spec
 
 
 def test_overrides_parse_yaml_values(tmp_path):
@@ -67,13 +67,13 @@ def test_bad_specs_fail_with_a_message_naming_the_problem(override, message):
 
 def test_every_spec_field_is_checked_and_documented():
     keys = {k for k, *_ in config_keys()}
-    for prefix, cls in (("", ExperimentSpec), ("lora.", LoraSection), ("train.", TrainSection)):
+    for prefix, cls in (("", ExperimentSpec), ("lora.", LoraSection), ("train.", TrainSection), ("quant.", QuantSection)):
         for f in fields(cls):
-            if f.name in ("lora", "train"):
+            if f.name in ("lora", "train", "quant"):
                 continue
             assert "check" in f.metadata and f.metadata.get("help"), f"{prefix}{f.name} has no check or help"
             assert prefix + f.name in keys
-    assert {"flat.sigma", "flat.mode", "train.lr", "jobs"} <= keys and "flat.total_steps" not in keys
+    assert {"flat.sigma", "flat.mode", "train.lr", "jobs", "quant.type"} <= keys and "flat.total_steps" not in keys
 
 
 def test_out_dir_that_is_a_file_is_refused(tmp_path):

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import yaml
 
 from .provenance import diff_inputs, task_inputs
+from .quant import check_quantization
 from .results import plot_summary, summarize, write_summary, to_markdown
 from .runner import run_key, run_one
 from .spec import ExperimentSpec
@@ -124,6 +125,7 @@ def compare(spec: ExperimentSpec, *, jobs: int | None = None, progress: bool = T
 
     resolve_device(spec.train.device)  # `cuda` without CUDA fails here, not in every run
     task = create_task(spec.task, model=spec.model, **spec.task_args)
+    check_quantization(spec, task)
     inputs = task_inputs(spec.task, spec.task_args, task)
     check_inputs(finished, inputs, log)
     runs.mkdir(parents=True, exist_ok=True)

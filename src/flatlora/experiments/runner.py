@@ -43,6 +43,7 @@ import yaml
 from ..core import batchnorm
 from .methods import Method, create_optimizer, get_method, lora_config, prepare_model
 from .provenance import task_inputs
+from .quant import check_quantization
 from .spec import ExperimentSpec
 from .tasks import create_task
 from .tasks.base import Task
@@ -56,6 +57,8 @@ def run_key(spec: ExperimentSpec) -> dict[str, Any]:
     """The part of a spec that a finished run's results depend on (besides method, rank and seed)."""
     d = spec.to_dict()
     key = {k: d[k] for k in RUN_FIELDS}
+    if spec.quant.type is not None:  # only then: the keys of runs made before `quant` existed stay valid
+        key["quant"] = d["quant"]
     key["lora"] = {k: v for k, v in key["lora"].items() if k != "r"}
     key["train"] = {k: v for k, v in key["train"].items() if k not in ("threads", "device", "eval_batch_size")}
     return key
@@ -120,6 +123,7 @@ def run_one(spec: ExperimentSpec, run_dir: str | Path, *, method: str | None = N
     device = resolve_device(spec.train.device)
     if task is None:
         task = create_task(spec.task, model=spec.model, **spec.task_args)
+    check_quantization(spec, task)
     if inputs is None:
         inputs = task_inputs(spec.task, spec.task_args, task)
     run = _setup(spec, m, rank, seed, task, device)
@@ -154,10 +158,15 @@ def _build(spec: ExperimentSpec, method: Method, rank: int, seed: int, task: Tas
     # makes the model init (new head, LoRA A) the same for every method of one seed.
     set_seed(seed)
     model = task.build_model()
-    dtype = getattr(torch, spec.train.dtype)
-    if dtype != torch.float32:
-        model = model.to(dtype)
-    model = model.to(device)
+    if spec.quant.type is not None:
+        from .quant import quantized_base
+
+        model = quantized_base(model, spec, device)  # on the device, in train.dtype around the packed weights
+    else:
+        dtype = getattr(torch, spec.train.dtype)
+        if dtype != torch.float32:
+            model = model.to(dtype)
+        model = model.to(device)
     cfg = None
     if not method.full:
         lo = spec.lora
@@ -316,10 +325,12 @@ def _recalibrate_bn(run: _Run) -> int:
 
 def _saved_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What the run changed: trainable parameters and floating buffers (BatchNorm statistics), keyed as in
-    the model's state_dict."""
-    params = dict(model.named_parameters())
+    the model's state_dict. The extra state_dict entries of a quantized base (4-bit absmax / quant_map,
+    8-bit SCB) are neither: they belong to the frozen base, rebuilt from config.yaml."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
     return {k: v for k, v in model.state_dict().items()
-            if (k in params and params[k].requires_grad) or (k not in params and v.is_floating_point())}
+            if (k in params and params[k].requires_grad) or (k in buffers and v.is_floating_point())}
 
 
 def _nonfinite_state(run: _Run) -> str | None:

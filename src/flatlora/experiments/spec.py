@@ -9,6 +9,7 @@ came from a file) and what is accepted, so a typo never costs a training run.
     lora: {r: 8, alpha: 16}
     train: {epochs: 1, lr: 5.0e-4}
     flat: {sigma: 0.05}         # any FlatLoRAConfig field except total_steps/seed (the runner sets them)
+    quant: {type: nf4}          # QLoRA: the base loaded in 4-bit NF4 by bitsandbytes (causal-LM tasks)
 
 `flatlora run --help` prints every key with its default, help and accepted values (`config_keys()`).
 """
@@ -32,6 +33,7 @@ from ..config import FlatLoRAConfig
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
 DTYPES = ("float32", "bfloat16", "float16")
+QUANT_TYPES = ("nf4", "fp4", "int8")
 
 
 class SpecError(ValueError):
@@ -145,6 +147,20 @@ class TrainSection:
 
 
 @dataclass
+class QuantSection:
+    """The QLoRA set-up: the frozen base loaded quantized through transformers' BitsAndBytesConfig, then
+    peft.prepare_model_for_kbit_training; LoRA (and Flat-LoRA, in forward mode) on top."""
+
+    type: str | None = _f(None, "quantize the frozen base: nf4 | fp4 (4-bit) | int8 (LLM.int8()); null = full precision "
+                          "(needs bitsandbytes; causal-LM tasks)", optional(choice(*QUANT_TYPES)))
+    double_quant: bool = _f(True, "4-bit: quantize the quantization constants too (QLoRA's double quantization)", BOOL)
+    compute_dtype: str = _f("auto", "4-bit: dtype the layers multiply in; auto = bfloat16 on CUDA, train.dtype on CPU",
+                            choice("auto", *DTYPES))
+    gradient_checkpointing: bool = _f(False, "prepare_model_for_kbit_training's gradient checkpointing (saves "
+                                      "activation memory on large bases, costs a second forward)", BOOL)
+
+
+@dataclass
 class ExperimentSpec:
     task: str = _f("rt-sentiment", "task name (`flatlora tasks`)", STRING)
     task_args: dict = _f(dict, "task options, e.g. path/text_column for byo-text (`flatlora tasks --options`)",
@@ -158,6 +174,7 @@ class ExperimentSpec:
     baseline: str | None = _f(None, "method every other is paired against (null = each flat-X against X)", optional(STRING))
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
+    quant: QuantSection = field(default_factory=QuantSection)
     flat: dict = _f(lambda: {"sigma": 0.05}, "FlatLoRAConfig fields (sigma, schedule, noise, mode, ...)",
                     mapping("{sigma: 0.05}"))
     sam_rho_ab: float = _f(0.003, "LoRA-SAM radius on (A, B) (paper v2 Table 6 best: 0.003)", number(gt=0))
@@ -176,7 +193,7 @@ class ExperimentSpec:
         from .methods import get_method
         from .tasks import get_task_entry
 
-        for prefix, obj in (("", self), ("lora.", self.lora), ("train.", self.train)):
+        for prefix, obj in (("", self), ("lora.", self.lora), ("train.", self.train), ("quant.", self.quant)):
             for f in fields(obj):
                 if "check" in f.metadata:
                     f.metadata["check"](prefix + f.name, getattr(obj, f.name))
@@ -195,6 +212,9 @@ class ExperimentSpec:
             self.flat_config(total_steps=1, seed=0)  # FlatLoRAConfig validates its fields
         except (ValueError, TypeError) as e:
             raise SpecError("flat", f"flat: {e}") from None
+        if self.quant.type is not None and self.flat.get("mode", "auto") == "inplace":
+            raise SpecError("flat.mode", f"flat.mode=inplace cannot run on a quant.type={self.quant.type} base (re-quantizing "
+                            "W + eps cannot be undone): use flat.mode=auto or forward")
         return self
 
     def flat_config(self, total_steps: int, seed: int, **overrides: Any) -> FlatLoRAConfig:
@@ -211,7 +231,7 @@ class ExperimentSpec:
         d = copy.deepcopy(d)
         _reject_unknown("", d, cls)
         kwargs = dict(d)
-        for name, section in (("lora", LoraSection), ("train", TrainSection)):
+        for name, section in (("lora", LoraSection), ("train", TrainSection), ("quant", QuantSection)):
             if name in d:
                 _reject_unknown(f"{name}.", _mapping(name, d[name]), section)
                 kwargs[name] = section(**d[name])
@@ -224,9 +244,9 @@ class ExperimentSpec:
 def config_keys() -> list[tuple[str, Any, str, str]]:
     """(key, default, help, accepted values) of every spec key, FlatLoRAConfig's `flat.*` fields included."""
     out = []
-    for prefix, cls in (("", ExperimentSpec), ("lora.", LoraSection), ("train.", TrainSection)):
+    for prefix, cls in (("", ExperimentSpec), ("lora.", LoraSection), ("train.", TrainSection), ("quant.", QuantSection)):
         for f in fields(cls):
-            if f.name in ("lora", "train"):
+            if f.name in ("lora", "train", "quant"):
                 continue
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             out.append((prefix + f.name, default, f.metadata.get("help", ""), f.metadata["check"].accepts))

@@ -105,7 +105,8 @@ def tiny_config(name: str, num_labels: int = 2):
         return tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
                            decoder_start_token_id=0, eos_token_id=1, num_labels=num_labels, **common)
     if name == "tiny-llama":
-        return tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        # hidden 64: bitsandbytes' CPU backend packs 4-bit weights in blocks of 64 inputs (quant.type runs on CPU)
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=1, **common)
     if name == "tiny-clip":
         return tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

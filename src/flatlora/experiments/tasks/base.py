@@ -25,6 +25,7 @@ class Task:
     default_targets: Any = "all-linear"
     default_modules_to_save: Any = None
     peft_task_type: str | None = None  # "CAUSAL_LM" for generation tasks (PEFT then offers generate)
+    quantizable: bool = False  # its model can be loaded quantized by bitsandbytes (`quant.type`, QLoRA)
 
     def build_model(self) -> nn.Module:
         """The base model (no adapters), in train mode, on CPU."""

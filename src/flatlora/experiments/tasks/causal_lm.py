@@ -69,6 +69,7 @@ class CausalLMTask(Task):
     """Prompt -> target fine-tuning of a causal LM; evaluated by greedy generation (exact match of the number)."""
 
     peft_task_type = "CAUSAL_LM"
+    quantizable = True  # a transformers causal LM: `quant.type` loads it through BitsAndBytesConfig
 
     def __init__(self, name: str, train: list[Row], evals: dict[str, list[Row]], model: str, max_length: int,
                  max_new_tokens: int, info: dict[str, Any] | None = None, humaneval: int = 0):
