@@ -345,15 +345,15 @@ def test_tiny_variants_and_sam_stages_run_reuse_the_choices_and_resume(tmp_path)
         (d / stage).mkdir(parents=True)
         (d / stage / "choice.json").write_text(json.dumps({"point": "x", "chosen": chosen, "mean": 0.5, "metric": "dev/accuracy"}))
     cmd = [sys.executable, str(ROOT / "benchmarks" / "evidence" / "study.py"), "text", "--tiny", "--out", str(tmp_path),
-           "--stages", "variants,sam", "--jobs", "4", "--set", "stages/sam/time_reference=stage",
+           "--stages", "variants,sam", "--set", "stages/sam/time_reference=stage",
            "--set", "stages/variants/seeds=[300]"]
     env = {**_env(), "FLATLORA_DATA": str(fetch.data_root())}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     var = json.loads((d / "variants" / "summary.json").read_text())
     assert {(p["method"], p["baseline"]) for p in var["pairs"]} == {("flat-dora", "dora"), ("flat-pissa", "pissa")}
-    key = json.loads((d / "variants" / "runs" / "flat-dora_r2_s300" / "metrics.json").read_text())["run_key"]
-    assert key["train"]["lr"] == 2e-3 and key["flat"]["sigma"] == 0.3 and key["lora"]["r"] == 2
+    rec = json.loads((d / "variants" / "runs" / "flat-dora_r2_s300" / "metrics.json").read_text())
+    assert rec["run_key"]["train"]["lr"] == 2e-3 and rec["run_key"]["flat"]["sigma"] == 0.3 and rec["rank"] == 2
     timing = json.loads((d / "sam" / "timing.json").read_text())
     runs = {m: [json.loads(f.read_text()) for f in sorted((d / "sam" / "equal_steps" / "runs").glob(f"{m}_r2_s*/metrics.json"))]
             for m in ("flat-lora", "lora-sam", "sam-w")}

@@ -379,7 +379,7 @@ def sharpness_table(summ: dict) -> list[str]:
 def conclusions(name: str, s: dict) -> list[str]:
     cfg = s["config"]
     if "main" not in s:
-        return [f"- {name}: the main comparison has not run yet: no conclusion."]
+        return [f"- {name}: the main comparison has not run yet: no conclusion."] + extra_conclusions(name, s)
     summ, metric = s["main"]["summary"], cfg["test_metric"]
     out = []
     headroom_ok = True
@@ -403,11 +403,23 @@ def conclusions(name: str, s: dict) -> list[str]:
             p = pair_of(summ, m, rank)
             if p:
                 out.append(f"- {name}, r = {rank}, {m} (out of domain): {verdict(p)}.")
+    if "sharpness" in s:
+        sh = s["sharpness"]["summary"]
+        words = [f"{k}: {sharpness_word(sh['pairs'][k])}" for k in sh["measures"] if k in sh["pairs"] and k != "base_loss"]
+        if words:
+            out.append(f"- {name}, sharpness of the merged weights (Flat-LoRA vs LoRA, r = {sh['rank']}, "
+                       f"{len(sh['seeds'])} pairs): " + "; ".join(words) + ".")
+    return out + extra_conclusions(name, s)
+
+
+def extra_conclusions(name: str, s: dict) -> list[str]:
+    """The optional stages: each Flat- variant against its method; each SAM method (equal steps, equal wall-clock)
+    against Flat-LoRA and LoRA, on the test metric (their out-of-domain rows are in the tables)."""
+    out, metric = [], s["config"]["test_metric"]
     if "variants" in s:
-        vs = s["variants"]["summary"]
-        for p in vs["pairs"]:
-            if p["metric"] in _metrics_of(s, vs):
-                out.append(f"- {name}, {_title(p['method'])} vs {_title(p['baseline'])}, r = {p['rank']}, {p['metric']}: "
+        for p in s["variants"]["summary"]["pairs"]:
+            if p["metric"] == metric:
+                out.append(f"- {name}, {_title(p['method'])} vs {_title(p['baseline'])}, r = {p['rank']}, {metric}: "
                            f"{verdict(p, what=_title(p['method']))}.")
     if "sam" in s:
         ss = s["sam"]["summary"]
@@ -415,12 +427,6 @@ def conclusions(name: str, s: dict) -> list[str]:
             if p["metric"] == metric and p["method"] != "flat-lora":
                 out.append(f"- {name}, {_title(p['method'])} at {p['budget'].replace('_', ' ')} vs {_title(p['baseline'])}, "
                            f"r = {ss['rank']}, {metric}: {verdict(p, what=_title(p['method']))}.")
-    if "sharpness" in s:
-        sh = s["sharpness"]["summary"]
-        words = [f"{k}: {sharpness_word(sh['pairs'][k])}" for k in sh["measures"] if k in sh["pairs"] and k != "base_loss"]
-        if words:
-            out.append(f"- {name}, sharpness of the merged weights (Flat-LoRA vs LoRA, r = {sh['rank']}, "
-                       f"{len(sh['seeds'])} pairs): " + "; ".join(words) + ".")
     return out
 
 
