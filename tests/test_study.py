@@ -314,3 +314,140 @@ def test_report_status_flags_studies_with_fewer_paired_seeds_than_planned(tmp_pa
     _fixture(tmp_path / "all", "text", lora, [x + 0.002 for x in lora])
     text = report.render(tmp_path / "all", tmp_path / "all.md", figures=False)
     assert "| text | main, sharpness | r8: 10 (10) | complete |" in text
+
+
+# ---------------------------------------------------------------------- optional stages: variants and sam
+def test_equal_time_budget_from_given_seconds():
+    t = study.equal_time_budget([97.0, 99.0], [180.0, 184.0], [1160, 1160], 5)
+    assert t["flat_seconds"] == 98.0 and t["sam_seconds"] == 182.0 and t["sam_seconds_per_step"] == pytest.approx(182 / 1160)
+    assert t["scale"] == pytest.approx(98 / 182) and t["max_steps"] == round(1160 * 98 / 182) == 625
+    assert t["epochs"] == 5  # fewer steps: the epochs stay, max_steps cuts (and the lr schedule follows it)
+    up = study.equal_time_budget([30.0], [20.0], [100], 2)  # SAM cheaper than Flat-LoRA: more steps, more epochs
+    assert up["max_steps"] == 150 and up["epochs"] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="positive training seconds"):
+        study.equal_time_budget([10.0], [0.0], [5], 1)
+
+
+def _run_record(d: Path, method: str, rank: int, seed: int, train_seconds: float, steps: int = 100):
+    run = d / "runs" / f"{method}_r{rank}_s{seed}"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"method": method, "rank": rank, "seed": seed, "train_seconds": train_seconds,
+                                                  "steps": steps, "metrics": {"test/accuracy": 0.8, "dev/accuracy": 0.8}}))
+
+
+def test_sam_timing_reads_main_and_is_frozen_once_measured(tmp_path):
+    cfg = study.load_study("text")
+    cfg["stages"]["sam"]["seeds"] = [200, 201]
+    s = study.Study(cfg, tmp_path)
+    d = tmp_path / "text"
+    _run_record(d / "sam" / "equal_steps", "lora-sam", 8, 200, 190.0)
+    for seed, sec in ((100, 96.0), (101, 100.0)):
+        _run_record(d / "main", "flat-lora", 8, seed, sec)
+    _run_record(d / "main", "flat-lora", 16, 100, 500.0)   # another rank: not the reference
+    assert s.sam_timing("lora-sam") is None                # seed 201 of lora-sam not finished yet
+    calls, _ = s.calls("sam")
+    assert [c.point for c in calls] == ["equal_steps"]     # the equal-time calls wait for the measurement
+    _run_record(d / "sam" / "equal_steps", "lora-sam", 8, 201, 210.0)
+    _run_record(d / "sam" / "equal_steps", "flat-lora", 8, 200, 120.0)
+    t = s.sam_timing("lora-sam")
+    assert t["flat_seconds"] == 98.0 and t["sam_seconds"] == 200.0 and t["max_steps"] == 49 and t["scale"] == 0.49
+    assert t["flat_source"] == "main: flat-lora r8, seeds [100, 101]" and t["flat_seconds_this_stage"] == 120.0
+    assert json.loads((d / "sam" / "timing.json").read_text())["lora-sam"]["max_steps"] == 49
+    _run_record(d / "main", "flat-lora", 8, 102, 400.0)    # later runs do not move a frozen budget
+    assert s.sam_timing("lora-sam")["max_steps"] == 49
+    calls, _ = s.calls("sam")
+    (et,) = [c for c in calls if c.point == "equal_time_lora-sam"]
+    assert et.spec["methods"] == ["lora-sam"] and et.spec["train"]["max_steps"] == 49 and et.spec["seeds"] == [200, 201]
+    assert et.out_dir == d / "sam" / "equal_time_lora-sam" and et.est_run_s == pytest.approx(98.0 + 5)
+    assert s.sam_timing("sam-w") is None
+    # time_reference: stage takes Flat-LoRA's equal-steps runs of the stage itself
+    cfg2 = study.load_study("text")
+    cfg2["stages"]["sam"].update(seeds=[200, 201], time_reference="stage")
+    (d / "sam" / "timing.json").unlink()
+    _run_record(d / "sam" / "equal_steps", "flat-lora", 8, 201, 140.0)
+    assert study.Study(cfg2, tmp_path).sam_timing("lora-sam")["flat_seconds"] == 130.0
+
+
+@pytest.mark.parametrize("change, message", [
+    ("variants: {rank: 8, pairs: [[dora, flat-pissa]], seeds: [300]}", "each pair is \\[X, flat-X\\]"),
+    ("variants: {rank: 8, pairs: [[dora, flat-dora]], seeds: [105, 300]}", "reuses main's seeds \\[105\\]"),
+    ("sam: {rank: 8, methods: [lora-sam, dora], seeds: [200]}", "SAM baselines"),
+    ("sam: {rank: 8, methods: [lora-sam], seeds: [200], time_reference: test}", "time_reference"),
+    ("sam: {rank: 8, methods: [lora-samm], seeds: [200]}", "unknown method 'lora-samm'"),
+])
+def test_variants_and_sam_configs_are_checked(tmp_path, change, message):
+    import re
+
+    text = (ROOT / "benchmarks" / "evidence" / "study_text.yaml").read_text()
+    stage = change.split(":")[0]
+    text = re.sub(rf"^  {stage}: .*$", "  " + change, text, count=1, flags=re.M)
+    p = tmp_path / "study_x.yaml"
+    p.write_text(text)
+    with pytest.raises(SystemExit, match=message):
+        study.load_study(str(p))
+
+
+def test_a_choice_made_on_test_is_refused_by_every_later_stage(tmp_path):
+    s = study.Study(study.load_study("text"), tmp_path)
+    (tmp_path / "text" / "recipe").mkdir(parents=True)
+    (tmp_path / "text" / "recipe" / "choice.json").write_text(json.dumps(
+        {"point": "lr0.001_ep3", "chosen": {"train.lr": 1e-3}, "mean": 0.9, "metric": "test/accuracy"}))
+    for stage in ("sigma", "main", "variants", "sam"):
+        with pytest.raises(SystemExit, match="only a dev metric may choose"):
+            s.calls(stage)
+
+
+def test_tiny_variants_and_sam_stages_run_reuse_the_choices_and_resume(tmp_path):
+    d = tmp_path / "text"
+    for stage, chosen in (("recipe", {"train.lr": 2e-3, "train.epochs": 1}), ("sigma", {"flat.sigma": 0.3})):
+        (d / stage).mkdir(parents=True)
+        (d / stage / "choice.json").write_text(json.dumps({"point": "x", "chosen": chosen, "mean": 0.5, "metric": "dev/accuracy"}))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "evidence" / "study.py"), "text", "--tiny", "--out", str(tmp_path),
+           "--stages", "variants,sam", "--set", "stages/sam/time_reference=stage",
+           "--set", "stages/variants/seeds=[300]"]
+    env = {**_env(), "FLATLORA_DATA": str(fetch.data_root())}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    var = json.loads((d / "variants" / "summary.json").read_text())
+    assert {(p["method"], p["baseline"]) for p in var["pairs"]} == {("flat-dora", "dora"), ("flat-pissa", "pissa")}
+    rec = json.loads((d / "variants" / "runs" / "flat-dora_r2_s300" / "metrics.json").read_text())
+    assert rec["run_key"]["train"]["lr"] == 2e-3 and rec["run_key"]["flat"]["sigma"] == 0.3 and rec["rank"] == 2
+    timing = json.loads((d / "sam" / "timing.json").read_text())
+    runs = {m: [json.loads(f.read_text()) for f in sorted((d / "sam" / "equal_steps" / "runs").glob(f"{m}_r2_s*/metrics.json"))]
+            for m in ("flat-lora", "lora-sam", "sam-w")}
+    for m in ("lora-sam", "sam-w"):
+        t = timing[m]
+        flat = sum(x["train_seconds"] for x in runs["flat-lora"]) / 2
+        mine = sum(x["train_seconds"] for x in runs[m]) / 2
+        assert t["flat_seconds"] == pytest.approx(flat) and t["sam_seconds"] == pytest.approx(mine)
+        assert t["max_steps"] == max(1, round(runs[m][0]["steps"] * flat / mine))
+        done = [json.loads(f.read_text()) for f in (d / "sam" / f"equal_time_{m}" / "runs").glob("*/metrics.json")]
+        assert sorted(x["seed"] for x in done) == [200, 201] and {x["steps"] for x in done} == {t["max_steps"]}
+        assert done[0]["run_key"]["flat"]["sigma"] == 0.3 and done[0]["run_key"]["train"]["lr"] == 2e-3
+    sam = json.loads((d / "sam" / "summary.json").read_text())
+    assert {(c["method"], c["budget"]) for c in sam["cells"]} == {
+        ("lora", "equal_steps"), ("flat-lora", "equal_steps"), ("lora-sam", "equal_steps"), ("lora-sam", "equal_time"),
+        ("sam-w", "equal_steps"), ("sam-w", "equal_time")}
+    p = next(p for p in sam["pairs"] if (p["method"], p["budget"], p["baseline"], p["metric"])
+             == ("sam-w", "equal_time", "flat-lora", "test/accuracy"))
+    assert p["n"] == 2 and p["seeds"] == [200, 201]
+    assert "equal wall-clock: " in r.stdout
+    # resume: nothing is re-trained
+    r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert r2.returncode == 0 and "start " not in r2.stdout, r2.stdout[-2000:] + r2.stderr[-2000:]
+    # the report gains both sections, with the timing
+    import yaml
+
+    (d / "study.yaml").write_text(yaml.safe_dump({k: v for k, v in study.load_study("text").items() if k != "tiny"}))
+    text = report.render(tmp_path, tmp_path / "R.md", figures=False)
+    assert "### Flat- variants against their methods" in text and "| Flat-DoRA vs DoRA | test/accuracy | 2 | 1 |" in text
+    assert "### SAM baselines at equal steps and at equal wall-clock" in text
+    assert f"| {timing['sam-w']['max_steps']} |" in text and "Equal wall-clock** means equal TRAINING seconds" in text
+    assert "- text, SAM-on-W at equal time vs Flat-LoRA, r = 2, test/accuracy:" in text
+    assert "variants: 1 of 5 paired seeds per pair; sam: 2 of 5 paired seeds at equal wall-clock" in text
+
+
+def test_report_without_the_optional_stages_has_none_of_their_sections(tmp_path):
+    _fixture(tmp_path, "text", [0.8, 0.81, 0.79], [0.81, 0.8, 0.8])
+    text = report.render(tmp_path, tmp_path / "R.md", figures=False)
+    assert "variants" not in text and "SAM" not in text and "equal wall-clock" not in text

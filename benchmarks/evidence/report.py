@@ -23,6 +23,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "evidence"
 STUDY_ORDER = ("text", "image", "llm", "llm_qlora")
+STAGES = ("headroom", "recipe", "sigma", "main", "sharpness", "ranks", "variants", "sam")
 
 
 # ---------------------------------------------------------------------- loading
@@ -42,7 +43,7 @@ def load_results(results: Path) -> dict[str, dict]:
             if (d / "commands.jsonl").exists() else []
         env = next(iter(sorted(d.glob("*/runs/*/env.json")) + sorted(d.glob("*/*/runs/*/env.json"))), None)
         s["env"] = json.loads(env.read_text()) if env else {}
-        for stage in ("headroom", "recipe", "sigma", "main", "sharpness", "ranks"):
+        for stage in STAGES:
             sd = d / stage
             if (sd / "summary.json").exists():
                 s[stage] = {"summary": json.loads((sd / "summary.json").read_text()),
@@ -161,7 +162,7 @@ def status(studies: dict[str, dict]) -> list[str]:
         if s is None:
             lines.append(f"| {name} | – | – | not run yet (`python benchmarks/evidence/study.py {name} --plan`) |")
             continue
-        done = [st for st in ("headroom", "recipe", "sigma", "main", "sharpness", "ranks") if st in s]
+        done = [st for st in STAGES if st in s]
         planned = planned_seeds(s["config"])
         ns = {}
         if "main" in s:
@@ -175,8 +176,31 @@ def status(studies: dict[str, dict]) -> list[str]:
         word = "complete" if seeds_ok and sharp_ok else (
             f"INCOMPLETE: {min(ns.values()) if ns else 0} of {planned} paired seeds"
             + ("" if sharp_ok else ", no sharpness") + "; resume with the same command")
+        word += extra_status(s)
         lines.append(f"| {name} | {', '.join(done) or '–'} | {got} ({planned}) | {word} |")
     return lines
+
+
+def extra_status(s: dict) -> str:
+    """The optional variants and sam stages, when a study ran them: paired seeds done of planned ('' otherwise)."""
+    out = []
+    planned = lambda st: len(_seeds(s["config"]["stages"].get(st, {}).get("seeds", [])))  # noqa: E731
+    if "variants" in s:
+        summ, metric = s["variants"]["summary"], s["config"]["test_metric"]
+        ns = [p["n"] for p in summ["pairs"] if p["metric"] == metric]
+        out.append(f"variants: {min(ns) if ns else 0} of {planned('variants')} paired seeds per pair")
+    if "sam" in s:
+        summ, metric = s["sam"]["summary"], s["config"]["test_metric"]
+        ns = [p["n"] for p in summ["pairs"] if p["metric"] == metric and p["baseline"] == "flat-lora"
+              and p["budget"] == "equal_time"]
+        waits = [m for m in summ.get("methods", []) if m not in summ.get("timing", {})]
+        out.append(f"sam: {min(ns) if ns and not waits else 0} of {planned('sam')} paired seeds at equal wall-clock"
+                   + (f" ({', '.join(waits)} waiting for the timing)" if waits else ""))
+    return "".join(f"; {x}" for x in out)
+
+
+def _seeds(v: Any) -> list[int]:
+    return list(range(int(v.get("start", 0)), int(v.get("start", 0)) + int(v["count"]))) if isinstance(v, dict) else list(v)
 
 
 def protocol(name: str, s: dict) -> list[str]:
@@ -272,6 +296,75 @@ def main_tables(s: dict) -> list[str]:
     return lines
 
 
+def _title(method: str) -> str:
+    """'flat-dora' -> 'Flat-DoRA' (names as the paper writes them)."""
+    names = {"lora": "LoRA", "dora": "DoRA", "pissa": "PiSSA", "lora-ga": "LoRA-GA", "rslora": "rsLoRA", "lora+": "LoRA+",
+             "full": "full FT", "lora-sam": "LoRA-SAM", "sam-w": "SAM-on-W"}
+    return "Flat-" + names.get(method[5:], method[5:]) if method.startswith("flat-") else names.get(method, method)
+
+
+def _metrics_of(s: dict, summ: dict) -> list[str]:
+    cfg = s["config"]
+    return [m for m in [cfg["test_metric"], *cfg.get("ood_metrics", [])] if m in summ["metrics"]]
+
+
+def _pair_cols(p: dict) -> str:
+    return (f"{pts(p['mean_diff'])} [{pts(p['ci_low'])}, {pts(p['ci_high'])}] | {pval(p['t_pvalue'])} | "
+            f"{pval(p['wilcoxon_pvalue'])} | {num(p['effect_size_dz'], 2)} | {p['wins']}/{p['losses']}")
+
+
+def variants_table(s: dict) -> list[str]:
+    """Each flat-X against X (same seeds, recipe and σ as main), test and out-of-domain metrics, cost next to gain."""
+    summ = s["variants"]["summary"]
+    seeds = sorted({sd for c in summ["cells"] for sd in c["seeds"]})
+    lines = [f"Each Flat- variant against its own method: rank {sorted({c['rank'] for c in summ['cells']})}, seeds {seeds} "
+             "(fresh, none of main's), main's recipe and σ (σ chosen for Flat-LoRA, not re-tuned per variant).", "",
+             "| pair | metric | r | n | X | Flat-X | Δ points [95 % CI] | t-test p | Wilcoxon p | d_z | wins/losses | train s/run X → Flat-X |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in summ["pairs"]:
+        if p["metric"] not in _metrics_of(s, summ):
+            continue
+        a, b = cell_of(summ, p["baseline"], p["rank"]), cell_of(summ, p["method"], p["rank"])
+        lines.append(f"| {_title(p['method'])} vs {_title(p['baseline'])} | {p['metric']} | {p['rank']} | {p['n']} | "
+                     f"{cell(a, p['metric'])} | {cell(b, p['metric'])} | {_pair_cols(p)} | "
+                     f"{secs(a['train_seconds'])} → {secs(b['train_seconds'])} |")
+    return lines
+
+
+def sam_tables(s: dict) -> list[str]:
+    """SAM baselines at equal steps and at equal wall-clock, paired against Flat-LoRA and LoRA of the same seeds."""
+    summ = s["sam"]["summary"]
+    timing = summ.get("timing", {})
+    lines = [f"Rank {summ['rank']}, seeds {summ['seeds']} (fresh, none of main's), main's recipe and σ. "
+             f"**Equal wall-clock** means {summ['equal_wall_clock']}.", ""]
+    if timing:
+        lines += ["| method | train s/run at equal steps (steps) | Flat-LoRA train s/run (reference) | scale | "
+                  "steps at equal wall-clock | train s/run there (measured) |", "|---|---|---|---|---|---|"]
+        for m, t in timing.items():
+            got = next((c for c in summ["cells"] if c["method"] == m and c["budget"] == "equal_time"), None)
+            lines.append(f"| {_title(m)} | {secs(t['sam_seconds'])} ({t['sam_steps']:.0f}) | {secs(t['flat_seconds'])} "
+                         f"({t['flat_source']}) | {t['scale']:.3f} | {t['max_steps']} | {secs(got['train_seconds']) if got else '–'} |")
+        lines.append("")
+    for m in summ.get("methods", []):
+        if m not in timing:
+            lines += [f"{_title(m)} at equal wall-clock: not run yet (waits for Flat-LoRA's seconds in main and every "
+                      "equal-steps seed).", ""]
+    metrics = _metrics_of(s, summ)
+    lines += ["| method | budget | n | steps | train s/run | " + " | ".join(metrics) + " |",
+              "|---|---|---|---|---|" + "---|" * len(metrics)]
+    for c in summ["cells"]:
+        lines.append(f"| {_title(c['method'])} | {c['budget'].replace('_', ' ')} | {c['n']} | {c['steps']:.0f} | "
+                     f"{secs(c['train_seconds'])} | " + " | ".join(cell(c, k) for k in metrics) + " |")
+    lines += ["", "Paired over seeds (method − baseline, points; the baselines trained at equal steps):", "",
+              "| method | budget | vs | metric | n | Δ points [95 % CI] | t-test p | Wilcoxon p | d_z | wins/losses |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in summ["pairs"]:
+        if p["metric"] in metrics:
+            lines.append(f"| {_title(p['method'])} | {p['budget'].replace('_', ' ')} | {_title(p['baseline'])} | {p['metric']} | "
+                         f"{p['n']} | {_pair_cols(p)} |")
+    return lines
+
+
 def sharpness_table(summ: dict) -> list[str]:
     lines = [f"Rank {summ['rank']}, seeds {summ['seeds']}; settings {summ['settings']}.", "",
              "| measure | LoRA mean ± std | Flat-LoRA mean ± std | Δ (Flat − LoRA) [95 % CI] | t-test p | Wilcoxon p | d_z | Flat-LoRA is |",
@@ -290,7 +383,7 @@ def sharpness_table(summ: dict) -> list[str]:
 def conclusions(name: str, s: dict) -> list[str]:
     cfg = s["config"]
     if "main" not in s:
-        return [f"- {name}: the main comparison has not run yet: no conclusion."]
+        return [f"- {name}: the main comparison has not run yet: no conclusion."] + extra_conclusions(name, s)
     summ, metric = s["main"]["summary"], cfg["test_metric"]
     out = []
     headroom_ok = True
@@ -320,6 +413,24 @@ def conclusions(name: str, s: dict) -> list[str]:
         if words:
             out.append(f"- {name}, sharpness of the merged weights (Flat-LoRA vs LoRA, r = {sh['rank']}, "
                        f"{len(sh['seeds'])} pairs): " + "; ".join(words) + ".")
+    return out + extra_conclusions(name, s)
+
+
+def extra_conclusions(name: str, s: dict) -> list[str]:
+    """The optional stages: each Flat- variant against its method; each SAM method (equal steps, equal wall-clock)
+    against Flat-LoRA and LoRA, on the test metric (their out-of-domain rows are in the tables)."""
+    out, metric = [], s["config"]["test_metric"]
+    if "variants" in s:
+        for p in s["variants"]["summary"]["pairs"]:
+            if p["metric"] == metric:
+                out.append(f"- {name}, {_title(p['method'])} vs {_title(p['baseline'])}, r = {p['rank']}, {metric}: "
+                           f"{verdict(p, what=_title(p['method']))}.")
+    if "sam" in s:
+        ss = s["sam"]["summary"]
+        for p in ss["pairs"]:
+            if p["metric"] == metric and p["method"] != "flat-lora":
+                out.append(f"- {name}, {_title(p['method'])} at {p['budget'].replace('_', ' ')} vs {_title(p['baseline'])}, "
+                           f"r = {ss['rank']}, {metric}: {verdict(p, what=_title(p['method']))}.")
     return out
 
 
@@ -454,6 +565,10 @@ def render(results: Path, out: Path, figures: bool = True) -> str:
                     lines.append(f"| {r} | {cell(a, metric)} | {cell(b, metric)} | {pts(p['mean_diff'])} "
                                  f"[{pts(p['ci_low'])}, {pts(p['ci_high'])}] | {pval(p['t_pvalue'])} |")
             lines.append("")
+        if "variants" in s:
+            lines += ["### Flat- variants against their methods (test and out-of-domain)", ""] + variants_table(s) + [""]
+        if "sam" in s:
+            lines += ["### SAM baselines at equal steps and at equal wall-clock", ""] + sam_tables(s) + [""]
         if "sharpness" in s:
             lines += ["### Sharpness of the merged weights (paired across seeds)", ""] + sharpness_table(s["sharpness"]["summary"]) + [""]
     text = "\n".join(lines) + "\n"

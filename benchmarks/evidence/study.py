@@ -17,6 +17,13 @@ A study (benchmarks/evidence/study_<name>.yaml) is a base ExperimentSpec plus st
     sharpness  sharpness of the merged weights of main's rank-8 runs (flatlora.analysis): expected loss
                increase under the filter noise and the top Hessian eigenvalue, paired across seeds
     ranks      (optional, only when named in --stages) LoRA vs Flat-LoRA over more ranks at fixed alpha
+    variants   (optional) each pair of the config, e.g. DoRA vs Flat-DoRA and PiSSA vs Flat-PiSSA, on TEST at one
+               rank, the chosen recipe and sigma, its own fresh seeds (none of main's)
+    sam        (optional) LoRA-SAM (SAM on A, B) and SAM on W against LoRA and Flat-LoRA, own fresh seeds. First at
+               equal steps (the chosen recipe; these runs also measure each SAM method's training seconds), then at
+               equal wall-clock: each SAM method gets train.max_steps = its equal-steps steps x (Flat-LoRA's
+               training seconds per run in main, same rank) / (its own training seconds per run at equal steps).
+               The budget is computed once, when both measurements exist, and frozen in sam/timing.json.
 
 Each stage writes benchmarks/results/evidence/<study>/<stage>/: the compare folders (one per grid point;
 runs/<method>_r<r>_s<seed>/ inside), runs.csv and summary.json over all of them, and choice.json for
@@ -47,8 +54,9 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = Path(__file__).resolve().parent  # study_<name>.yaml live here: every configs/*.yaml must be an ExperimentSpec
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "evidence"
-STAGES = ("headroom", "recipe", "sigma", "main", "sharpness", "ranks")
-OPTIONAL = ("ranks",)  # run only when named in --stages
+STAGES = ("headroom", "recipe", "sigma", "main", "sharpness", "ranks", "variants", "sam")
+OPTIONAL = ("ranks", "variants", "sam")  # run only when named in --stages
+COMPARISONS = ("main", "ranks", "variants")  # stages summarised as flatlora compare does (each flat-X vs X)
 
 
 # ---------------------------------------------------------------------- study configuration
@@ -88,8 +96,43 @@ def load_study(name_or_path: str, tiny: bool = False) -> dict[str, Any]:
         cfg = merge(cfg, {k: v for k, v in t.items() if k != "stages"})
         for stage, over in (t.get("stages") or {}).items():
             cfg["stages"][stage] = merge(cfg["stages"].get(stage, {}), over)
+    check_extra_stages(cfg, p)
     cfg["config_path"] = str(p)
     return cfg
+
+
+def check_extra_stages(cfg: dict, where: Any) -> None:
+    """The optional variants/sam stages: known methods, X vs flat-X pairs, and seeds that main does not use."""
+    from flatlora.experiments.methods import get_method, list_methods
+
+    main_seeds = set(seed_list((cfg["stages"].get("main") or {}).get("seeds", [])))
+    for stage in ("variants", "sam"):
+        sc = cfg["stages"].get(stage)
+        if sc is None:
+            continue
+        if "seeds" not in sc:
+            raise SystemExit(f"{where}: stages.{stage} needs seeds, e.g. {{start: 200, count: 5}}")
+        reused = sorted(set(seed_list(sc["seeds"])) & main_seeds)
+        if reused:
+            raise SystemExit(f"{where}: stages.{stage} reuses main's seeds {reused}: give it fresh ones (e.g. start: 200)")
+        names = [m for pair in sc.get("pairs", []) for m in pair] if stage == "variants" else list(sc.get("methods", []))
+        if not names:
+            raise SystemExit(f"{where}: stages.{stage} needs " + ("pairs, e.g. [[dora, flat-dora], [pissa, flat-pissa]]"
+                                                                  if stage == "variants" else "methods, e.g. [lora-sam, sam-w]"))
+        for m in names:
+            if m not in list_methods():
+                raise SystemExit(f"{where}: stages.{stage}: unknown method {m!r}; methods are {', '.join(list_methods())}")
+        if stage == "variants":
+            for pair in sc["pairs"]:
+                if len(pair) != 2 or not get_method(pair[1]).flat or pair[1] != f"flat-{pair[0]}":
+                    raise SystemExit(f"{where}: stages.variants pair {pair}: each pair is [X, flat-X], e.g. [dora, flat-dora]")
+        else:
+            for m in names:
+                if not get_method(m).sam:
+                    raise SystemExit(f"{where}: stages.sam methods are SAM baselines (lora-sam, sam-w), got {m!r}")
+            if sc.get("time_reference", "main") not in ("main", "stage"):
+                raise SystemExit(f"{where}: stages.sam.time_reference is main (Flat-LoRA's runs in main) or stage "
+                                 f"(Flat-LoRA's equal-steps runs of this stage), got {sc['time_reference']!r}")
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -169,16 +212,21 @@ def run_seconds(cfg: dict, spec: dict, method: str) -> float:
 
     From the config: `seconds: {fixed, per_epoch, flat_cost}` -> fixed + per_epoch x epochs (x flat_cost for
     flat-*). Once the study has finished runs of a method, their measured training seconds per epoch and
-    evaluation seconds replace the guess (`fixed` then keeps only `load`, the model build outside the timers)."""
+    evaluation seconds replace the guess (`fixed` then keeps only `load`, the model build outside the timers).
+    `method_cost: {name: x}` scales a method's run (x LoRA's, or x Flat-LoRA's for flat-name) until it is measured."""
     sec = cfg.get("seconds", {})
     epochs = float(get_dotted(spec, "train.epochs", 1))
     measured = cfg.get("_measured", {}).get(method)
     if measured:
         return float(sec.get("load", 5)) + measured["eval"] + measured["per_epoch"] * epochs
-    s = float(sec.get("fixed", 5)) + float(sec.get("per_epoch", 5)) * epochs
-    if method.startswith("flat-"):
-        s *= float(sec.get("flat_cost", 1.15))
-    return s
+    flat = method.startswith("flat-")
+    base = method[len("flat-"):] if flat else method
+    cost = float((sec.get("method_cost") or {}).get(base, 1.0))  # e.g. {dora: 1.5, lora-sam: 2.0}: guesses until measured
+    ref = cfg.get("_measured", {}).get("flat-lora" if flat else "lora")
+    if ref:  # a variant not measured yet: the measured LoRA (Flat-LoRA) speed times its cost guess
+        return float(sec.get("load", 5)) + ref["eval"] + ref["per_epoch"] * epochs * cost
+    s = (float(sec.get("fixed", 5)) + float(sec.get("per_epoch", 5)) * epochs) * cost
+    return s * float(sec.get("flat_cost", 1.15)) if flat else s
 
 
 def call_estimate(cfg: dict, call_spec: dict) -> float:
@@ -304,6 +352,7 @@ class Study:
         self.cfg, self.name = cfg, cfg["study"]
         self.dir = out_root / self.name
         self.device = device
+        self.planning = False  # --plan: the sam stage's equal-time calls are estimated before they can be measured
 
     # -- specs
     def base_spec(self) -> dict:
@@ -339,6 +388,9 @@ class Study:
             if ch is None or not ch.get("chosen"):
                 pending.append(f"{other}'s {stage}" if stage in borrowed else stage)
                 continue
+            if not str(ch.get("metric", "")).startswith("dev/"):
+                raise SystemExit(f"{self.dir / stage / 'choice.json'} was chosen on {ch.get('metric')!r}: only a dev "
+                                 f"metric may choose (nothing is tuned on test); delete it and re-run the {stage} stage")
             for k, v in ch["chosen"].items():
                 set_dotted(spec, k, v)
         return spec, pending
@@ -374,17 +426,75 @@ class Study:
         if stage == "sigma":
             return [self.make_call(stage, f"sigma_{fmt_value(s)}", {"flat.sigma": s}, spec, ["flat-lora"], [rank],
                                    seed_list(sc["seeds"]), d / f"sigma_{fmt_value(s)}") for s in sc["sigmas"]], pending
-        if stage in ("main", "ranks"):
-            ranks = [int(r) for r in sc.get("ranks", [8, 16])]
-            methods = sc.get("methods", ["lora", "flat-lora"])
-            seeds = seed_list(sc["seeds"])
+        if stage in COMPARISONS:
+            ranks = [int(r) for r in sc.get("ranks", [rank] if stage == "variants" else [8, 16])]
+            methods = [m for pair in sc["pairs"] for m in pair] if stage == "variants" else sc.get("methods", ["lora", "flat-lora"])
             extra = {k: v for k, v in (sc.get("set") or {}).items()}
-            # Blocks of whole seeds (complete pairs) of about `block_runs` runs: the budget is checked per block.
-            per_seed = len(ranks) * len(methods)
-            k = max(1, block_runs // per_seed)
-            return [self.make_call(stage, f"seeds_{b[0]}-{b[-1]}" if len(seeds) > k else "", extra, spec, methods, ranks,
-                                   b, d) for b in (seeds[i:i + k] for i in range(0, len(seeds), k))], pending
+            return self.seed_blocks(stage, "", extra, spec, methods, ranks, seed_list(sc["seeds"]), d, block_runs), pending
+        if stage == "sam":
+            seeds, extra = seed_list(sc["seeds"]), dict(sc.get("set") or {})
+            calls = self.seed_blocks(stage, "equal_steps", extra, spec, ["lora", "flat-lora", *sc["methods"]], [rank],
+                                     seeds, d / "equal_steps", block_runs)
+            for m in sc["methods"]:
+                t = self.sam_timing(m)
+                if t is None and not self.planning:
+                    continue  # waits for its measurements (run_stage computes the budget once they exist)
+                if t is None:  # --plan before anything was measured: the configured cost guesses
+                    sec = self.cfg.get("seconds", {})
+                    scale = float(sec.get("flat_cost", 1.15)) / float((sec.get("method_cost") or {}).get(m, 2.0))
+                    params = {**extra, "train.epochs": float(get_dotted(spec, "train.epochs", 1)) * scale}
+                    est = None
+                else:
+                    params = {**extra, "train.max_steps": t["max_steps"], "train.epochs": t["epochs"]}
+                    # Flat-LoRA's training seconds by construction, plus the model load and the SAM run's evaluation
+                    est = (t["flat_seconds"] + float(self.cfg.get("seconds", {}).get("load", 5))
+                           + float((self.cfg.get("_measured", {}).get(m) or {}).get("eval", 0.0)))
+                blocks = self.seed_blocks(stage, f"equal_time_{m}", params, spec, [m], [rank], seeds,
+                                          d / f"equal_time_{m}", block_runs)
+                for c in blocks:
+                    c.est_run_s = max(1.0, est) if est is not None else c.est_run_s
+                calls += blocks
+            return calls, pending
         raise ValueError(stage)
+
+    def seed_blocks(self, stage: str, point: str, params: dict, spec: dict, methods: list[str], ranks: list[int],
+                    seeds: list[int], out_dir: Path, block_runs: int) -> list[Call]:
+        """Calls over blocks of whole seeds (complete pairs) of about `block_runs` runs: the budget is checked per block."""
+        k = max(1, block_runs // (len(ranks) * len(methods)))
+        blocks = [seeds[i:i + k] for i in range(0, len(seeds), k)]
+        return [self.make_call(stage, "_".join(x for x in (point, f"seeds_{b[0]}-{b[-1]}" if len(blocks) > 1 else "") if x),
+                               params, spec, methods, ranks, b, out_dir) for b in blocks]
+
+    # -- equal wall-clock budget of the SAM baselines
+    def sam_timing(self, method: str) -> dict | None:
+        """The frozen equal-wall-clock budget of a SAM method (sam/timing.json); computed and frozen here the first
+        time both measurements exist: Flat-LoRA's training seconds per run (main's runs at the stage's rank, or
+        this stage's equal-steps runs with time_reference: stage) and `method`'s, every equal-steps seed finished."""
+        f = self.dir / "sam" / "timing.json"
+        frozen = json.loads(f.read_text()) if f.exists() else {}
+        if method in frozen:
+            return frozen[method]
+        sc = self.stage_cfg("sam")
+        rank, ref = int(sc.get("rank", 8)), sc.get("time_reference", "main")
+        steps_dir = self.dir / "sam" / "equal_steps"
+        flat_dir = self.dir / "main" if ref == "main" else steps_dir
+        flat = [r for r in _finished(flat_dir) if r["method"] == "flat-lora" and r["rank"] == rank]
+        mine = [r for r in _finished(steps_dir) if r["method"] == method and r["rank"] == rank]
+        if not flat or sorted(r["seed"] for r in mine) != sorted(seed_list(sc["seeds"])):
+            return None
+        t = equal_time_budget([r["train_seconds"] for r in flat], [r["train_seconds"] for r in mine],
+                              [r["steps"] for r in mine], float(get_dotted(self.tuned_spec("sam")[0], "train.epochs", 1)))
+        stage_flat = [r["train_seconds"] for r in _finished(steps_dir) if r["method"] == "flat-lora" and r["rank"] == rank]
+        t.update(method=method, rank=rank, time_reference=ref,
+                 flat_source=f"{flat_dir.relative_to(self.dir)}: flat-lora r{rank}, seeds {sorted(r['seed'] for r in flat)}",
+                 sam_source=f"{steps_dir.relative_to(self.dir)}: {method} r{rank}, seeds {sorted(r['seed'] for r in mine)}",
+                 flat_seconds_this_stage=sum(stage_flat) / len(stage_flat) if stage_flat else None,
+                 measured=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+        if not self.planning:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            frozen[method] = t
+            f.write_text(json.dumps(frozen, indent=1))
+        return t
 
     # -- summaries and choices
     def records(self, stage: str) -> list[dict]:
@@ -409,15 +519,18 @@ class Study:
     def point_keys(self, stage: str) -> list[str]:
         sc = self.stage_cfg(stage)
         return {"headroom": [sc.get("knob", "task_args.level")], "recipe": list((sc.get("grid") or {}).keys()),
-                "sigma": ["flat.sigma"]}.get(stage, [])
+                "sigma": ["flat.sigma"], "sam": ["train.max_steps", "train.epochs"]}.get(stage, [])
 
     def summarize(self, stage: str) -> dict | None:
         recs = self.records(stage)
         if not recs:
             return None
         d = self.dir / stage
-        if stage in ("main", "ranks"):
+        if stage in COMPARISONS:
             return summarize_comparison(d, recs, self.cfg, stage)
+        if stage == "sam":
+            f = d / "timing.json"
+            return summarize_sam(d, recs, self.cfg, self.stage_cfg(stage), json.loads(f.read_text()) if f.exists() else {})
         return summarize_grid(d, stage, recs, self.cfg, self.stage_cfg(stage), self.point_keys(stage),
                               expected=[c.point for c in self.calls(stage)[0]],
                               seeds=self._grid_seeds(stage), baseline=self._sigma_baseline(stage))
@@ -433,6 +546,33 @@ class Study:
         if not ch or not ch.get("chosen"):
             return None
         return [r for r in self.records("recipe") if r["point"] == ch["point"]]
+
+
+def _finished(d: Path) -> list[dict]:
+    return [json.loads(f.read_text()) for f in sorted(d.glob("**/runs/*/metrics.json"))] if d.is_dir() else []
+
+
+def equal_time_budget(flat_seconds: list[float], sam_seconds: list[float], sam_steps: list[int], epochs: float) -> dict:
+    """The step budget that gives a SAM method Flat-LoRA's training seconds per run.
+
+    scale = mean Flat-LoRA training seconds / mean SAM training seconds (SAM at equal steps); SAM then trains
+    max_steps = round(scale x its equal-steps steps) (its lr schedule compressed to them), and epochs x scale
+    when scale > 1 so the epochs do not cap the steps first.
+
+    Example:
+        >>> t = equal_time_budget([97.0, 99.0], [180.0, 184.0], [1160, 1160], 5)
+        >>> round(t["scale"], 4), t["max_steps"], t["epochs"]
+        (0.5385, 625, 5.0)
+    """
+    flat = sum(flat_seconds) / len(flat_seconds)
+    sam = sum(sam_seconds) / len(sam_seconds)
+    steps = sum(sam_steps) / len(sam_steps)
+    if sam <= 0 or flat <= 0:
+        raise ValueError(f"equal wall-clock needs positive training seconds, got Flat-LoRA {flat} and SAM {sam}")
+    scale = flat / sam
+    return {"flat_seconds": flat, "flat_n": len(flat_seconds), "sam_seconds": sam, "sam_n": len(sam_seconds),
+            "sam_steps": steps, "sam_seconds_per_step": sam / steps, "scale": scale,
+            "max_steps": max(1, round(steps * scale)), "epochs": epochs * max(1.0, scale)}
 
 
 def grid_points(grid: dict[str, list]) -> list[dict]:
@@ -525,6 +665,54 @@ def summarize_grid(d: Path, stage: str, recs: list[dict], cfg: dict, sc: dict, k
         (d / "choice.json").write_text(json.dumps(choice, indent=1))
     summary["choice"] = choice
     summary["complete"] = complete
+    (d / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def summarize_sam(d: Path, recs: list[dict], cfg: dict, sc: dict, timing: dict) -> dict:
+    """runs.csv and summary.json of the sam stage: cells per (method, budget) and each SAM method, at equal steps
+    and at equal wall-clock, paired by seed against this stage's Flat-LoRA and LoRA (equal steps)."""
+    from flatlora.experiments.results import _metric_order, mean_std, paired_stats
+
+    done = [r for r in recs if r.get("status", "done") == "done"]
+    metrics = sorted({k for r in done for k in r["metrics"]}, key=_metric_order)
+    write_runs_csv(d / "runs.csv", recs, metrics, ["train.max_steps", "train.epochs"])
+    groups: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in done:
+        budget = "equal_steps" if r["point"] == "equal_steps" else "equal_time"
+        groups.setdefault((r["method"], budget), {})[r["seed"]] = r
+    order = ["lora", "flat-lora", *sc.get("methods", [])]
+    cells = []
+    for (m, b), by_seed in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else 99, kv[0][1] != "equal_steps")):
+        rs = [by_seed[s] for s in sorted(by_seed)]
+        c: dict[str, Any] = {"method": m, "budget": b, "n": len(rs), "seeds": sorted(by_seed),
+                             "train_seconds": mean_std([r["train_seconds"] for r in rs])[0],
+                             "eval_seconds": mean_std([r.get("eval_seconds", math.nan) for r in rs])[0],
+                             "steps": mean_std([r["steps"] for r in rs])[0]}
+        for k in metrics:
+            v = [r["metrics"][k] for r in rs if k in r["metrics"]]
+            if v:
+                c[k] = dict(zip(("mean", "std"), mean_std(v)))
+        cells.append(c)
+    pairs = []
+    contenders = [(m, b) for m, b in groups if m in sc.get("methods", [])] + [("flat-lora", "equal_steps")]
+    for m, b in sorted(contenders, key=lambda x: (order.index(x[0]) if x[0] in order else 99, x[1] != "equal_steps")):
+        for base in ("flat-lora", "lora"):
+            if base == m or (base, "equal_steps") not in groups or (m, b) not in groups:
+                continue
+            mine, theirs = groups[(m, b)], groups[(base, "equal_steps")]
+            for k in metrics:
+                seeds = sorted(s for s in mine if s in theirs and k in mine[s]["metrics"] and k in theirs[s]["metrics"])
+                pairs.append({"method": m, "budget": b, "baseline": base, "metric": k, "seeds": seeds,
+                              **paired_stats([mine[s]["metrics"][k] for s in seeds], [theirs[s]["metrics"][k] for s in seeds])})
+    summary = {"stage": "sam", "rank": int(sc.get("rank", 8)), "test_metric": cfg["test_metric"], "metrics": metrics,
+               "seeds": seed_list(sc["seeds"]), "methods": sc.get("methods", []), "cells": cells, "pairs": pairs,
+               "timing": timing, "time_reference": sc.get("time_reference", "main"),
+               "equal_wall_clock": "equal TRAINING seconds per run (the timed training loop; model load and evaluation "
+                                   "excluded): each SAM method trains max_steps = its equal-steps steps x scale, scale = "
+                                   "Flat-LoRA's mean training seconds per run (time_reference: main = main's flat-lora "
+                                   "runs at this rank; stage = this stage's equal-steps flat-lora runs) / the SAM "
+                                   "method's mean training seconds per run at equal steps; frozen in timing.json"}
     (d / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
@@ -671,6 +859,8 @@ def measured_seconds(study: Study) -> dict[str, dict[str, float]]:
     """Per method, over the study's finished runs: mean training seconds per epoch and evaluation seconds."""
     acc: dict[str, list[tuple[float, float]]] = {}
     for f in study.dir.glob("**/runs/*/metrics.json"):
+        if any(part.startswith("equal_time_") for part in f.parts):
+            continue  # step-capped SAM runs: their seconds per configured epoch would understate the method
         r = json.loads(f.read_text())
         epochs = float(((r.get("run_key") or {}).get("train") or {}).get("epochs") or 1)
         acc.setdefault(r["method"], []).append((r["train_seconds"] / epochs, r.get("eval_seconds", 0.0)))
@@ -695,14 +885,21 @@ def plan(study: Study, stages: list[str], budget: Budget, can_jobs: bool) -> tup
         runs = sum(len(c.run_names()) for c in calls)
         left = sum(len(c.unfinished()) for c in calls)
         run_s = sum(c.est_run_s * len(c.run_names()) for c in calls) / max(1, runs)
-        open_calls = [c for c in calls if c.unfinished()]
-        per_call = [min(len(c.unfinished()), budget.jobs) if can_jobs else 1 for c in open_calls]
-        walls = [budget.wall(len(c.unfinished()), c.est_run_s, j) for c, j in zip(open_calls, per_call)]
-        # Calls of one out_dir run one after the other; calls of a grid share the jobs.
-        concurrent = 1 if len({c.out_dir for c in open_calls}) <= 1 else \
-            min(len(open_calls), max(1, budget.jobs // max(per_call)))
-        wall = sum(walls) / concurrent
+        wall = 0.0
+        # sam: the equal-time calls start only after the equal-steps runs (they measure its budget): two phases
+        for phase in ([c for c in calls if not c.point.startswith("equal_time")], [c for c in calls if c.point.startswith("equal_time")]):
+            open_calls = [c for c in phase if c.unfinished()]
+            if not open_calls:
+                continue
+            per_call = [min(len(c.unfinished()), budget.jobs) if can_jobs else 1 for c in open_calls]
+            walls = [budget.wall(len(c.unfinished()), c.est_run_s, j) for c, j in zip(open_calls, per_call)]
+            # Calls of one out_dir run one after the other; calls of a grid share the jobs.
+            concurrent = 1 if len({c.out_dir for c in open_calls}) <= 1 else \
+                min(len(open_calls), max(1, budget.jobs // max(per_call)))
+            wall += sum(walls) / concurrent
         note = f"waits for {', '.join(pending)} (their defaults assumed here)" if pending else ""
+        if stage == "sam" and not all(study.sam_timing(m) for m in study.stage_cfg("sam")["methods"]):
+            note = (note + "; " if note else "") + "equal-time steps guessed from seconds.method_cost until measured"
         lines.append(f"{stage:10s} {runs:5d} {runs - left:5d} {run_s:9.1f} {len(calls):6d} {wall:9.0f}   {note}")
         total += wall
     return lines, total
@@ -824,6 +1021,7 @@ def _main(args, argv, out_root: Path, budget: Budget, wanted: list[str] | None, 
                 print(f"(study {study.name}: estimates from its finished runs: "
                       + ", ".join(f"{m} {v['per_epoch']:.1f} s/epoch + {v['eval']:.1f} s eval (n={v['n']})"
                                   for m, v in cfg["_measured"].items()) + ")")
+            study.planning = True
             lines, total = plan(study, stages, budget, can_jobs=True)
             sec = cfg.get("seconds", {})
             print(f"\nstudy {study.name}: {cfg.get('description', '')}")
@@ -843,14 +1041,28 @@ def _main(args, argv, out_root: Path, budget: Budget, wanted: list[str] | None, 
                 print(f"-- {stage}: " + ("no runs measured yet" if summary is None else
                                          f"{len(summary['seeds'])} paired seeds -> {study.dir / stage / 'summary.json'}"), flush=True)
                 continue
-            cfg["_measured"] = measured_seconds(study)  # budget decisions use the measured speed once there is one
-            calls, pending = study.calls(stage, block_runs=2 * budget.jobs)
-            if pending:
-                print(f"-- {stage}: waits for the choice of {', '.join(pending)} (run that stage to completion first); skipped",
-                      flush=True)
-                continue
-            print(f"-- {stage}: {sum(len(c.run_names()) for c in calls)} runs in {len(calls)} compare call(s)", flush=True)
-            run_calls(calls, budget, can_jobs=can_jobs, log=lambda s: print(s, flush=True), dry_run=args.dry_run)
+            seen: set[str] = set()
+            while True:  # a second round only where the first made new calls possible (sam: the equal-time budget)
+                cfg["_measured"] = measured_seconds(study)  # budget decisions use the measured speed once there is one
+                calls, pending = study.calls(stage, block_runs=2 * budget.jobs)
+                if pending:
+                    print(f"-- {stage}: waits for the choice of {', '.join(pending)} (run that stage to completion first); "
+                          "skipped", flush=True)
+                    break
+                new = [c for c in calls if label(c) not in seen]
+                if not new:
+                    break
+                seen |= {label(c) for c in new}
+                print(f"-- {stage}: {sum(len(c.run_names()) for c in new)} runs in {len(new)} compare call(s)", flush=True)
+                run_calls(new, budget, can_jobs=can_jobs, log=lambda s: print(s, flush=True), dry_run=args.dry_run)
+            if stage == "sam" and not pending:
+                for m in study.stage_cfg("sam")["methods"]:
+                    t = study.sam_timing(m)
+                    print(f"   {m} at equal wall-clock: " + (
+                        f"{t['max_steps']} steps (scale {t['scale']:.3f} = Flat-LoRA {t['flat_seconds']:.1f} s / "
+                        f"{m} {t['sam_seconds']:.1f} s per run at {t['sam_steps']:.0f} steps; sam/timing.json)" if t else
+                        "waits for Flat-LoRA's training seconds (main's flat-lora runs at this rank) and every "
+                        f"equal-steps seed of {m}"), flush=True)
             summary = study.summarize(stage)
             if summary is None:
                 print(f"   no finished runs in {stage}", flush=True)
@@ -858,7 +1070,7 @@ def _main(args, argv, out_root: Path, budget: Budget, wanted: list[str] | None, 
                 ch = summary["choice"]
                 print(f"   chosen {ch['point']} ({ch['metric']} {100 * ch['mean']:.2f})"
                       + ("" if ch.get("has_headroom", True) else "  WARNING: no level has headroom"), flush=True)
-            elif stage not in ("main", "ranks"):
+            elif stage not in (*COMPARISONS, "sam"):
                 print(f"   incomplete: no choice yet (later stages wait)", flush=True)
     if args.plan:
         print(f"\nall studies: ~{grand:.0f} s of device time with --jobs {budget.jobs}")
