@@ -214,14 +214,14 @@ def test_row_std_group_matches_the_torch_reference():
     from flatlora.noise import get_noise
 
     targets = _std_targets()
-    ranks = sorted({0 if t.lowrank() is None else t.lowrank()[1].shape[0] for t in targets})
+    ranks = sorted({0 if t.terms()[0] is None else t.terms()[0][1].shape[0] for t in targets})
     assert ranks == [0, 3, 4, 5] and any(t.transposed for t in targets)
     assert {t.weight.dtype for t in targets} == {torch.float32, torch.bfloat16}
     items = []
     for t in targets:
-        lr = t.lowrank()
-        b, a = (None, None) if lr is None else lr
-        items.append(K.StdItem(t.weight.t() if t.transposed else t.weight, a, b))
+        fac = t.terms()[0]
+        b, a, s = (None, None, 1.0) if fac is None else fac
+        items.append(K.StdItem(t.weight.t() if t.transposed else t.weight, a, b, s))
     sigma = 0.07
     got = K.row_std_group(items, sigma)
     for t, std in zip(targets, got):

@@ -87,10 +87,10 @@ class Block:
         if self.target is None:
             return w.clone()
         out = w.clone()
-        low = self.target.lowrank()
-        if low is not None:
-            out += low[0].to(out.device) @ low[1].to(out.device)
-        dense = self.target.dense_delta()
+        fac, dense = self.target.terms()
+        if fac is not None:
+            b, a, s = fac
+            out += (b.float().to(out.device) * s) @ a.float().to(out.device)
         if dense is not None:
             out += dense.to(out.device)
         return out

@@ -25,8 +25,9 @@ def row_sq_norms(view: View) -> torch.Tensor:
     """||W'_i||^2 for the rows `view` holds, float32 [rows], on the weight's device."""
     w = view.mat
     rows = w.shape[0]
-    lowrank = view.lowrank()
-    dense = view.dense_delta()
+    fac, dense = view.terms()
+    # s folded into B in float32 first: the value the Triton kernel multiplies (B * s, then the product)
+    lowrank = None if fac is None else (fac[0].float() * fac[2], fac[1].float())
     out = torch.empty(rows, dtype=torch.float32, device=w.device)
     step = max(1, CHUNK_ELEMENTS // max(1, view.n))
     for i in range(0, rows, step):

@@ -82,7 +82,7 @@ class Target:
         plain low-rank products, and the (m, n) sum of the adapters that have no factor form (grouped convs,
         unknown LoRA kinds); None for either when there is none. A single adapter's B and A are its parameters
         themselves (no copy, no launch: the Triton row std reads them and applies s); several are
-        concatenated in float32 with their scalings folded into B (s = 1), as is a scaling held in a tensor."""
+        concatenated in float32 with their scalings folded into B (s = 1)."""
         facs, dense = [], None
         for a in self.adapters():
             fac = _factors(self.lora, a, self)
@@ -91,25 +91,10 @@ class Target:
                 dense = d if dense is None else dense + d
             else:
                 facs.append(fac)
-        if len(facs) == 1 and isinstance(facs[0][2], (int, float)):
-            return (facs[0][0], facs[0][1], float(facs[0][2])), dense
-        if not facs:
-            return None, dense
+        if len(facs) <= 1:
+            return (facs[0] if facs else None), dense
         return (torch.cat([b.float() * s for b, _, s in facs], 1), torch.cat([a.float() for _, a, _ in facs], 0), 1.0), dense
 
-    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(B_cat [m, R], A_cat [R, n]) in float32 with the scalings folded into B, so that s*B@A summed over
-        the active adapters equals B_cat @ A_cat; None when there is no low-rank term. Adapters that are not
-        plain low-rank products are returned densely by `dense_delta`."""
-        fac = self.terms()[0]
-        if fac is None:
-            return None
-        b, a, s = fac
-        return b.float() * s, a.float()
-
-    def dense_delta(self) -> torch.Tensor | None:
-        """Sum of the (m, n) updates of active adapters that have no factor form, or None."""
-        return self.terms()[1]
 
 def _param(x) -> torch.Tensor:
     p = x.weight if isinstance(x, nn.Module) else x

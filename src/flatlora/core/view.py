@@ -105,21 +105,3 @@ class View:
         if dense is not None:
             dense = (dense if self.rows is None else dense[self.rows]).to(dev)
         return fac, dense
-
-    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(B rows [rows, R], A [R, n]) of the active adapters, on the weight's device; None without any."""
-        lr = self.target.lowrank()
-        if lr is None:
-            return None
-        b, a = lr
-        if self.rows is not None:
-            b = b[self.rows]
-        dev = self.tensor.device
-        return b.to(dev), a.to(dev)
-
-    def dense_delta(self) -> torch.Tensor | None:
-        """The (rows, n) update of adapters without a factor form, on the weight's device; None without any."""
-        d = self.target.dense_delta()
-        if d is None:
-            return None
-        return (d if self.rows is None else d[self.rows]).to(self.tensor.device)
