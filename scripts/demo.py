@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import os
 import sys
 import threading
 import time
@@ -57,7 +56,7 @@ def main(argv: list[str]) -> int:
     overrides = argv
     import torch
 
-    from flatlora.experiments.compare import compare, grid
+    from flatlora.experiments.compare import compare, cores, grid
     from flatlora.experiments.fetch import fetch
     from flatlora.experiments.runner import total_steps
     from flatlora.experiments.spec import load_spec
@@ -73,15 +72,15 @@ def main(argv: list[str]) -> int:
     task = create_task(spec.task, model=spec.model, **spec.task_args)
     cells = grid(spec)
     runs = Path(spec.out_dir) / "runs"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n_cores = cores()
     gpu = spec.train.device.startswith("cuda") or (spec.train.device == "auto" and torch.cuda.is_available())
-    jobs = 1 if gpu or cores < 2 else min(cores, len(spec.methods) * len(spec.ranks or [spec.lora.r]))
+    jobs = 1 if gpu or n_cores < 2 else min(n_cores, len(spec.methods) * len(spec.ranks or [spec.lora.r]))
     steps = total_steps(spec, task.num_train())
     if jobs == 1:
         log(f"demo: {len(cells)} runs of {steps} steps, one after another on {'cuda' if gpu else 'cpu'}")
         res = compare(spec, jobs=1, progress=True, log=log)
     else:
-        log(f"demo: {len(cells)} runs of {steps} steps, {jobs} at a time with {cores // jobs} thread(s) each")
+        log(f"demo: {len(cells)} runs of {steps} steps, {jobs} at a time with {n_cores // jobs} thread(s) each")
         sizes = task.describe().get("sizes", {})
         n_eval = sum(v for k, v in sizes.items() if k != "train")
         threading.Thread(target=announce, daemon=True,

@@ -172,10 +172,12 @@ def status(studies: dict[str, dict]) -> list[str]:
                 ns[rank] = p["n"] if p else 0
         got = ", ".join(f"r{r}: {n}" for r, n in ns.items()) or "0"
         seeds_ok = bool(ns) and min(ns.values()) >= planned
-        sharp_ok = "sharpness" in s or "sharpness" not in s["config"]["stages"]
+        # sharpness needs the trained weights on the machine: runs trained elsewhere are missing from it
+        n_sharp = len(s["sharpness"]["summary"].get("seeds", [])) if "sharpness" in s else 0
+        sharp_ok = "sharpness" not in s["config"]["stages"] or n_sharp >= planned
         word = "complete" if seeds_ok and sharp_ok else (
             f"INCOMPLETE: {min(ns.values()) if ns else 0} of {planned} paired seeds"
-            + ("" if sharp_ok else ", no sharpness") + "; resume with the same command")
+            + ("" if sharp_ok else f", sharpness {n_sharp} of {planned}") + "; resume with the same command")
         word += extra_status(s)
         lines.append(f"| {name} | {', '.join(done) or '–'} | {got} ({planned}) | {word} |")
     return lines

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import inspect
 import json
 import os
 import statistics
@@ -53,6 +54,15 @@ def cuda_ms(fn, reps: int = 10, warm: int = 2) -> float:
         b.synchronize()
         ts.append(a.elapsed_time(b))
     return statistics.median(ts)
+
+
+def provenance(**extra) -> dict:
+    """Device, date, command and versions (the runner's, git commit included) of a benchmark's JSON."""
+    from flatlora.experiments.runner import versions
+
+    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python"] + sys.argv), **versions(), **extra}
 
 
 def write_results(out: str, prefix: str, info: dict, rows: list[dict]) -> Path:
@@ -114,7 +124,8 @@ def bench_module(K, label, shapes, rank, sigma, reps, copy_bw, rows, setting):
         e0.record()
         rec = K.perturb_group(layers)
         e1.record()
-        K.restore_group(layers, rec)
+        # (an older triton_noise.py, timed with --old, took the layers too)
+        K.restore_group(rec) if "layers" not in inspect.signature(K.restore_group).parameters else K.restore_group(layers, rec)
         e2.record()
         e2.synchronize()
         if i >= 2:
@@ -158,12 +169,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from flatlora.kernels import triton_noise as new
 
-    mods = [("new", new)] + ([("old", load_module(args.old, "old_triton_noise"))] if args.old and Path(args.old).exists() else [])
-    import triton
-
-    info = {"device": torch.cuda.get_device_name(0), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "command": " ".join(["python"] + sys.argv), "rank": args.rank, "sigma": args.sigma}
+    if args.old and not Path(args.old).exists():
+        raise SystemExit(f"--old {args.old}: no such file; copy the previous triton_noise.py there (see the README)")
+    mods = [("new", new)] + ([("old", load_module(args.old, "old_triton_noise"))] if args.old else [])
+    info = provenance(rank=args.rank, sigma=args.sigma)
     rows: list[dict] = []
     only = args.only.split(",")
     settings = {"layer": [(11008, 4096)], "group": SHAPES_7B * 32}

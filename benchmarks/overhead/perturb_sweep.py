@@ -21,7 +21,6 @@ buy? A development experiment for one GPU call, side by side with torch's copy o
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flatlora.kernels import triton_noise as K  # noqa: E402
-from kernel_bench import SHAPES_7B, cuda_ms, write_results  # noqa: E402
+from kernel_bench import SHAPES_7B, cuda_ms, provenance, write_results  # noqa: E402
 
 VARIANTS = {"copy": 0, "count": 1, "count+chk": 2, "flatscan": 3, "current": 4, "twolevel": 5, "bitmask": 6}
 STREAMS = {"philox10": (0, 4), "philox7": (1, 4), "philox10-16bit": (2, 8)}  # (RNG, elements per Philox call)
@@ -204,7 +203,7 @@ def grouped_rows(shapes, reps, dev):
     rows = []
 
     def pr():
-        K.restore_group(layers, K.perturb_group(layers))
+        K.restore_group(K.perturb_group(layers))
 
     for name, fn, nbytes in (("grouped noisy_copy", lambda: K.noisy_copy_group(layers, outs), 4 * numel),
                              ("grouped perturb+restore", pr, 8 * numel),
@@ -255,9 +254,7 @@ def main(argv=None):
     fast = dev == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
     numel, n = (6_476_005_376 // 4, 4096) if dev == "cuda" else (3 * 8192 + 256, 256)
     shapes = SHAPES_7B * 8 if dev == "cuda" else [(64, 256), (32, 512)]
-    info = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "triton": triton.__version__, "command": " ".join(["python"] + sys.argv)}
+    info = provenance()
     rows = perturb_rows(numel, n, args.reps, args.quick, fast, dev) if args.part in ("all", "perturb") else []
     rows += grouped_rows(shapes, args.reps, dev) if args.part in ("all", "grouped") else []
     write_results(args.out, "perturb-sweep", info, rows)

@@ -160,7 +160,8 @@ def load_reference(path: str | None, namespace: dict):
 
 
 def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05):
-    """{variant: (step closure, engine or None)}; each closure runs one optimizer step."""
+    """{variant: (step closure, None or a thunk giving the engine its steps built)}; each closure runs one
+    optimizer step."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -316,7 +317,7 @@ def bench_llama(args, rows, setting, size, bs, seq, ga, variants=None, nf4=False
     if nf4:
         extra["base"] = "bitsandbytes nf4, double quant, compute " + ("bf16" if args.dev == "cuda" else "fp32")
         try:
-            FlatLoRA(model, sigma=0.05, mode="inplace")
+            FlatLoRA(model, sigma=0.05, mode="inplace").close()  # should it ever build, it must not hold the weights
             refusal = None
         except ValueError as e:
             refusal = str(e)
@@ -399,7 +400,9 @@ def bench_qlora(args, rows):
 
 
 def provenance(args):
-    info = {"device": torch.cuda.get_device_name(0) if args.dev == "cuda" else platform.processor() or "cpu",
+    from flatlora.experiments.runner import versions
+
+    info = {**versions(), "device": torch.cuda.get_device_name(0) if args.dev == "cuda" else platform.processor() or "cpu",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
             "command": " ".join([Path(sys.executable).name] + sys.argv), "smoke": args.smoke,

@@ -138,7 +138,7 @@ def test_perturb_is_the_noisy_copy_and_restore_is_exact(dtype):
     assert 0 < rec.entries < w.numel() // 2
     # 4-byte counter, (slot, count, checksum) per tile, then an int16 offset + the original bits per entry
     assert rec.nbytes == 4 + 12 * K._tiles(m, n) + rec.entries * (2 + w.element_size())
-    assert K.restore_group(layers, rec).tolist() == [0]  # no tile was written by anyone else
+    assert K.restore_group(rec).tolist() == [0]  # no tile was written by anyone else
     assert torch.equal(bits(w), bits(w0))
 
 
@@ -152,7 +152,7 @@ def test_record_overflow_retries_only_the_failed_tiles():
     rec = K.perturb_group(layers, capacity=0.01)  # far too small: most tiles fail the first pass
     assert torch.equal(bits(w), bits(K.noisy_copy(w0, std, 7, 0)))
     assert (rec.hslot >= 0).all()
-    K.restore_group(layers, rec)
+    K.restore_group(rec)
     assert torch.equal(bits(w), bits(w0))
 
 
@@ -168,7 +168,7 @@ def test_grouped_launch_with_strides_and_row_offsets():
     rec = K.perturb_group(layers)
     for v, c in zip(views, copies):
         assert torch.equal(bits(v.contiguous()), bits(c))
-    K.restore_group(layers, rec)
+    K.restore_group(rec)
     for b, s in zip(base, snap):
         assert torch.equal(bits(b), bits(s))
 
@@ -252,7 +252,7 @@ def test_gpu_thousand_round_trips_are_exact(dtype):
     for step in range(1000):
         layers = [K.Layer(w, std, step)]
         rec = K.perturb_group(layers)
-        K.restore_group(layers, rec)
+        K.restore_group(rec)
     assert torch.equal(bits(w), bits(w0))
 
 
@@ -370,7 +370,7 @@ def test_restore_leaves_tiles_written_inside_the_window_and_counts_them():
     written = w[1, 3].clone()
     w[1, 3] += 1.0  # someone writes into the noisy weight of the first tile while the noise is on
     tampered = w[:2].clone()
-    assert K.restore_group(layers, rec).tolist() == [0, 1]
+    assert K.restore_group(rec).tolist() == [0, 1]
     assert torch.equal(bits(w[:2]), bits(tampered)) and not torch.equal(w[1, 3], written)  # left as found
     assert torch.equal(bits(w[2:]), bits(w0[2:]))  # the other tile restored exactly
     assert torch.equal(bits(other), bits(other0))

@@ -80,7 +80,6 @@ class Applied:
     record: Any  # Patch (torch) or triton_noise.Record (a group)
     data_ptrs: list[int]  # storage of each weight when perturbed: a replaced weight is not restored
     checks: list[int] | None = None  # torch: checksum of each noisy weight
-    layers: list | None = None  # triton: the kernel Layers of the group
 
     @property
     def nbytes(self) -> int:
@@ -107,8 +106,11 @@ class Backend:
         raise NotImplementedError
 
     def noisy_weight(self, view: View, draw: Draw) -> torch.Tensor:
-        """A new tensor round(W + eps) in the storage shape and dtype of `view.tensor`."""
-        raise NotImplementedError
+        """A new tensor round(W + eps) in the storage shape and dtype of `view.tensor` (the forward-mode
+        custom ops' implementation, computed where this backend computes)."""
+        t = view.target
+        return ops.compute_noisy_weight(view.tensor, draw.std, draw.key, t.m, draw.row0, t.transposed,
+                                        draw.generator, self.name)
 
     def __repr__(self) -> str:
         return self.name
@@ -143,6 +145,8 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def restore(self, applied):
         (view,), (draw,), (check,) = applied.views, applied.draws, applied.checks
+        if local(view.target.weight).data_ptr() != applied.data_ptrs[0]:
+            return [0]  # the weight has new storage (the caller reports it): nothing of ours is in it
         w = view.tensor
         if checksum(w) != check:
             return [1]
@@ -158,10 +162,6 @@ class TorchBackend(Backend):
             clean.view(-1)[patch.index.long()] = patch.values
             w.copy_(clean)
         return [0]
-
-    def noisy_weight(self, view, draw):
-        return _noisy_weight(self, view, draw)
-
 
 class TritonBackend(Backend):
     name = "triton"
@@ -196,23 +196,12 @@ class TritonBackend(Backend):
             layers = [K.Layer(v.mat, d.std, d.key, d.row0) for v, d in items]  # std: float32 [rows] from row_std
             ptrs = [v.tensor.data_ptr() for v in views]
             record = K.perturb_group(layers)
-            yield Applied(self, views, draws, record, ptrs, layers=layers)
+            yield Applied(self, views, draws, record, ptrs)
 
     def restore(self, applied):
         from ..kernels import triton_noise as K
 
-        return K.restore_group(applied.layers, applied.record).tolist()
-
-    def noisy_weight(self, view, draw):
-        return _noisy_weight(self, view, draw)
-
-
-def _noisy_weight(backend: Backend, view: View, draw: Draw) -> torch.Tensor:
-    # The implementation of the forward-mode custom ops (`ops`): eager and compiled paths compute one thing.
-    t = view.target
-    return ops.compute_noisy_weight(view.tensor, draw.std, draw.key, t.m, draw.row0, t.transposed, draw.generator,
-                                    backend.name)
-
+        return K.restore_group(applied.record).tolist()
 
 TORCH = TorchBackend()
 TRITON = TritonBackend()

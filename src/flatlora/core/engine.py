@@ -136,26 +136,22 @@ class FlatLoRA:
     def _resolve_mode(self, mode: str) -> str:
         if mode == "forward":
             return "forward"
-        if mode == "inplace":
-            for t in self.targets:
-                why = InplaceMode.refusal(t)
-                if why is not None:
-                    raise ValueError(why)
-            return "inplace"
-        # auto: in-place (exact restore, no per-micro-batch cost) wherever the weights are dense floats held here
-        special = [t for t in self.targets if t.quantized or unmaterialised(t.weight)
-                   or is_sharded(t.weight) and InplaceMode.refusal(t) is not None]
-        if special:
-            t = special[0]
-            why = (f"a quantized base: {t.quantization}; in-place noise could not be removed from it" if t.quantized
-                   else "an unmaterialised or column-sharded weight")
-            log.info("flatlora: mode=auto -> forward (%s has %s)", t.name, why)
-            return "forward"
+        if mode == "auto":
+            # in-place (exact restore, no per-micro-batch cost) wherever the weights are dense floats held here
+            special = [t for t in self.targets if t.quantized or unmaterialised(t.weight)
+                       or is_sharded(t.weight) and InplaceMode.refusal(t) is not None]
+            if special:
+                t = special[0]
+                why = (f"a quantized base: {t.quantization}; in-place noise could not be removed from it" if t.quantized
+                       else "an unmaterialised or column-sharded weight")
+                log.info("flatlora: mode=auto -> forward (%s has %s)", t.name, why)
+                return "forward"
         for t in self.targets:
             why = InplaceMode.refusal(t)
             if why is not None:
                 raise ValueError(why)
-        log.info("flatlora: mode=auto -> inplace (dense float weights; exact restore)")
+        if mode == "auto":
+            log.info("flatlora: mode=auto -> inplace (dense float weights; exact restore)")
         return "inplace"
 
     def _claim(self) -> None:

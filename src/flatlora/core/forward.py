@@ -125,8 +125,9 @@ class _NoisyLayer(torch.autograd.Function):
         x, bias = ctx.saved_tensors
         t = ctx.t
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # A linear layer needs W + eps only for grad_x (none for a first layer under frozen embeddings).
         with torch.no_grad():
-            w = ctx.noisy()
+            w = ctx.noisy() if need_x or t.kind == "conv" else None
         if t.kind == "conv":
             # Recompute the conv under autograd: conv layers are small, and this reuses the layer's own
             # padding mode and geometry instead of restating them.
@@ -141,15 +142,8 @@ class _NoisyLayer(torch.autograd.Function):
             gw = next(grads) if need_w else None
             gb = next(grads) if need_b else None
             return gx, gw, gb, None, None
-        w_oi = w.t() if t.transposed else w  # (out, in)
-        gx = (grad_out @ w_oi.to(grad_out.dtype)).to(ctx.x_dtype) if need_x else None
-        gw = gb = None
-        if need_w:
-            g2 = grad_out.reshape(-1, grad_out.shape[-1])
-            gw = (g2.t().to(x.dtype) @ x.reshape(-1, x.shape[-1])).to(ctx.w_dtype)
-            gw = gw.t() if t.transposed else gw
-        if need_b:
-            gb = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        gx, gw, gb = ops.linear_grads(grad_out, w, x, t.transposed, ctx.x_dtype, ctx.w_dtype,
+                                      need_w, need_b)
         return gx, gw, gb, None, None
 
 

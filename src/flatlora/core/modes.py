@@ -85,9 +85,8 @@ class InplaceMode:
             applied = window.applied.pop()
             gone = [v.name for v, ptr in zip(applied.views, applied.data_ptrs) if local(v.target.weight).data_ptr() != ptr]
             replaced += gone
-            if gone and applied.layers is None:
-                continue  # torch: the weight's storage is new; nothing of ours is in it
-            # (A kernel group restores its old storages too: harmless, and the rest of the group needs it.)
+            # A backend leaves a replaced storage alone or restores the old one (a kernel group: harmless,
+            # and the rest of the group needs the launch); either way the layer is reported as replaced.
             for v, count in zip(applied.views, applied.backend.restore(applied)):
                 if count and v.name not in gone:
                     modified[v.name] = count

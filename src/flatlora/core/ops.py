@@ -117,6 +117,23 @@ def _noisy_linear_fake(x, weight, bias, std, key, m, row0, transposed, generator
     return _linear(x, weight, bias, transposed, dtype)
 
 
+def linear_grads(grad_out: torch.Tensor, w: Optional[torch.Tensor], x: Optional[torch.Tensor], transposed: bool,
+                 x_dtype: torch.dtype, w_dtype: torch.dtype, need_w: bool, need_b: bool):
+    """(grad_x, grad_W, grad_b) of y = x (W + eps)^T + b, W + eps given as `w` in storage layout (None: no
+    grad_x). d(W + eps)/dW is the identity, so grad_W is the usual one taken at W + eps."""
+    gx = gw = gb = None
+    if w is not None:
+        w_oi = w.t() if transposed else w  # (out, in)
+        gx = (grad_out @ w_oi.to(grad_out.dtype)).to(x_dtype)
+    if need_w:
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        gw = (g2.t().to(x.dtype) @ x.reshape(-1, x.shape[-1])).to(w_dtype)
+        gw = gw.t() if transposed else gw
+    if need_b:
+        gb = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return gx, gw, gb
+
+
 def _noisy_linear_setup(ctx, inputs, output):
     x, weight, bias, std, key, m, row0, transposed, generator, backend, dtype = inputs
     need_w = ctx.needs_input_grad[1]
@@ -130,18 +147,8 @@ def _noisy_linear_backward(ctx, grad_out):
     x, weight, std, key = ctx.saved_tensors
     m, row0, transposed, generator, backend = ctx.noise
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    gx = gw = gb = None
-    if need_x:
-        w = torch.ops.flatlora.noisy_weight(weight, std, key, m, row0, transposed, generator, backend)
-        w_oi = w.t() if transposed else w  # (out, in)
-        gx = (grad_out @ w_oi.to(grad_out.dtype)).to(ctx.x_dtype)
-    if need_w:
-        # d(W + eps)/dW is the identity, so grad_W is the usual one taken at W + eps.
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        gw = (g2.t().to(x.dtype) @ x.reshape(-1, x.shape[-1])).to(ctx.w_dtype)
-        gw = gw.t() if transposed else gw
-    if need_b:
-        gb = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    w = torch.ops.flatlora.noisy_weight(weight, std, key, m, row0, transposed, generator, backend) if need_x else None
+    gx, gw, gb = linear_grads(grad_out, w, x, transposed, ctx.x_dtype, ctx.w_dtype, need_w, need_b)
     return gx, gw, gb, None, None, None, None, None, None, None, None
 
 

@@ -88,13 +88,6 @@ class View:
     def n(self) -> int:
         return self.target.n
 
-    @property
-    def row0(self) -> int:
-        return 0 if self.rows is None else self.rows.start or 0
-
-    def to_storage(self, mat: torch.Tensor) -> torch.Tensor:
-        return storage(self.target, mat, self.tensor)
-
     def terms(self) -> tuple[tuple[torch.Tensor, torch.Tensor, float] | None, torch.Tensor | None]:
         """`Target.terms` for the rows this view holds, on the weight's device."""
         fac, dense = self.target.terms()

@@ -217,7 +217,7 @@ def _run_parallel(spec, todo, runs, task, inputs, jobs, progress, log):
     """Runs `todo` in `jobs` spawned workers, at most `jobs` in flight, so a worker that dies (killed, out of
     memory) costs the runs in flight only: a fresh pool takes the rest."""
     new, errors, queue, done = {}, [], list(todo), 0
-    threads = spec.train.threads or max(1, _cores() // jobs)
+    threads = spec.train.threads or max(1, cores() // jobs)
     ctx = multiprocessing.get_context("spawn")
     while queue:
         slots = ctx.Queue()
@@ -260,7 +260,8 @@ def _run_parallel(spec, todo, runs, task, inputs, jobs, progress, log):
     return new, errors
 
 
-def _cores() -> int:
+def cores() -> int:
+    """CPU cores this process may use."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -400,8 +400,11 @@ def _write_results(run: _Run, record: dict, partial: Path, run_dir: Path) -> Non
 
 
 def versions() -> dict[str, str]:
+    """Software and device a result came from (runs' env.json, the benchmarks' provenance)."""
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for mod in ("torch", "transformers", "peft", "flatlora", "scipy", "numpy"):
+    if torch.cuda.is_available():
+        out["gpu"], out["cuda"] = torch.cuda.get_device_name(0), str(torch.version.cuda)
+    for mod in ("torch", "triton", "transformers", "peft", "bitsandbytes", "flatlora", "scipy", "numpy"):
         try:
             out[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001  (a missing optional package is just not recorded)

@@ -168,10 +168,6 @@ def isolation() -> str:
     return _namespace_prefix()[1]
 
 
-def network_isolated() -> bool:
-    return isolation() != "session"
-
-
 def _read_available(fd: int) -> bytes:
     out = b""
     while select.select([fd], [], [], 0)[0]:
@@ -225,6 +221,7 @@ def run_untrusted(program: str, timeout: float = 10.0) -> str:
         try:
             os.write(nonce_w, nonce)
             os.close(nonce_w)
+            nonce_w = -1  # closed: the finally must not close a descriptor number reused meanwhile
             try:
                 proc.stdin.write(program.encode("utf-8"))
                 proc.stdin.close()
@@ -241,6 +238,8 @@ def run_untrusted(program: str, timeout: float = 10.0) -> str:
             marker = _read_available(marker_r)
         finally:
             for fd in (nonce_w, marker_r):
+                if fd < 0:
+                    continue
                 try:
                     os.close(fd)
                 except OSError:

@@ -349,6 +349,8 @@ class Record:
     used: int = 0  # entries of off/val in use
     table: torch.Tensor | None = None  # the launch's layer table (restore reuses it)
     tile_map: torch.Tensor | None = None
+    dtype: torch.dtype | None = None  # the weights' dtype and the launch's (ALIGNED, CONTIG), checked at perturb
+    flags: tuple[bool, bool] | None = None
 
     @property
     def hslot(self) -> torch.Tensor:
@@ -503,8 +505,8 @@ def perturb_group(layers: list[Layer], capacity: float | None = None) -> Record:
     cap = max(1024, cap)
     rec = Record(torch.zeros(1, dtype=torch.int32, device=dev), torch.empty((tiles, 3), dtype=torch.int32, device=dev),
                  torch.empty(cap, dtype=torch.int16, device=dev), torch.empty(cap, dtype=_BITS[dtype], device=dev),
-                 table=tab, tile_map=tile_map)
-    flags = _flags(layers)
+                 table=tab, tile_map=tile_map, dtype=dtype, flags=_flags(layers))
+    flags = rec.flags
     _launch(tab, tile_map, tiles, dtype, flags, PERTURB, rec)
     used = int(rec.counter.item())  # one sync: the record's size decides whether a retry is needed
     if used > cap:
@@ -520,13 +522,12 @@ def perturb_group(layers: list[Layer], capacity: float | None = None) -> Record:
     return rec
 
 
-def restore_group(layers: list[Layer], rec: Record) -> torch.Tensor:
-    """Undo `perturb_group(layers)` exactly (same layers, same std and keys). Returns, per layer, the number
-    of tiles whose weight changed since the perturb (int32, on the device); those tiles are left as found."""
-    dtype = _check(layers)
-    bad = torch.zeros(len(layers), dtype=torch.int32, device=layers[0].w.device)
-    tiles = rec.header.shape[0]
-    _launch(rec.table, rec.tile_map, tiles, dtype, _flags(layers), RESTORE, rec, bad)
+def restore_group(rec: Record) -> torch.Tensor:
+    """Undo the `perturb_group` that made `rec` exactly (its layers, std and keys are in the record's table).
+    Returns, per layer, the number of tiles whose weight changed since the perturb (int32, on the device);
+    those tiles are left as found."""
+    bad = torch.zeros(rec.table.shape[0], dtype=torch.int32, device=rec.table.device)
+    _launch(rec.table, rec.tile_map, rec.header.shape[0], rec.dtype, rec.flags, RESTORE, rec, bad)
     return bad
 
 
