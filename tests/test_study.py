@@ -308,7 +308,9 @@ def test_image_study_dev_split_is_carved_outside_train():
 def test_report_status_flags_studies_with_fewer_paired_seeds_than_planned(tmp_path):
     _fixture(tmp_path / "few", "text", [0.8, 0.81, 0.79], [0.81, 0.8, 0.8])  # 3 of the 10 planned seeds
     text = report.render(tmp_path / "few", tmp_path / "few.md", figures=False)
-    assert "| text | main, sharpness | r8: 3 (10) | INCOMPLETE: 3 of 10 paired seeds; resume with the same command |" in text
+    # sharpness is measured per main seed with its weights: 3 of 10 is flagged too
+    assert ("| text | main, sharpness | r8: 3 (10) | INCOMPLETE: 3 of 10 paired seeds, sharpness 3 of 10; resume with "
+            "the same command |") in text
     assert "| image | – | – | not run yet" in text
     lora = [0.80 + 0.001 * i for i in range(10)]
     _fixture(tmp_path / "all", "text", lora, [x + 0.002 for x in lora])
