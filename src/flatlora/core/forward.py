@@ -92,9 +92,10 @@ class Armed:
             # Eager: the same computation as the custom op without its dispatch, which costs ~0.7 ms of host
             # time a call (forward and backward), enough to make a 7B step host-bound. The window's values are
             # bound now, so backward regenerates exactly this noise.
-            noisy = functools.partial(ops.compute_noisy_weight, t.weight, self.std, self.key_int, t.m, self.row0,
+            w = t.weight  # one module attribute lookup, not two
+            noisy = functools.partial(ops.compute_noisy_weight, w, self.std, self.key_int, t.m, self.row0,
                                       t.transposed, self.generator, self.backend)
-            return _NoisyLayer.apply(x, t.weight, bias, t, noisy)
+            return _NoisyLayer.apply(x, w, bias, t, noisy)
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         return torch.ops.flatlora.noisy_linear(x, t.weight, bias, self.std, self.key, t.m, self.row0, t.transposed,

@@ -45,29 +45,50 @@ def key_int(key: torch.Tensor) -> int:
 
 def _matrix(w: torch.Tensor, transposed: bool) -> torch.Tensor:
     """Storage layout -> the logical (rows, n) view (as `view.matrix`, with n taken from the shape)."""
-    return w.t() if transposed else w.reshape(w.shape[0], -1)
+    if transposed:
+        return w.t()
+    return w if w.dim() == 2 else w.reshape(w.shape[0], -1)  # a linear weight is its own (rows, n) view
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_kernels = None  # flatlora.kernels.triton_noise, imported at the first Triton call (Triton is optional)
 
 
 def compute_noisy_weight(weight: torch.Tensor, std: torch.Tensor, key: int, m: int, row0: int, transposed: bool,
                          generator: str, backend: str) -> torch.Tensor:
-    """round(W + eps) as a new contiguous tensor in W's storage shape and dtype (the ops' implementation)."""
-    with torch.no_grad():
-        mat = _matrix(weight, transposed)
-        rows, n = mat.shape
-        out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        out_mat = _matrix(out, transposed)
-        if backend == "triton":
-            from ..kernels import triton_noise as K
+    """round(W + eps) as a new contiguous tensor in W's storage shape and dtype (the ops' implementation).
 
-            K.noisy_copy_(mat, std.float().contiguous(), key, row0, out_mat)
-        elif backend == "torch":
-            # The stream function Draw uses (eps of in-place mode), looked up there so one definition serves both.
-            part = None if row0 == 0 and rows == m else slice(row0, row0 + rows)
-            eps = noise_draw.standard_normal(key, m, n, weight.device, part, generator, scale=std)
-            # float32 sum, rounded once into W's dtype: the value in-place mode writes, bit for bit.
-            out_mat.copy_(eps.add_(mat if mat.dtype in (torch.float16, torch.bfloat16) else mat.float()))
-        else:
-            raise ValueError(f"unknown noise backend {backend!r}")
+    Forward mode calls this for every layer in forward and again in backward, so its host time counts: it
+    enters no_grad only where grad mode is on (the eager op's forward and backward already run without it)."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return _noisy_copy(weight, std, key, m, row0, transposed, generator, backend)
+    return _noisy_copy(weight, std, key, m, row0, transposed, generator, backend)
+
+
+def _noisy_copy(weight, std, key, m, row0, transposed, generator, backend):
+    global _kernels
+    mat = _matrix(weight, transposed)
+    rows, n = mat.shape
+    if type(weight) in _PLAIN:  # the same tensor as torch.empty(shape, dtype, device), for half the host time
+        out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    else:  # a tensor subclass keeps the plain dense output it always got
+        out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    out_mat = _matrix(out, transposed)
+    if backend == "triton":
+        if _kernels is None:
+            from ..kernels import triton_noise
+
+            _kernels = triton_noise
+        _kernels.noisy_copy_(mat, std.float().contiguous(), key, row0, out_mat)
+    elif backend == "torch":
+        # The stream function Draw uses (eps of in-place mode), looked up there so one definition serves both.
+        part = None if row0 == 0 and rows == m else slice(row0, row0 + rows)
+        eps = noise_draw.standard_normal(key, m, n, weight.device, part, generator, scale=std)
+        # float32 sum, rounded once into W's dtype: the value in-place mode writes, bit for bit.
+        out_mat.copy_(eps.add_(mat if mat.dtype in (torch.float16, torch.bfloat16) else mat.float()))
+    else:
+        raise ValueError(f"unknown noise backend {backend!r}")
     return out
 
 

@@ -431,14 +431,15 @@ def _flags(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple
     return all(ly.w.shape[1] % 4 == 0 for ly in layers), all(_contiguous(v) for v in views)
 
 
-def _launch(tab, tile_map, tiles, dtype, flags, mode, rec: Record | None, bad=None, retry=False, out=None) -> None:
+def _launch(tab, tile_map, tiles, dtype, flags, mode, rec: Record | None, bad=None, retry=False, out=None):
+    """Triton's own launch of `_noise_kernel`; returns what it returns (compiled: the CompiledKernel)."""
     dummy = tab
     if rec is None:
         cnt = hdr = off = val = dummy
         cap = 0
     else:
         cnt, hdr, off, val, cap = rec.counter, rec.header, rec.off, rec.val, rec.off.numel()
-    _noise_kernel[(tiles,)](
+    return _noise_kernel[(tiles,)](
         tab, tile_map, cnt, hdr, off, val, cap, bad if bad is not None else dummy, out if out is not None else dummy,
         MODE=mode, KIND=_KIND[dtype], ALIGNED=flags[0], CONTIG=flags[1], RETRY=retry, FAST=_fast(), BLOCK_=BLOCK,
         PB=256, OUT_ARG=out is not None, num_warps=NUM_WARPS[mode])
@@ -452,32 +453,140 @@ def noisy_copy_group(layers: list[Layer], outs: list[torch.Tensor]) -> None:
     _launch(tab, tile_map, tiles, dtype, _flags(layers, outs), COPY, None)
 
 
+# ------------------------------------------------------------------ pre-bound noisy copies (forward mode)
+#
+# Forward mode copies every targeted layer in forward and again in backward (~890 launches a step for a 7B
+# model, ~0.07 ms of GPU time each), and Triton's generic launch (JITFunction.run: argument binding, the
+# specialization key, the cache lookup, launch metadata) cost ~0.17 ms of host time a call: the step was
+# host-bound. A one-layer copy varies in few ways, so noisy_copy_ keeps Triton's own CompiledKernel per
+# specialization (`_copy_key`; compiled by the first ordinary launch of that key) and calls its launcher as
+# JITFunction.run does: the same kernel, the same arguments (pointers as integers: the launcher takes them as
+# they are, where for a tensor it asks torch and the driver), so the same bits. Whenever that would not be
+# what an ordinary launch does (`_runtime` and `_plain_launch` say when), the ordinary launch runs.
+
+_UNPROBED = object()
+_RUNTIME = _UNPROBED  # (triton.knobs.runtime, .compilation, current device, raw stream) or None: see _runtime
+_PREBOUND: dict[tuple, tuple] = {}  # by _copy_key: (launcher, CUfunction, packed metadata, the CompiledKernel)
+
+
+def _runtime():
+    """What a pre-bound launch needs of the installed Triton and torch, probed once; None where it must not be
+    used: the interpreter (no CompiledKernel; TRITON_INTERPRET, which Triton reads when the kernel is defined),
+    or a Triton whose launch path lacks a piece the fast path mirrors (written against 3.6 and 3.9)."""
+    if not _fast():
+        return None
+    try:
+        from triton import knobs
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return None
+    rt, comp = getattr(knobs, "runtime", None), getattr(knobs, "compilation", None)
+    if (not isinstance(_noise_kernel, JITFunction) or not hasattr(_noise_kernel, "pre_run_hooks")
+            or not all(hasattr(rt, a) for a in ("launch_enter_hook", "launch_exit_hook", "debug"))
+            or not hasattr(comp, "instrumentation_mode")):
+        return None
+    # Triton's own stream query (triton/backends/driver.py), with torch's public one where torch lacks it.
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    stream = raw if raw is not None else (lambda d: torch.cuda.current_stream(d).cuda_stream)
+    return rt, comp, torch.cuda.current_device, stream
+
+
+def _plain_launch(rt, comp, kernel) -> bool:
+    """True when `kernel[grid](...)` would only look its kernel up and launch it: no launch hook (a profiler
+    such as proton reads every launch's metadata through them; Triton >= 3.6 keeps them as hook chains, empty
+    unless one is added), no pre-run hook, and none of the settings that enter Triton's cache key beside the
+    arguments (debug, an instrumentation mode, a stages-inspection hook)."""
+    enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+    return (not getattr(enter, "calls", enter) and not getattr(leave, "calls", leave) and not rt.debug
+            and not comp.instrumentation_mode and getattr(rt, "add_stages_inspection_hook", None) is None
+            and not kernel.pre_run_hooks)
+
+
+def _copy_key(device: int, kind: int, aligned: bool, contig: bool, tab_ptr: int, map_ptr: int, out_ptr: int) -> tuple:
+    """Everything Triton specializes a one-layer COPY launch (`noisy_copy_`'s `_launch`) on, besides what that
+    launch fixes (MODE, RETRY, FAST, BLOCK_, PB, OUT_ARG, num_warps; CAP = 0, the record pointers = the table):
+    the constexprs KIND (which also sets the output's pointee type), ALIGNED and CONTIG, and the 16-byte
+    alignment of each distinct pointer (Triton marks a pointer argument whose address is a multiple of 16 and
+    compiles accesses through it accordingly); and the device whose context holds the loaded kernel."""
+    return device, kind, aligned, contig, tab_ptr % 16 == 0, map_ptr % 16 == 0, out_ptr % 16 == 0
+
+
+def _prebind(kernel) -> tuple | None:
+    """(launcher, CUfunction, packed metadata, kernel) of what an ordinary launch returned, or None where it is
+    not a loaded CompiledKernel (JITFunction.run returns one after launching it, handles initialized)."""
+    if hasattr(kernel, "result"):  # Triton 3.6 under an async-compile mode: a future, resolved by the launch
+        kernel = kernel.result()
+    try:
+        entry = (kernel.run, kernel.function, kernel.packed_metadata, kernel)  # the kernel: its __del__ unloads
+    except AttributeError:
+        return None
+    return entry if entry[1] is not None and callable(entry[0]) else None
+
+
+def _prebound_device(w: torch.Tensor) -> int | None:
+    """The CUDA device index of `w` when its noisy copies may take the pre-bound launch, else None."""
+    global _RUNTIME
+    if not w.is_cuda:
+        return None
+    if _RUNTIME is _UNPROBED:
+        _RUNTIME = _runtime()
+    return w.get_device() if _RUNTIME is not None else None
+
+
 _ONE: dict[tuple, tuple] = {}  # one-layer launch tables by everything they hold (see noisy_copy_)
+
+
+def _one_layer(k: tuple, w: torch.Tensor, std: torch.Tensor, key: int, row0: int, out: torch.Tensor) -> tuple:
+    """noisy_copy_'s cache entry for key `k`: the table and the launch's fixed flags."""
+    ly = Layer(w, std, key, row0)
+    dtype = _check([ly])
+    tab, tile_map, tiles = _table([ly], [out])
+    # CONTIG but for the output's address (its strides are in `k`, its address is not)
+    contig = _contiguous(w) and out.stride(1) == 1 and (out.stride(0) == w.shape[1] or w.shape[0] == 1)
+    dev = _prebound_device(w)
+    hit = (tab, tile_map, tiles, dtype, _KIND[dtype], w.shape[1] % 4 == 0, contig, dev, tab.data_ptr(),
+           tile_map.data_ptr())
+    if len(_ONE) >= 4096:  # a window's layers; older windows' keys never come back
+        _ONE.clear()
+    _ONE[k] = hit
+    return hit
 
 
 def noisy_copy_(w: torch.Tensor, std: torch.Tensor, key: int, row0: int, out: torch.Tensor) -> None:
     """out <- round(w + std[:, None] * z(key, (row0 + i) * n + j)) for logical (m, n) views w and out.
 
     Forward mode calls this for every layer in forward and again in backward, with the same (w, std, key)
-    through a window and a fresh output each time. Building and uploading the layer table cost about a third
-    of the 0.29 ms of host time a call took on the H200 (a 7B step was host-bound), so the table is cached
-    under the tuple of every value it holds, the output's strides included, and the output pointer travels as
-    a kernel argument: a hit is exactly the table a rebuild would give."""
+    through a window and a fresh output each time, so the host time of a call is what it is about. The layer
+    table is cached under the tuple of every value it holds, the output's strides included, and the output
+    pointer travels as a kernel argument (a hit is exactly the table a rebuild would give); the launch is
+    pre-bound (see above)."""
     k = (w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device, std.data_ptr(), key, row0, out.stride())
     hit = _ONE.get(k)
     if hit is None:
-        ly = Layer(w, std, key, row0)
-        dtype = _check([ly])
-        tab, tile_map, tiles = _table([ly], [out])
-        hit = (tab, tile_map, tiles, dtype, w.shape[1] % 4 == 0, _contiguous(w))
-        if len(_ONE) >= 4096:  # a window's layers; older windows' keys never come back
-            _ONE.clear()
-        _ONE[k] = hit
-    tab, tile_map, tiles, dtype, aligned, contig = hit
+        hit = _one_layer(k, w, std, key, row0, out)
+    tab, tile_map, tiles, dtype, kind, aligned, contig, dev, tab_ptr, map_ptr = hit
     if out.dtype != dtype or out.shape != w.shape:
         raise ValueError(f"the output must be a {tuple(w.shape)} {dtype} view, got {tuple(out.shape)} {out.dtype}")
-    o = out.view(_BITS[dtype])
-    _launch(tab, tile_map, tiles, dtype, (aligned, contig and _contiguous(o)), COPY, None, out=o)
+    optr = out.data_ptr()
+    contig = contig and optr % 16 == 0
+    key_ = None
+    if dev is not None:
+        rt, comp, device, stream = _RUNTIME
+        if out.get_device() == dev == device() and _plain_launch(rt, comp, _noise_kernel):
+            key_ = _copy_key(dev, kind, aligned, contig, tab_ptr, map_ptr, optr)
+            pre = _PREBOUND.get(key_)
+            if pre is not None:
+                # JITFunction.run's launch, argument for argument (constexprs included; the launcher skips
+                # them); no launch metadata and no hooks, as _plain_launch found none to call.
+                pre[0](tiles, 1, 1, stream(dev), pre[1], pre[2], None, None, None,
+                       tab_ptr, map_ptr, tab_ptr, tab_ptr, tab_ptr, tab_ptr, 0, tab_ptr, optr,
+                       COPY, kind, aligned, contig, False, True, BLOCK, 256, True)
+                return
+    compiled = _launch(tab, tile_map, tiles, dtype, (aligned, contig), COPY, None, out=out.view(_BITS[dtype]))
+    if key_ is not None:
+        entry = _prebind(compiled)
+        if entry is not None:
+            _PREBOUND[key_] = entry
 
 
 def noisy_copy(w: torch.Tensor, std: torch.Tensor, key: int, row0: int = 0) -> torch.Tensor:
