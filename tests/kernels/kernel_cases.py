@@ -256,6 +256,76 @@ def test_gpu_thousand_round_trips_are_exact(dtype):
     assert torch.equal(bits(w), bits(w0))
 
 
+def _copy_cases(dtype):
+    """(w, std, key, row0) for every launch flavour: row-major 16-byte aligned (ALIGNED, CONTIG); n % 4 != 0;
+    a transposed (fan_in_fan_out) view; a contiguous weight at an address that is not 16-byte aligned."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    rnd = lambda *s: (torch.randn(*s, device="cuda", generator=g) * 0.02).to(dtype)  # noqa: E731
+    ws = [rnd(512, 1024), rnd(300, 1030), rnd(1024, 384).t(), rnd(200 * 256 + 1)[1:].view(200, 256)]
+    return [(w, torch.rand(w.shape[0], device="cuda", generator=g) * 0.01, 2**63 + 99 * i, 7 * i)
+            for i, w in enumerate(ws)]
+
+
+def _outputs(w):
+    """Fresh outputs of every alignment and layout: new, one element into a buffer (not 16-byte aligned), 16
+    bytes into one (aligned again), and a transposed view."""
+    m, n = w.shape
+    buf = torch.empty(m * n + 16, dtype=w.dtype, device="cuda")
+    step = 16 // w.element_size()
+    return [torch.empty(m, n, dtype=w.dtype, device="cuda"), buf[1:1 + m * n].view(m, n),
+            buf[step:step + m * n].view(m, n), torch.empty(n, m, dtype=w.dtype, device="cuda").t()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_prebound_noisy_copies_are_the_ordinary_launches(dtype, monkeypatch):
+    """noisy_copy_'s pre-bound launch writes the bits of Triton's ordinary launch and of the grouped copy, for
+    outputs of every alignment and weights of every layout, and it is the launch taken after each
+    specialization's first; a launch hook sends every launch back through Triton."""
+    from triton import knobs
+
+    monkeypatch.setattr(K, "_ONE", {})
+    monkeypatch.setattr(K, "_PREBOUND", {})
+    ordinary = []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda *a, **k: ordinary.append(k.get("out") is not None) or launch(*a, **k))
+    cases = _copy_cases(dtype)
+    refs = []
+    for w, std, key, row0 in cases:
+        ref = torch.empty(w.shape, dtype=dtype, device="cuda")
+        K.noisy_copy_group([K.Layer(w, std, key, row0)], [ref])
+        refs.append(bits(ref))
+    ordinary.clear()
+    calls = 0
+    for _ in range(25):
+        for (w, std, key, row0), ref in zip(cases, refs):
+            for out in _outputs(w):
+                K.noisy_copy_(w, std, key, row0, out)
+                calls += 1
+                assert torch.equal(bits(out.contiguous()), ref)
+    assert 4 <= len(K._PREBOUND) == len(ordinary) < calls // 20  # one ordinary launch per specialization
+    assert any(not key[6] for key in K._PREBOUND)  # some outputs were not 16-byte aligned
+    with monkeypatch.context() as m:  # Triton's ordinary launch for every call: the same bits
+        m.setattr(K, "_plain_launch", lambda *a: False)
+        for (w, std, key, row0), ref in zip(cases, refs):
+            for out in _outputs(w):
+                K.noisy_copy_(w, std, key, row0, out)
+                assert torch.equal(bits(out.contiguous()), ref)
+    seen = []
+    hook = lambda metadata: seen.append(metadata.get()["name"])  # noqa: E731 (a LazyDict)
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        before, n = len(ordinary), len(K._PREBOUND)
+        w, std, key, row0 = cases[0]
+        out = torch.empty_like(w)
+        K.noisy_copy_(w, std, key, row0, out)
+        torch.cuda.synchronize()
+        assert seen == ["_noise_kernel"] and len(ordinary) == before + 1 and len(K._PREBOUND) == n
+        assert torch.equal(bits(out), refs[0])
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+
+
 # ---------------------------------------------------------------- the engine through the kernels
 
 

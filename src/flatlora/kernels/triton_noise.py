@@ -576,8 +576,9 @@ def noisy_copy_(w: torch.Tensor, std: torch.Tensor, key: int, row0: int, out: to
             key_ = _copy_key(dev, kind, aligned, contig, tab_ptr, map_ptr, optr)
             pre = _PREBOUND.get(key_)
             if pre is not None:
-                # JITFunction.run's launch, argument for argument (constexprs included; the launcher skips
-                # them); no launch metadata and no hooks, as _plain_launch found none to call.
+                # JITFunction.run's launch, argument for argument (constexprs included, FAST = _fast() as
+                # _RUNTIME exists; the launcher skips them); no launch metadata and no hooks, as
+                # _plain_launch found none to call.
                 pre[0](tiles, 1, 1, stream(dev), pre[1], pre[2], None, None, None,
                        tab_ptr, map_ptr, tab_ptr, tab_ptr, tab_ptr, tab_ptr, 0, tab_ptr, optr,
                        COPY, kind, aligned, contig, False, True, BLOCK, 256, True)
