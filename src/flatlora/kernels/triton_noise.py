@@ -458,11 +458,11 @@ def noisy_copy_group(layers: list[Layer], outs: list[torch.Tensor]) -> None:
 # Forward mode copies every targeted layer in forward and again in backward (~890 launches a step for a 7B
 # model, ~0.07 ms of GPU time each), and Triton's generic launch (JITFunction.run: argument binding, the
 # specialization key, the cache lookup, launch metadata; ~0.17 ms of host time a call on the H200's host,
-# issue 10) made the step host-bound. A one-layer copy varies in few ways, so noisy_copy_ keeps Triton's own CompiledKernel per
-# specialization (`_copy_key`; compiled by the first ordinary launch of that key) and calls its launcher as
-# JITFunction.run does: the same kernel, the same arguments (pointers as integers: the launcher takes them as
-# they are, where for a tensor it asks torch and the driver), so the same bits. Whenever that would not be
-# what an ordinary launch does (`_runtime` and `_plain_launch` say when), the ordinary launch runs.
+# issue 10) made the step host-bound. A one-layer copy varies in few ways, so noisy_copy_ keeps Triton's own
+# CompiledKernel per specialization (`_copy_key`; compiled by the first ordinary launch of that key) and calls
+# its launcher as JITFunction.run does: the same kernel, the same arguments (pointers as integers: the launcher
+# takes them as they are, where for a tensor it asks torch and the driver), so the same bits. Whenever that
+# would not be what an ordinary launch does (`_runtime` and `_plain_launch` say when), the ordinary launch runs.
 
 _UNPROBED = object()
 _RUNTIME = _UNPROBED  # (triton.knobs.runtime, .compilation, current device, raw stream) or None: see _runtime
