@@ -33,14 +33,15 @@ start)
     echo "$name: $cmd"
     (cd "$EV/src-$name" && PYTHONPATH=/tmp/site:/tmp/flatlora-bnb:$EV/src-$name/src \
         setsid nohup bash -c "$cmd; echo \"chain exit \$?\"" > "$EV/$name.log" 2>&1 < /dev/null &
-     echo $! > "$EV/$name.pid")
+    )
     ;;
 poll)
     limit=${2:-60}
     t0=$(date +%s)
     while :; do
         alive=0
-        for p in "$EV"/*.pid; do [ -e "$p" ] && kill -0 "$(cat "$p")" 2>/dev/null && alive=$((alive + 1)); done
+        # A chain's log ends with "chain exit N" (setsid forks, so no pid of ours outlives the call to check).
+        for l in "$EV"/*.log; do grep -q '^chain exit' "$l" || alive=$((alive + 1)); done
         [ $alive -eq 0 ] || [ $(( $(date +%s) - t0 )) -ge "$limit" ] && break
         sleep 5
     done

@@ -184,9 +184,13 @@ def status(studies: dict[str, dict]) -> list[str]:
 
 
 def extra_status(s: dict) -> str:
-    """The optional variants and sam stages, when a study ran them: paired seeds done of planned ('' otherwise)."""
+    """The optional ranks, variants and sam stages, when a study ran them: paired seeds done of planned ('' otherwise)."""
     out = []
     planned = lambda st: len(_seeds(s["config"]["stages"].get(st, {}).get("seeds", [])))  # noqa: E731
+    if "ranks" in s:
+        summ, metric = s["ranks"]["summary"], s["config"]["test_metric"]
+        ns = [p["n"] for p in summ["pairs"] if p["metric"] == metric]
+        out.append(f"ranks: {min(ns) if ns else 0} of {planned('ranks')} paired seeds per rank")
     if "variants" in s:
         summ, metric = s["variants"]["summary"], s["config"]["test_metric"]
         ns = [p["n"] for p in summ["pairs"] if p["metric"] == metric]
@@ -560,11 +564,11 @@ def render(results: Path, out: Path, figures: bool = True) -> str:
             lines += ["### Ranks", ""]
             summ = s["ranks"]["summary"]
             metric = s["config"]["test_metric"]
-            lines += [f"| r | LoRA | Flat-LoRA | Δ [95 % CI] | t-test p |", "|---|---|---|---|---|"]
+            lines += ["| r | n | LoRA | Flat-LoRA | Δ [95 % CI] | t-test p |", "|---|---|---|---|---|---|"]
             for r in sorted({c["rank"] for c in summ["cells"]}):
                 a, b, p = cell_of(summ, "lora", r), cell_of(summ, "flat-lora", r), pair_of(summ, metric, r)
                 if a and b and p:
-                    lines.append(f"| {r} | {cell(a, metric)} | {cell(b, metric)} | {pts(p['mean_diff'])} "
+                    lines.append(f"| {r} | {p['n']} | {cell(a, metric)} | {cell(b, metric)} | {pts(p['mean_diff'])} "
                                  f"[{pts(p['ci_low'])}, {pts(p['ci_high'])}] | {pval(p['t_pvalue'])} |")
             lines.append("")
         if "variants" in s:
