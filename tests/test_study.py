@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flatlora.experiments import fetch
 
@@ -453,3 +454,25 @@ def test_report_without_the_optional_stages_has_none_of_their_sections(tmp_path)
     _fixture(tmp_path, "text", [0.8, 0.81, 0.79], [0.81, 0.8, 0.8])
     text = report.render(tmp_path, tmp_path / "R.md", figures=False)
     assert "variants" not in text and "SAM" not in text and "equal wall-clock" not in text
+
+
+def test_each_call_gets_a_share_of_the_cores(tmp_path, monkeypatch):
+    """Runs of a study share the machine's cores (cores / --jobs, or --threads) unless the spec sets its own:
+    the call file a dry run writes carries it, and the runs' OpenMP threads do not spin."""
+    monkeypatch.setattr(study.os, "cpu_count", lambda: 16)
+    assert study.Budget(jobs=8).threads_per_run() == 2
+    assert study.Budget(jobs=32).threads_per_run() == 1
+    assert study.Budget(jobs=8, threads=3).threads_per_run() == 3
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert study.child_env()["OMP_WAIT_POLICY"] == "PASSIVE"
+    def threads_written(*extra):
+        out = tmp_path / f"ev{len(extra)}"
+        assert study.main(["text", "--tiny", "--dry-run", "--stages", "recipe", "--jobs", "4", "--out", str(out),
+                           *extra]) == 0
+        calls = sorted(out.rglob("study_call.yaml"))
+        assert calls
+        return {yaml.safe_load(f.read_text())["train"]["threads"] for f in calls}
+
+    assert threads_written() == {1}  # the tiny spec's own threads: 1
+    assert threads_written("--set", "spec/train/threads=null") == {4}  # 16 cores / 4 jobs
+    assert threads_written("--set", "spec/train/threads=null", "--threads", "3") == {3}

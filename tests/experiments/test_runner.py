@@ -115,3 +115,23 @@ def test_without_tensorboard_a_run_skips_the_events_cleanly(byo_csv, tmp_path, m
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` of it now raises ImportError
     rec = run_one(_spec(byo_csv, tmp_path, method="lora"), tmp_path / "r", progress=False)
     assert rec["status"] == "done" and not (tmp_path / "r" / "tb").exists() and _curve(tmp_path / "r")
+
+
+def test_source_hash_names_the_code_that_ran(tmp_path):
+    """The provenance hash covers every .py file's path and bytes: a changed byte or a renamed file changes it."""
+    from flatlora.experiments.runner import source_hash, versions
+
+    (tmp_path / "core").mkdir()
+    (tmp_path / "core" / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    (tmp_path / "notes.txt").write_text("not code")
+    first = source_hash(tmp_path)
+    assert len(first) == 16 and first == source_hash(tmp_path)
+    (tmp_path / "notes.txt").write_text("still not code")
+    assert source_hash(tmp_path) == first
+    (tmp_path / "b.py").write_text("y = 3\n")
+    changed = source_hash(tmp_path)
+    assert changed != first
+    (tmp_path / "b.py").rename(tmp_path / "c.py")
+    assert source_hash(tmp_path) not in (first, changed)
+    assert versions()["flatlora_source_sha256"] == source_hash()

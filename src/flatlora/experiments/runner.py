@@ -25,6 +25,7 @@ Results folder (written as `<dir>.partial`, renamed when complete, so a finished
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -414,7 +415,19 @@ def versions() -> dict[str, str]:
                                            cwd=Path(__file__).parent, timeout=5).stdout.strip()
     except Exception:  # noqa: BLE001
         pass
+    # A copied working tree can carry a stale .git (the GPU machine's did): the hash of the package's own
+    # sources says which code ran whatever git says.
+    out["flatlora_source_sha256"] = source_hash()
     return out
+
+
+def source_hash(root: Path | None = None) -> str:
+    """sha256 over the flatlora package's .py files (relative path and bytes, sorted), 16 hex digits."""
+    root = root or Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def save_adapter(model: torch.nn.Module, flat: Any, folder: Path) -> None:
