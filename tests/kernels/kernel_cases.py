@@ -116,9 +116,12 @@ def test_keys_of_all_64_bits_draw_the_reference_stream():
     m, n = 3, 64
     w = torch.zeros(m, n, dtype=torch.float32, device=DEV)
     std = torch.ones(m, device=DEV)
-    for key in (2**63 - 1, 2**63, 2**63 + 5, 2**64 - 1):
+    tables = len(K._ONE)
+    # Either side of each 32-bit half's sign bit: the one-layer launch passes the key as two signed int32s
+    for key in (0, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 2**31, 2**63 - 1, 2**63, 2**63 + 5, 2**64 - 1):
         z = K.noisy_copy(w, std, key, 0)
         torch.testing.assert_close(z, philox.standard_normal_rows(key, m, n, DEV), rtol=1e-5, atol=1e-5)
+    assert len(K._ONE) <= tables + 1  # one table for the weight whatever the key: the key is an argument
     assert not torch.equal(K.noisy_copy(w, std, 5, 0), K.noisy_copy(w, std, 5 + 2**63, 0))  # the top bit counts
     with pytest.raises(ValueError, match="unsigned 64-bit"):
         K.noisy_copy(w, std, 2**64, 0)
@@ -288,21 +291,35 @@ def test_gpu_prebound_noisy_copies_are_the_ordinary_launches(dtype, monkeypatch)
     monkeypatch.setattr(K, "_PREBOUND", {})
     ordinary = []
     launch = K._launch
-    monkeypatch.setattr(K, "_launch", lambda *a, **k: ordinary.append(k.get("out") is not None) or launch(*a, **k))
+    monkeypatch.setattr(K, "_launch", lambda *a, **k: ordinary.append(k.get("layer") is not None) or launch(*a, **k))
     cases = _copy_cases(dtype)
+
+    def window(r):
+        """Round r's (w, std, key, row0) per case: every round is a new window, with a fresh std tensor and
+        a new key (keys below 2^31, between 2^31 and 2^32, and >= 2^63 among them: the halves' signs)."""
+        keys = [(k ^ (r * 0x9E3779B97F4A7C15)) & (2**64 - 1) for _, _, k, _ in cases]
+        if r % 5 == 1:
+            keys = [3 + r, 2**31 + r, 2**32 - 1 - r, 2**64 - 1 - r][:len(cases)]
+        return [(w, std * (1 + r / 10), k, row0) for (w, std, _, row0), k in zip(cases, keys)]
+
+    rounds = [window(r) for r in range(25)]
     refs = []
-    for w, std, key, row0 in cases:
-        ref = torch.empty(w.shape, dtype=dtype, device="cuda")
-        K.noisy_copy_group([K.Layer(w, std, key, row0)], [ref])
-        refs.append(bits(ref))
+    for layers in rounds:
+        refs.append([])
+        for w, std, key, row0 in layers:
+            ref = torch.empty(w.shape, dtype=dtype, device="cuda")
+            K.noisy_copy_group([K.Layer(w, std, key, row0)], [ref])
+            refs[-1].append(bits(ref))
     ordinary.clear()
     calls = 0
-    for _ in range(25):
-        for (w, std, key, row0), ref in zip(cases, refs):
+    for layers, round_refs in zip(rounds, refs):
+        for (w, std, key, row0), ref in zip(layers, round_refs):
             for out in _outputs(w):
                 K.noisy_copy_(w, std, key, row0, out)
                 calls += 1
                 assert torch.equal(bits(out.contiguous()), ref)
+    assert len(K._ONE) == len(cases) * 2  # one table per weight and output layout, whatever the window
+    refs = refs[0]
     assert 4 <= len(K._PREBOUND) == len(ordinary) < calls // 20  # one ordinary launch per specialization
     assert any(not key[6] for key in K._PREBOUND)  # some outputs were not 16-byte aligned
     with monkeypatch.context() as m:  # Triton's ordinary launch for every call: the same bits

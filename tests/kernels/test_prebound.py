@@ -42,15 +42,16 @@ def test_plain_launch_only_without_hooks_and_key_settings():
 
 
 def test_copy_key_follows_what_triton_specializes_on():
-    base = K._copy_key(0, 0, True, True, 512, 1024, 4096)
-    assert base == K._copy_key(0, 0, True, True, 16, 32, 4096 + 48)  # other 16-byte aligned addresses
-    assert base != K._copy_key(0, 0, True, True, 512, 1024, 4096 + 2)  # output one bf16 element further
-    assert base != K._copy_key(0, 0, True, True, 520, 1024, 4096)  # unaligned table
-    assert base != K._copy_key(0, 0, True, True, 512, 1028, 4096)  # unaligned tile map
-    assert base != K._copy_key(0, 1, True, True, 512, 1024, 4096)  # float16: another constexpr
-    assert base != K._copy_key(0, 0, False, True, 512, 1024, 4096)
-    assert base != K._copy_key(0, 0, True, False, 512, 1024, 4096)
-    assert base != K._copy_key(1, 0, True, True, 512, 1024, 4096)  # another GPU: another loaded module
+    base = K._copy_key(0, 0, True, True, 512, 1024, 4096, 8192)
+    assert base == K._copy_key(0, 0, True, True, 16, 32, 4096 + 48, 8192)  # other 16-byte aligned addresses
+    assert base != K._copy_key(0, 0, True, True, 512, 1024, 4096 + 2, 8192)  # output one bf16 element further
+    assert base != K._copy_key(0, 0, True, True, 520, 1024, 4096, 8192)  # unaligned table
+    assert base != K._copy_key(0, 0, True, True, 512, 1028, 4096, 8192)  # unaligned tile map
+    assert base != K._copy_key(0, 1, True, True, 512, 1024, 4096, 8192)  # float16: another constexpr
+    assert base != K._copy_key(0, 0, False, True, 512, 1024, 4096, 8192)
+    assert base != K._copy_key(0, 0, True, False, 512, 1024, 4096, 8192)
+    assert base != K._copy_key(1, 0, True, True, 512, 1024, 4096, 8192)  # another GPU: another loaded module
+    assert base != K._copy_key(0, 0, True, True, 512, 1024, 4096, 8196)  # std one float32 further
 
 
 def test_copy_key_matches_tritons_own_specialization():
@@ -151,8 +152,9 @@ def test_prebound_launch_passes_what_the_ordinary_launch_passes(fake_gpu):
     K.noisy_copy_(w, std, 5, 0, out_a)  # first of its key: Triton's ordinary launch, and its kernel kept
     assert len(rec.ordinary) == 1 and not rec.prebound and len(K._PREBOUND) == 1
     grid, args, kwargs = rec.ordinary[0]
-    assert kwargs.pop("num_warps") == K.NUM_WARPS[K.COPY] and kwargs["OUT_ARG"] and kwargs["CONTIG"]
-    assert args[-1].dtype == torch.int16 and args[-1].data_ptr() == out_a.data_ptr()  # the output as its bits
+    assert kwargs.pop("num_warps") == K.NUM_WARPS[K.COPY] and kwargs["LAYER_ARGS"] and kwargs["CONTIG"]
+    assert args[-4].dtype == torch.int16 and args[-4].data_ptr() == out_a.data_ptr()  # the output as its bits
+    assert args[-3] is std and args[-2:] == (0, 5)  # std and the key's halves
 
     K.noisy_copy_(w, std, 5, 0, out_a)
     assert len(rec.ordinary) == 1 and len(rec.prebound) == 1
@@ -163,12 +165,19 @@ def test_prebound_launch_passes_what_the_ordinary_launch_passes(fake_gpu):
 
     K.noisy_copy_(w, std, 5, 0, out_c)  # another aligned output: the same kernel
     assert len(rec.ordinary) == 1 and len(rec.prebound) == 2
-    assert rec.prebound[1][9:] == _bound(params, args[:-1] + (out_c.data_ptr(),), kwargs)
+    assert rec.prebound[1][9:] == _bound(params, args[:-4] + (out_c.data_ptr(),) + args[-3:], kwargs)
+
+    # A new window: another std and key through the same table and kernel, as arguments
+    std2, key2 = torch.rand(40, generator=g), (1 << 64) - 3
+    K.noisy_copy_(w, std2, key2, 0, out_a)
+    assert len(rec.ordinary) == 1 and len(rec.prebound) == 3 and len(K._ONE) == 1
+    assert rec.prebound[2][9:] == _bound(params, args[:-3] + (std2, -1, -3), kwargs)
+    rec.prebound.pop()
 
     K.noisy_copy_(w, std, 5, 0, out_b)  # misaligned: another specialization, so an ordinary launch first
     assert len(rec.ordinary) == 2 and len(K._PREBOUND) == 2
     _, args_b, kwargs_b = rec.ordinary[1]
-    assert not kwargs_b["CONTIG"] and args_b[-1].data_ptr() % 16 == 2
+    assert not kwargs_b["CONTIG"] and args_b[-4].data_ptr() % 16 == 2
     K.noisy_copy_(w, std, 5, 0, out_b)
     assert len(rec.ordinary) == 2 and rec.prebound[-1][9:] == _bound(params, args_b, kwargs_b)
 
@@ -192,3 +201,13 @@ def test_other_device_or_cpu_output_takes_the_ordinary_launch(fake_gpu, monkeypa
     monkeypatch.setattr(K, "_RUNTIME", (rt, comp, lambda: 0, stream))  # the current device is another one
     K.noisy_copy_(w, std, 1, 0, out)
     assert (len(rec.ordinary), len(rec.prebound)) == (2, 1)
+
+
+def test_key_halves_are_signed_int32s_that_rebuild_the_key():
+    """The one-layer launch passes a 64-bit key as two i32 arguments (one compiled kernel for every key); the
+    kernel rebuilds it as (hi << 32) | (lo & 0xFFFFFFFF) in int64, the table's two's complement of the key."""
+    for key in (0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1, 0x9E3779B97F4A7C15):
+        hi, lo = K._key_halves(key)
+        assert -2**31 <= hi < 2**31 and -2**31 <= lo < 2**31
+        rebuilt = (hi << 32) | (lo & 0xFFFFFFFF)  # Python ints: sign-extended as the kernel's int64 is
+        assert rebuilt & (2**64 - 1) == key and rebuilt == (key - 2**64 if key >= 2**63 else key)

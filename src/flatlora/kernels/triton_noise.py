@@ -153,13 +153,17 @@ def _checksum(bits, offs):
     return tl.sum(tl.sum(v, axis=1), axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key_hi", "key_lo"])
 def _noise_kernel(
     tab_ptr, map_ptr,  # layer table and tile -> layer map
     cnt_ptr, hdr_ptr, roff_ptr, rval_ptr, CAP, bad_ptr,  # record (PERTURB / RESTORE)
-    oarg_ptr,  # COPY with OUT_ARG: the output (one layer), instead of the table's C_OUT
+    # COPY with LAYER_ARGS (one layer): its output, std and key as arguments instead of the table's C_OUT,
+    # C_STD and C_KEY, so the table holds only what is fixed for a weight's life and never changes between
+    # windows. The key travels as two signed 32-bit halves: Triton types an integer argument by its value
+    # (i32 below 2^31, i64 above), and two i32s keep one compiled kernel for every key.
+    oarg_ptr, sarg_ptr, key_hi, key_lo,
     MODE: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr, CONTIG: tl.constexpr, RETRY: tl.constexpr,
-    FAST: tl.constexpr, BLOCK_: tl.constexpr, PB: tl.constexpr, OUT_ARG: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_: tl.constexpr, PB: tl.constexpr, LAYER_ARGS: tl.constexpr,
 ):
     """One tile = BLOCK consecutive elements o of a layer's logical (m, n) view (row o // n, column o % n).
     CONTIG: every view in the launch is row-major contiguous with 16-byte aligned storage, so o is also the
@@ -171,7 +175,12 @@ def _noise_kernel(
     layer = tl.load(map_ptr + t)
     row = tab_ptr + layer.to(tl.int64) * N_COLS
     w_ptr = tl.load(row + C_W).to(tl.pointer_type(BITS))
-    std_ptr = tl.load(row + C_STD).to(tl.pointer_type(tl.float32))
+    if LAYER_ARGS:
+        std_ptr = sarg_ptr
+        key = (key_hi.to(tl.int64) << 32) | (key_lo.to(tl.int64) & 0xFFFFFFFF)
+    else:
+        std_ptr = tl.load(row + C_STD).to(tl.pointer_type(tl.float32))
+        key = tl.load(row + C_KEY)
     M = tl.load(row + C_M)
     N = tl.load(row + C_N)
     # int32 element indices (the host keeps every layer under 2^31 elements): one cheap division per quad
@@ -195,10 +204,10 @@ def _noise_kernel(
     else:
         ptrs = w_ptr + r.to(tl.int64) * tl.load(row + C_SR) + (o - r * N32).to(tl.int64) * tl.load(row + C_SC)
     bits = tl.load(ptrs, mask=mask, other=0)
-    eps = std * _normals(tl.load(row + C_KEY), tl.load(row + C_ROW0) * N + start.to(tl.int64), q, ALIGNED, FAST)
+    eps = std * _normals(key, tl.load(row + C_ROW0) * N + start.to(tl.int64), q, ALIGNED, FAST)
     x = _to_f32(bits, KIND)
     if MODE == 2:  # COPY
-        if OUT_ARG:
+        if LAYER_ARGS:
             out_ptr = oarg_ptr
         else:
             out_ptr = tl.load(row + C_OUT).to(tl.pointer_type(BITS))
@@ -431,18 +440,26 @@ def _flags(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple
     return all(ly.w.shape[1] % 4 == 0 for ly in layers), all(_contiguous(v) for v in views)
 
 
-def _launch(tab, tile_map, tiles, dtype, flags, mode, rec: Record | None, bad=None, retry=False, out=None):
-    """Triton's own launch of `_noise_kernel`; returns what it returns (compiled: the CompiledKernel)."""
+def _key_halves(key: int) -> tuple[int, int]:
+    """A 64-bit key as the kernel's (key_hi, key_lo): its upper and lower 32 bits, each as a signed int32."""
+    hi, lo = key >> 32, key & 0xFFFFFFFF
+    return hi - (1 << 32) if hi >> 31 else hi, lo - (1 << 32) if lo >> 31 else lo
+
+
+def _launch(tab, tile_map, tiles, dtype, flags, mode, rec: Record | None, bad=None, retry=False, layer=None):
+    """Triton's own launch of `_noise_kernel`; returns what it returns (compiled: the CompiledKernel).
+    layer: (output, std, key) of a one-layer COPY whose table holds none of them (LAYER_ARGS)."""
     dummy = tab
     if rec is None:
         cnt = hdr = off = val = dummy
         cap = 0
     else:
         cnt, hdr, off, val, cap = rec.counter, rec.header, rec.off, rec.val, rec.off.numel()
+    out, std, (hi, lo) = (dummy, dummy, (0, 0)) if layer is None else (layer[0], layer[1], _key_halves(layer[2]))
     return _noise_kernel[(tiles,)](
-        tab, tile_map, cnt, hdr, off, val, cap, bad if bad is not None else dummy, out if out is not None else dummy,
+        tab, tile_map, cnt, hdr, off, val, cap, bad if bad is not None else dummy, out, std, hi, lo,
         MODE=mode, KIND=_KIND[dtype], ALIGNED=flags[0], CONTIG=flags[1], RETRY=retry, FAST=_fast(), BLOCK_=BLOCK,
-        PB=256, OUT_ARG=out is not None, num_warps=NUM_WARPS[mode])
+        PB=256, LAYER_ARGS=layer is not None, num_warps=NUM_WARPS[mode])
 
 
 def noisy_copy_group(layers: list[Layer], outs: list[torch.Tensor]) -> None:
@@ -502,13 +519,16 @@ def _plain_launch(rt, comp, kernel) -> bool:
             and not kernel.pre_run_hooks)
 
 
-def _copy_key(device: int, kind: int, aligned: bool, contig: bool, tab_ptr: int, map_ptr: int, out_ptr: int) -> tuple:
+def _copy_key(device: int, kind: int, aligned: bool, contig: bool, tab_ptr: int, map_ptr: int, out_ptr: int,
+              std_ptr: int) -> tuple:
     """Everything Triton specializes a one-layer COPY launch (`noisy_copy_`'s `_launch`) on, besides what that
-    launch fixes (MODE, RETRY, FAST, BLOCK_, PB, OUT_ARG, num_warps; CAP = 0, the record pointers = the table):
-    the constexprs KIND (which also sets the output's pointee type), ALIGNED and CONTIG, and the 16-byte
-    alignment of each distinct pointer (Triton marks a pointer argument whose address is a multiple of 16 and
-    compiles accesses through it accordingly); and the device whose context holds the loaded kernel."""
-    return device, kind, aligned, contig, tab_ptr % 16 == 0, map_ptr % 16 == 0, out_ptr % 16 == 0
+    launch fixes (MODE, RETRY, FAST, BLOCK_, PB, LAYER_ARGS, num_warps; CAP = 0, the record pointers = the
+    table; the key's halves are i32s it does not specialize on): the constexprs KIND (which also sets the
+    output's pointee type), ALIGNED and CONTIG, and the 16-byte alignment of each distinct pointer (Triton marks
+    a pointer argument whose address is a multiple of 16 and compiles accesses through it accordingly); and the
+    device whose context holds the loaded kernel."""
+    return (device, kind, aligned, contig, tab_ptr % 16 == 0, map_ptr % 16 == 0, out_ptr % 16 == 0,
+            std_ptr % 16 == 0)
 
 
 def _prebind(kernel) -> tuple | None:
@@ -537,7 +557,8 @@ _ONE: dict[tuple, tuple] = {}  # one-layer launch tables by everything they hold
 
 
 def _one_layer(k: tuple, w: torch.Tensor, std: torch.Tensor, key: int, row0: int, out: torch.Tensor) -> tuple:
-    """noisy_copy_'s cache entry for key `k`: the table and the launch's fixed flags."""
+    """noisy_copy_'s cache entry for key `k`: the table and the launch's fixed flags. The table's std and key
+    columns hold this first call's (checked here); the launch reads each call's own from its arguments."""
     ly = Layer(w, std, key, row0)
     dtype = _check([ly])
     tab, tile_map, tiles = _table([ly], [out])
@@ -546,7 +567,7 @@ def _one_layer(k: tuple, w: torch.Tensor, std: torch.Tensor, key: int, row0: int
     dev = _prebound_device(w)
     hit = (tab, tile_map, tiles, dtype, _KIND[dtype], w.shape[1] % 4 == 0, contig, dev, tab.data_ptr(),
            tile_map.data_ptr())
-    if len(_ONE) >= 4096:  # a window's layers; older windows' keys never come back
+    if len(_ONE) >= 4096:  # weights come and go (a model reloaded): start over rather than grow
         _ONE.clear()
     _ONE[k] = hit
     return hit
@@ -555,35 +576,40 @@ def _one_layer(k: tuple, w: torch.Tensor, std: torch.Tensor, key: int, row0: int
 def noisy_copy_(w: torch.Tensor, std: torch.Tensor, key: int, row0: int, out: torch.Tensor) -> None:
     """out <- round(w + std[:, None] * z(key, (row0 + i) * n + j)) for logical (m, n) views w and out.
 
-    Forward mode calls this for every layer in forward and again in backward, with the same (w, std, key)
-    through a window and a fresh output each time, so the host time of a call is what it is about. The layer
-    table is cached under the tuple of every value it holds, the output's strides included, and the output
-    pointer travels as a kernel argument (a hit is exactly the table a rebuild would give); the launch is
-    pre-bound (see above)."""
-    k = (w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device, std.data_ptr(), key, row0, out.stride())
+    Forward mode calls this for every layer in forward and again in backward, with a new (std, key) every
+    window and a fresh output each time, so the host time of a call is what it is about. The layer table holds
+    only what is fixed for the weight's life (its address, shape, strides, first row and the output's strides)
+    and is cached under those; output, std and key travel as kernel arguments (LAYER_ARGS), so a step builds no
+    table at all (building and uploading one per layer and window took ~0.1 ms, ~20 ms of a 7B step); the
+    launch is pre-bound (see above)."""
+    k = (w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device, row0, out.stride())
     hit = _ONE.get(k)
     if hit is None:
         hit = _one_layer(k, w, std, key, row0, out)
+    elif std.dtype is not torch.float32 or not std.is_contiguous() or not 0 <= key < 1 << 64:
+        _check([Layer(w, std, key, row0)])  # raises the one-line error a first call gives
     tab, tile_map, tiles, dtype, kind, aligned, contig, dev, tab_ptr, map_ptr = hit
     if out.dtype != dtype or out.shape != w.shape:
         raise ValueError(f"the output must be a {tuple(w.shape)} {dtype} view, got {tuple(out.shape)} {out.dtype}")
-    optr = out.data_ptr()
+    optr, sptr = out.data_ptr(), std.data_ptr()
     contig = contig and optr % 16 == 0
     key_ = None
     if dev is not None:
         rt, comp, device, stream = _RUNTIME
-        if out.get_device() == dev == device() and _plain_launch(rt, comp, _noise_kernel):
-            key_ = _copy_key(dev, kind, aligned, contig, tab_ptr, map_ptr, optr)
+        if out.get_device() == dev == device() and std.get_device() == dev and _plain_launch(rt, comp, _noise_kernel):
+            key_ = _copy_key(dev, kind, aligned, contig, tab_ptr, map_ptr, optr, sptr)
             pre = _PREBOUND.get(key_)
             if pre is not None:
                 # JITFunction.run's launch, argument for argument (constexprs included, FAST = _fast() as
                 # _RUNTIME exists; the launcher skips them); no launch metadata and no hooks, as
                 # _plain_launch found none to call.
+                hi, lo = _key_halves(key)
                 pre[0](tiles, 1, 1, stream(dev), pre[1], pre[2], None, None, None,
-                       tab_ptr, map_ptr, tab_ptr, tab_ptr, tab_ptr, tab_ptr, 0, tab_ptr, optr,
+                       tab_ptr, map_ptr, tab_ptr, tab_ptr, tab_ptr, tab_ptr, 0, tab_ptr, optr, sptr, hi, lo,
                        COPY, kind, aligned, contig, False, True, BLOCK, 256, True)
                 return
-    compiled = _launch(tab, tile_map, tiles, dtype, (aligned, contig), COPY, None, out=out.view(_BITS[dtype]))
+    compiled = _launch(tab, tile_map, tiles, dtype, (aligned, contig), COPY, None,
+                       layer=(out.view(_BITS[dtype]), std, key))
     if key_ is not None:
         entry = _prebind(compiled)
         if entry is not None:
