@@ -1066,6 +1066,9 @@ def _main(args, argv, out_root: Path, budget: Budget, wanted: list[str] | None, 
             summary = study.summarize(stage)
             if summary is None:
                 print(f"   no finished runs in {stage}", flush=True)
+            elif stage in COMPARISONS and not any(c["n"] for c in summary.get("cells", [])):
+                print(f"   no run of {stage} finished (reasons in {study.dir / stage / 'summary.md'}); the study goes on",
+                      flush=True)
             elif summary.get("choice"):
                 ch = summary["choice"]
                 print(f"   chosen {ch['point']} ({ch['metric']} {100 * ch['mean']:.2f})"
