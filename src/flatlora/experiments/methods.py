@@ -97,6 +97,41 @@ def lora_config(method: Method, *, r: int, alpha: float, dropout: float, targets
     return peft.LoraConfig(**kw)
 
 
+# Initialisations PEFT computes for its Linear layer only. On any other layer kind PEFT raises for PiSSA
+# ("Unknown initialization init_lora_weights='pissa'") and silently falls back to the plain LoRA init for
+# LoRA-GA, so a LoRA-GA run on a conv net would be plain LoRA under another name: both are refused up front.
+LINEAR_ONLY = {"pissa": "PiSSA's SVD initialisation", "lora-ga": "LoRA-GA's gradient-SVD initialisation"}
+
+
+def _linear_like(module: nn.Module) -> bool:
+    """A layer PEFT wraps as lora.Linear: nn.Linear (bitsandbytes' 4/8-bit layers subclass it) or GPT-2's Conv1D."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def check_targets(method: Method, model: nn.Module, targets: Any) -> None:
+    """Refuse, in one line naming the layers and the fix, a method whose PEFT initialisation cannot handle the
+    layer kinds that `targets` (PEFT target_modules) selects in `model`. Call it on the bare model."""
+    what = LINEAR_ONLY.get(method.adapter)
+    if what is None or method.full or targets is None:
+        return
+    import peft
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    probe = peft.LoraConfig(target_modules=targets)  # PEFT's own name matching (list suffixes, regex strings)
+    other: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if name and not _linear_like(module) and check_target_module_exists(probe, name):
+            other.setdefault(type(module).__name__, []).append(name)
+    if other:
+        n = sum(len(v) for v in other.values())
+        first = [x for v in other.values() for x in v][:3]
+        kinds = ", ".join(f"{len(v)} {k}" for k, v in other.items())
+        raise ValueError(f"method {method.name!r}: {what} exists in PEFT for Linear layers only, but lora.targets "
+                         f"selects {kinds} layer{'s' if n > 1 else ''} ({', '.join(first)}{', ...' if n > 3 else ''}): "
+                         f"set lora.targets to Linear layers only, or leave {method.adapter}/flat-{method.adapter} out "
+                         "of methods")
+
+
 def prepare_model(method: Method, model: nn.Module, *, lora_cfg=None, grad_step: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """Wrap `model` for `method`: PEFT adapters, or every parameter trainable for full fine-tuning.
 
@@ -109,6 +144,7 @@ def prepare_model(method: Method, model: nn.Module, *, lora_cfg=None, grad_step:
         return model
     import peft
 
+    check_targets(method, model, lora_cfg.target_modules)
     if method.adapter == "lora-ga":
         if grad_step is None:
             raise ValueError("lora-ga needs training batches to estimate gradients (grad_step)")
