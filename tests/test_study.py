@@ -409,6 +409,19 @@ def test_variants_and_sam_configs_are_checked(tmp_path, change, message):
         study.load_study(str(p))
 
 
+def test_a_pissa_pair_on_the_image_models_convs_is_refused_before_the_device_is_used(tmp_path, capsys):
+    cfg = study.load_study("image", tiny=True)
+    assert cfg["stages"]["variants"]["pairs"] == [["dora", "flat-dora"]]  # the shipped study runs what can run
+    study.check_variant_layers(study.Study(cfg, tmp_path))  # nothing to check: no model is built
+    cfg["stages"]["variants"]["pairs"].append(["pissa", "flat-pissa"])
+    with pytest.raises(SystemExit, match=r"study_image.yaml: stages.variants: method 'pissa': PiSSA's SVD initialisation "
+                                         r"exists in PEFT for Linear layers only, but lora.targets selects 32 Conv2d "
+                                         r"layers \(_blocks.0._project_conv, .*drop that pair"):
+        study.check_variant_layers(study.Study(cfg, tmp_path))
+    study.check_variant_layers(study.Study(study.load_study("text", tiny=True), tmp_path))  # Linear targets: fine
+    assert not list(tmp_path.rglob("runs"))
+
+
 def test_a_choice_made_on_test_is_refused_by_every_later_stage(tmp_path):
     s = study.Study(study.load_study("text"), tmp_path)
     (tmp_path / "text" / "recipe").mkdir(parents=True)
