@@ -148,3 +148,33 @@ def test_compare_refuses_pissa_on_conv_targets_before_any_run(image_folder, tmp_
                                          r"only, but lora.targets selects 32 Conv2d layers \(_blocks.0._project_conv, "):
         compare(spec, progress=False, log=lambda s: None)
     assert not (tmp_path / "cmp" / "runs").exists()
+
+
+def test_dora_refuses_a_zero_norm_filter_that_would_make_the_first_forward_nan():
+    import peft
+
+    from flatlora.experiments.methods import get_method, lora_config, prepare_model
+
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def dead_filter_net():
+        net = _conv_net()
+        with torch.no_grad():
+            net[2].weight[1].zero_()  # a pruned / dead output filter of a 1x1 conv
+        return net
+
+    m = get_method("dora")
+    cfg = lora_config(m, r=2, alpha=4, dropout=0.0, targets=["0", "2"], modules_to_save=None)
+    # what PEFT alone does with it: nan before any update
+    assert torch.isnan(peft.get_peft_model(dead_filter_net(), cfg)(x)).any()
+    with pytest.raises(ValueError) as e:
+        prepare_model(m, dead_filter_net(), lora_cfg=cfg)
+    assert str(e.value) == ("method 'dora': DoRA divides each output filter by its norm ||W_i||, and 1 filter(s) of 1 "
+                            "targeted layer(s) have norm 0 or non-finite (first 2: 1 of 4), which makes the first forward "
+                            "nan: leave those layers out of lora.targets, or use lora instead of dora")
+    # without the dead layer, and on the depthwise (grouped) conv too, DoRA starts exactly at the base model
+    for targets in (["0"], ["0", "1"]):
+        net = dead_filter_net()
+        want = net(x)
+        cfg = lora_config(m, r=8, alpha=4, dropout=0.0, targets=targets, modules_to_save=None)
+        torch.testing.assert_close(prepare_model(m, net, lora_cfg=cfg)(x), want)

@@ -115,3 +115,27 @@ def test_without_tensorboard_a_run_skips_the_events_cleanly(byo_csv, tmp_path, m
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` of it now raises ImportError
     rec = run_one(_spec(byo_csv, tmp_path, method="lora"), tmp_path / "r", progress=False)
     assert rec["status"] == "done" and not (tmp_path / "r" / "tb").exists() and _curve(tmp_path / "r")
+
+
+def test_a_nan_first_forward_names_its_first_module_instead_of_blaming_the_lr(byo_csv, tmp_path):
+    import torch
+
+    from flatlora.experiments.tasks import create_task
+
+    spec = _spec(byo_csv, tmp_path, **{"train.max_steps": 2, "method": "lora"})
+    task = create_task(spec.task, model=spec.model, **spec.task_args)
+    build = task.build_model
+
+    def broken_base():  # one frozen bias of the base model is nan, as a broken checkpoint would be
+        model = build()
+        name = next(n for n, _ in model.named_parameters() if n.endswith("layer.0.attention.self.query.bias"))
+        with torch.no_grad():
+            model.get_parameter(name)[0] = float("nan")
+        return model
+
+    task.build_model = broken_base
+    rec = run_one(spec, tmp_path / "r", task=task, progress=False)
+    assert rec["status"] == "failed"
+    assert rec["failure"] == ("diverged: the loss became nan at step 0, before any update: the untrained model's forward "
+                              "is non-finite (first at base_model.model.bert.encoder.layer.0.attention.self.query."
+                              "base_layer, a Linear); check the base weights and lora.targets")
