@@ -338,6 +338,26 @@ def _run_record(d: Path, method: str, rank: int, seed: int, train_seconds: float
                                                   "steps": steps, "metrics": {"test/accuracy": 0.8, "dev/accuracy": 0.8}}))
 
 
+def test_a_comparison_stage_whose_runs_all_failed_is_still_summarised(tmp_path):
+    s = study.Study(study.load_study("image"), tmp_path)
+    d = s.dir / "variants"
+    for seed in (300, 301):
+        for method in ("dora", "flat-dora"):
+            run = d / "runs" / f"{method}_r8_s{seed}"
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps({
+                "method": method, "rank": 8, "seed": seed, "train_seconds": 1.5, "steps": 474, "metrics": {},
+                "status": "failed", "failure": "diverged: the loss became nan at step 0 (lr 0)",
+                "primary_metric": "test/accuracy"}))
+    summary = s.summarize("variants")
+    assert summary["stage"] == "variants" and [c["n"] for c in summary["cells"]] == [0, 0]
+    md = (d / "summary.md").read_text()
+    assert "- flat-dora r=8 seed 301: diverged: the loss became nan at step 0 (lr 0)" in md
+    assert json.loads((d / "summary.json").read_text())["cells"][0]["failed_seeds"] == [300, 301]
+    if importlib.util.find_spec("matplotlib"):
+        assert (d / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_sam_timing_reads_main_and_is_frozen_once_measured(tmp_path):
     cfg = study.load_study("text")
     cfg["stages"]["sam"]["seeds"] = [200, 201]
@@ -388,6 +408,19 @@ def test_variants_and_sam_configs_are_checked(tmp_path, change, message):
     p.write_text(text)
     with pytest.raises(SystemExit, match=message):
         study.load_study(str(p))
+
+
+def test_a_pissa_pair_on_the_image_models_convs_is_refused_before_the_device_is_used(tmp_path, capsys):
+    cfg = study.load_study("image", tiny=True)
+    assert cfg["stages"]["variants"]["pairs"] == [["dora", "flat-dora"]]  # the shipped study runs what can run
+    study.check_variant_layers(study.Study(cfg, tmp_path))  # nothing to check: no model is built
+    cfg["stages"]["variants"]["pairs"].append(["pissa", "flat-pissa"])
+    with pytest.raises(SystemExit, match=r"study_image.yaml: stages.variants: method 'pissa': PiSSA's SVD initialisation "
+                                         r"exists in PEFT for Linear layers only, but lora.targets selects 32 Conv2d "
+                                         r"layers \(_blocks.0._project_conv, .*drop that pair"):
+        study.check_variant_layers(study.Study(cfg, tmp_path))
+    study.check_variant_layers(study.Study(study.load_study("text", tiny=True), tmp_path))  # Linear targets: fine
+    assert not list(tmp_path.rglob("runs"))
 
 
 def test_a_choice_made_on_test_is_refused_by_every_later_stage(tmp_path):

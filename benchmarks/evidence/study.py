@@ -135,6 +135,32 @@ def check_extra_stages(cfg: dict, where: Any) -> None:
                                  f"(Flat-LoRA's equal-steps runs of this stage), got {sc['time_reference']!r}")
 
 
+def check_variant_layers(study: "Study") -> None:
+    """Variants whose PEFT initialisation exists for Linear layers only (PiSSA, LoRA-GA) against the layers the
+    study's model adapts, on the CPU before the device is used: an impossible pair stops the study here
+    (flatlora compare refuses it too, but only once a call has started on the device)."""
+    from flatlora.experiments.methods import LINEAR_ONLY, get_method
+
+    sc = study.cfg["stages"].get("variants") or {}
+    if not any(get_method(m).adapter in LINEAR_ONLY for pair in sc.get("pairs", []) for m in pair):
+        return
+    from flatlora.experiments.compare import check_layer_kinds
+    from flatlora.experiments.spec import ExperimentSpec
+    from flatlora.experiments.tasks import create_task
+
+    spec = ExperimentSpec.from_dict(study.calls("variants")[0][0].spec)
+    try:
+        task = create_task(spec.task, model=spec.model, **spec.task_args)
+    except (OSError, ValueError) as e:  # e.g. data not fetched on this machine: compare checks it on the device
+        print(f"   (variants: layer kinds not checked here: {e})", flush=True)
+        return
+    try:
+        check_layer_kinds(spec, task)
+    except ValueError as e:
+        raise SystemExit(f"{study.cfg['config_path']}: stages.variants: {e} (here: drop that pair from "
+                         "stages.variants.pairs)") from None
+
+
 def merge(a: dict, b: dict) -> dict:
     """Recursive dict merge, b wins (lists are replaced, not joined)."""
     out = copy.deepcopy(a)
@@ -1027,6 +1053,8 @@ def _main(args, argv, out_root: Path, budget: Budget, wanted: list[str] | None, 
         cfg = apply_sets(load_study(name, tiny=args.tiny), args.set)
         study = Study(cfg, out_root, device=args.device or ("cpu" if args.tiny else None))
         stages = [s for s in STAGES if s in cfg["stages"] and (s in wanted if wanted else s not in OPTIONAL)]
+        if "variants" in stages:
+            check_variant_layers(study)
         if args.plan:
             cfg["_measured"] = measured_seconds(study)
             if cfg["_measured"]:
@@ -1078,6 +1106,9 @@ def _main(args, argv, out_root: Path, budget: Budget, wanted: list[str] | None, 
             summary = study.summarize(stage)
             if summary is None:
                 print(f"   no finished runs in {stage}", flush=True)
+            elif stage in COMPARISONS and not any(c["n"] for c in summary.get("cells", [])):
+                print(f"   no run of {stage} finished (reasons in {study.dir / stage / 'summary.md'}); the study goes on",
+                      flush=True)
             elif summary.get("choice"):
                 ch = summary["choice"]
                 print(f"   chosen {ch['point']} ({ch['metric']} {100 * ch['mean']:.2f})"

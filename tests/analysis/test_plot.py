@@ -133,6 +133,26 @@ def test_compare_plot_adds_the_paired_delta_with_its_ci(tmp_path, monkeypatch):
     assert seeds == [1.0, 2.0, 4.0]
 
 
+def test_compare_plot_of_a_grid_where_every_run_failed_says_so(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from flatlora.experiments.results import plot_summary, summarize
+
+    recs = [{"method": m, "rank": 8, "seed": s, "metrics": {}, "primary_metric": "test/accuracy", "train_seconds": 1.0,
+             "steps": 474, "status": "failed", "failure": "diverged: the loss became nan at step 0"}
+            for s in (300, 301) for m in ("dora", "flat-dora")]
+    summary = summarize(recs, errors=[{"run": "pissa_r8_s300", "error": "ValueError: x"}])
+    assert summary["metrics"] == []  # what made plt.subplots(rows, 0) raise before
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig: figs.append(fig))
+    (tmp_path / "plot.png").write_bytes(b"an older plot")
+    path = plot_summary(recs, summary, tmp_path / "plot.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the older plot is replaced, not left standing
+    (text,) = [t.get_text() for ax in figs[0].axes for t in ax.texts]
+    assert text.splitlines()[:3] == ["no run finished: nothing to plot", "failed: dora r=8, flat-dora r=8",
+                                     "1 run(s) raised an error"]
+
+
 def test_training_curves_average_over_seeds(tmp_path, monkeypatch):
     import json as _json
 

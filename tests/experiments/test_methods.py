@@ -95,3 +95,86 @@ def test_batchnorm_statistics_are_recomputed_for_every_method(method, image_fold
                             "flat.sigma=0.15"])
     rec = run_one(spec, tmp_path / method, progress=False)
     assert rec["bn_recalibrated_batches"] == 2  # 16 training images / 8: the same clean batches for both methods
+
+
+def _conv_net():
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1),
+                         nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+@pytest.mark.parametrize("name", ["pissa", "flat-pissa", "lora-ga"])
+def test_linear_only_initialisations_refuse_conv_targets_in_one_line(name):
+    from flatlora.experiments.methods import get_method, lora_config, prepare_model
+
+    m = get_method(name)
+    cfg = lora_config(m, r=2, alpha=4, dropout=0.0, targets=["0", "2", "4"], modules_to_save=None)
+    with pytest.raises(ValueError) as e:
+        prepare_model(m, _conv_net(), lora_cfg=cfg, grad_step=lambda model: None)
+    base = m.adapter
+    assert str(e.value) == (f"method {name!r}: {'PiSSA' if base == 'pissa' else 'LoRA-GA'}'s "
+                            f"{'SVD' if base == 'pissa' else 'gradient-SVD'} initialisation exists in PEFT for Linear "
+                            "layers only, but lora.targets selects 2 Conv2d layers (0, 2): set lora.targets to Linear "
+                            f"layers only, or leave {base}/flat-{base} out of methods")
+
+
+def test_pissa_on_the_linear_layers_of_a_conv_net_is_pissa():
+    from flatlora.experiments.methods import get_method, lora_config, prepare_model
+
+    model = _conv_net()
+    w = model[4].weight.detach().clone()
+    m = get_method("pissa")
+    peft_model = prepare_model(m, model, lora_cfg=lora_config(m, r=2, alpha=4, dropout=0.0, targets=["4"], modules_to_save=None))
+    layer = peft_model.base_model.model[4]
+    s = layer.scaling["default"]
+    residual = layer.base_layer.weight + s * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    torch.testing.assert_close(residual, w, rtol=0, atol=1e-6)  # W = residual + sBA, BA = top-2 singular part
+    top = torch.linalg.svdvals(w)[:2]
+    torch.testing.assert_close(torch.linalg.svdvals(s * layer.lora_B["default"].weight @ layer.lora_A["default"].weight)[:2], top)
+    for name in ("lora", "dora", "rslora"):  # no restriction for the others
+        mm = get_method(name)
+        prepare_model(mm, _conv_net(), lora_cfg=lora_config(mm, r=2, alpha=4, dropout=0.0, targets=["0", "2"], modules_to_save=None))
+
+
+def test_compare_refuses_pissa_on_conv_targets_before_any_run(image_folder, tmp_path):
+    from flatlora.experiments.compare import compare
+
+    spec = load_spec(None, ["task=image-folder", f"task_args.path={image_folder}", "task_args.resolution=32",
+                            "model=tiny-effnet", "train.batch_size=8", "train.max_steps=1", "methods=[lora,pissa,flat-pissa]",
+                            "seeds=[0]", f"out_dir={tmp_path / 'cmp'}"])
+    with pytest.raises(ValueError, match=r"^method 'pissa': PiSSA's SVD initialisation exists in PEFT for Linear layers "
+                                         r"only, but lora.targets selects 32 Conv2d layers \(_blocks.0._project_conv, "):
+        compare(spec, progress=False, log=lambda s: None)
+    assert not (tmp_path / "cmp" / "runs").exists()
+
+
+def test_dora_refuses_a_zero_norm_filter_that_would_make_the_first_forward_nan():
+    import peft
+
+    from flatlora.experiments.methods import get_method, lora_config, prepare_model
+
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def dead_filter_net():
+        net = _conv_net()
+        with torch.no_grad():
+            net[2].weight[1].zero_()  # a pruned / dead output filter of a 1x1 conv
+        return net
+
+    m = get_method("dora")
+    cfg = lora_config(m, r=2, alpha=4, dropout=0.0, targets=["0", "2"], modules_to_save=None)
+    # what PEFT alone does with it: nan before any update
+    assert torch.isnan(peft.get_peft_model(dead_filter_net(), cfg)(x)).any()
+    with pytest.raises(ValueError) as e:
+        prepare_model(m, dead_filter_net(), lora_cfg=cfg)
+    assert str(e.value) == ("method 'dora': DoRA divides each output filter by its norm ||W_i||, and 1 filter(s) of 1 "
+                            "targeted layer(s) have norm 0 or non-finite (first 2: 1 of 4), which makes the first forward "
+                            "nan: leave those layers out of lora.targets, or use lora instead of dora")
+    # without the dead layer, and on the depthwise (grouped) conv too, DoRA starts exactly at the base model
+    for targets in (["0"], ["0", "1"]):
+        net = dead_filter_net()
+        want = net(x)
+        cfg = lora_config(m, r=8, alpha=4, dropout=0.0, targets=targets, modules_to_save=None)
+        torch.testing.assert_close(prepare_model(m, net, lora_cfg=cfg)(x), want)

@@ -135,3 +135,27 @@ def test_source_hash_names_the_code_that_ran(tmp_path):
     (tmp_path / "b.py").rename(tmp_path / "c.py")
     assert source_hash(tmp_path) not in (first, changed)
     assert versions()["flatlora_source_sha256"] == source_hash()
+
+
+def test_a_nan_first_forward_names_its_first_module_instead_of_blaming_the_lr(byo_csv, tmp_path):
+    import torch
+
+    from flatlora.experiments.tasks import create_task
+
+    spec = _spec(byo_csv, tmp_path, **{"train.max_steps": 2, "method": "lora"})
+    task = create_task(spec.task, model=spec.model, **spec.task_args)
+    build = task.build_model
+
+    def broken_base():  # one frozen bias of the base model is nan, as a broken checkpoint would be
+        model = build()
+        name = next(n for n, _ in model.named_parameters() if n.endswith("layer.0.attention.self.query.bias"))
+        with torch.no_grad():
+            model.get_parameter(name)[0] = float("nan")
+        return model
+
+    task.build_model = broken_base
+    rec = run_one(spec, tmp_path / "r", task=task, progress=False)
+    assert rec["status"] == "failed"
+    assert rec["failure"] == ("diverged: the loss became nan at step 0, before any update: the untrained model's forward "
+                              "is non-finite (first at base_model.model.bert.encoder.layer.0.attention.self.query."
+                              "base_layer, a Linear); check the base weights and lora.targets")

@@ -274,6 +274,24 @@ def plot_sharpness(reports: Mapping[str, SharpnessResult], path: str | Path, *, 
 
 
 # ---------------------------------------------------------------------- comparisons (flatlora compare)
+def _nothing_finished(plt, summary: Mapping, path: str | Path) -> Path:
+    failed = [f"{c['method']} r={c['rank']}" for c in summary.get("cells", [])]
+    errors = len(summary.get("errors") or [])
+    lines = ["no run finished: nothing to plot"]
+    if failed:
+        lines.append("failed: " + ", ".join(failed[:6]) + (" ..." if len(failed) > 6 else ""))
+    if errors:
+        lines.append(f"{errors} run(s) raised an error")
+    lines.append("(reasons in summary.md)")
+    fig, ax = plt.subplots(figsize=(6, 2.4))
+    ax.axis("off")
+    ax.text(0.5, 0.5, "\n".join(lines), ha="center", va="center", fontsize=10, transform=ax.transAxes)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _shown_metrics(summary: Mapping) -> list[str]:
     return [m for m in summary["metrics"] if m.endswith(("accuracy", "exact_match", "pass@1"))][:4] or summary["metrics"][:4]
 
@@ -288,6 +306,8 @@ def plot_compare(records: list[dict], summary: Mapping, path: str | Path) -> Pat
 
     shown = _shown_metrics(summary)
     cells = sorted(summary["cells"], key=lambda c: c["rank"])  # methods in the order of the spec
+    if not records or not shown:  # every run failed or raised: a figure that says so replaces any older one
+        return _nothing_finished(plt, summary, path)
     labels = [f"{c['method']}\nr={c['rank']}" for c in cells]
     pairs = [p for p in summary["pairs"] if p["metric"] in shown]
     rows = 2 if pairs else 1

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import yaml
 
+from .methods import LINEAR_ONLY, check_targets, get_method
 from .provenance import diff_inputs, task_inputs
 from .quant import check_quantization
 from .results import plot_summary, summarize, write_summary, to_markdown
@@ -67,6 +68,20 @@ def grid(spec: ExperimentSpec) -> list[tuple[str, int, int]]:
     """(method, rank, seed) in run order: seed-major, so an interrupted compare already holds complete pairs."""
     ranks = spec.ranks or [spec.lora.r]
     return [(m, r, s) for s in spec.seeds for r in ranks for m in spec.methods]
+
+
+def check_layer_kinds(spec: ExperimentSpec, task, methods: list[str] | None = None) -> None:
+    """Methods whose PEFT initialisation handles Linear layers only (PiSSA, LoRA-GA) against the layers that
+    lora.targets selects in the task's model, before any run trains: one line naming the layers and the fix.
+    Builds the bare model once (on CPU), only when such a method is in `methods` (default spec.methods)."""
+    methods = [get_method(m) for m in dict.fromkeys(methods if methods is not None else spec.methods)]
+    restricted = [m for m in methods if m.adapter in LINEAR_ONLY]
+    if not restricted:
+        return
+    model = task.build_model()  # sets the task's default targets, which can depend on the model
+    targets = spec.lora.targets if spec.lora.targets is not None else getattr(task, "default_targets", None)
+    for m in restricted:
+        check_targets(m, model, targets)
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -126,6 +141,7 @@ def compare(spec: ExperimentSpec, *, jobs: int | None = None, progress: bool = T
     resolve_device(spec.train.device)  # `cuda` without CUDA fails here, not in every run
     task = create_task(spec.task, model=spec.model, **spec.task_args)
     check_quantization(spec, task)
+    check_layer_kinds(spec, task)
     inputs = task_inputs(spec.task, spec.task_args, task)
     check_inputs(finished, inputs, log)
     runs.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,71 @@ def lora_config(method: Method, *, r: int, alpha: float, dropout: float, targets
     return peft.LoraConfig(**kw)
 
 
+# Initialisations PEFT computes for its Linear layer only. On any other layer kind PEFT raises for PiSSA
+# ("Unknown initialization init_lora_weights='pissa'") and silently falls back to the plain LoRA init for
+# LoRA-GA, so a LoRA-GA run on a conv net would be plain LoRA under another name: both are refused up front.
+LINEAR_ONLY = {"pissa": "PiSSA's SVD initialisation", "lora-ga": "LoRA-GA's gradient-SVD initialisation"}
+
+
+def _linear_like(module: nn.Module) -> bool:
+    """A layer PEFT wraps as lora.Linear: nn.Linear (bitsandbytes' 4/8-bit layers subclass it) or GPT-2's Conv1D."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _targeted(model: nn.Module, targets: Any) -> list[tuple[str, nn.Module]]:
+    import peft
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    probe = peft.LoraConfig(target_modules=targets)  # PEFT's own name matching (list suffixes, regex strings)
+    return [(name, m) for name, m in model.named_modules() if name and check_target_module_exists(probe, name)]
+
+
+def _check_dora_norms(method: Method, targeted: list[tuple[str, nn.Module]]) -> None:
+    """DoRA rescales each output filter by magnitude / ||W_i + sBA_i||, initialised to ||W_i||: a filter with
+    ||W_i|| = 0 (pruned, dead) gives 0 / 0 = nan at the very first forward, whatever the lr (PEFT does not
+    check). Computed as PEFT does, in the weight's dtype on its device."""
+    bad = []
+    for name, m in targeted:
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() < 2 or w.device.type == "meta":
+            continue  # quantized (packed) or absent weights: PEFT dequantizes them, nothing to check here
+        with torch.no_grad():
+            norms = w.flatten(1).norm(p=2, dim=1) if w.dim() > 2 else torch.linalg.norm(w, dim=1)
+            n = int((~(norms > 0) | ~torch.isfinite(norms)).sum())  # 0, nan or inf
+        if n:
+            bad.append((name, n, w.shape[0]))
+    if bad:
+        name, n, rows = bad[0]
+        raise ValueError(f"method {method.name!r}: DoRA divides each output filter by its norm ||W_i||, and {sum(b[1] for b in bad)} "
+                         f"filter(s) of {len(bad)} targeted layer(s) have norm 0 or non-finite (first {name}: {n} of "
+                         f"{rows}), which makes the first forward nan: leave those layers out of lora.targets, or "
+                         "use lora instead of dora")
+
+
+def check_targets(method: Method, model: nn.Module, targets: Any) -> None:
+    """Refuse, in one line naming the layers and the fix, a method that cannot work on the layers `targets`
+    (PEFT target_modules) selects in `model`: PiSSA/LoRA-GA on a non-Linear layer (their PEFT initialisation
+    is Linear-only), DoRA on a layer with a zero-norm filter. Call it on the bare model."""
+    if method.full or targets is None or method.adapter not in (*LINEAR_ONLY, "dora"):
+        return
+    targeted = _targeted(model, targets)
+    if method.adapter == "dora":
+        return _check_dora_norms(method, targeted)
+    what = LINEAR_ONLY[method.adapter]
+    other: dict[str, list[str]] = {}
+    for name, module in targeted:
+        if not _linear_like(module):
+            other.setdefault(type(module).__name__, []).append(name)
+    if other:
+        n = sum(len(v) for v in other.values())
+        first = [x for v in other.values() for x in v][:3]
+        kinds = ", ".join(f"{len(v)} {k}" for k, v in other.items())
+        raise ValueError(f"method {method.name!r}: {what} exists in PEFT for Linear layers only, but lora.targets "
+                         f"selects {kinds} layer{'s' if n > 1 else ''} ({', '.join(first)}{', ...' if n > 3 else ''}): "
+                         f"set lora.targets to Linear layers only, or leave {method.adapter}/flat-{method.adapter} out "
+                         "of methods")
+
+
 def prepare_model(method: Method, model: nn.Module, *, lora_cfg=None, grad_step: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """Wrap `model` for `method`: PEFT adapters, or every parameter trainable for full fine-tuning.
 
@@ -109,6 +174,7 @@ def prepare_model(method: Method, model: nn.Module, *, lora_cfg=None, grad_step:
         return model
     import peft
 
+    check_targets(method, model, lora_cfg.target_modules)
     if method.adapter == "lora-ga":
         if grad_step is None:
             raise ValueError("lora-ga needs training batches to estimate gradients (grad_step)")

@@ -272,6 +272,10 @@ def _train(run: _Run, log: _Log) -> str | None:
                 log.step(step, epoch, loss, lr, sigma)
                 if not math.isfinite(loss):
                     run.opt.zero_grad(set_to_none=True)
+                    if step == 0:  # no update yet (and sigma_0 = 0): no lr or clipping can be the cause
+                        return (f"diverged: the loss became {loss} at step 0, before any update: the untrained "
+                                f"model's forward is non-finite{_first_nonfinite(run, window[0])}; check the base "
+                                "weights and lora.targets")
                     return (f"diverged: the loss became {loss} at step {step} (lr {lr:.3g}); lower train.lr "
                             "or set train.max_grad_norm")
                 if t.max_grad_norm:
@@ -286,6 +290,30 @@ def _train(run: _Run, log: _Log) -> str | None:
     finally:
         log.close()
     return None
+
+
+def _first_nonfinite(run: _Run, batch: Any) -> str:
+    """Where a forward first goes non-finite: the batch itself, or the first module (in completion order, so
+    the innermost) whose output holds nan/inf, e.g. ' (first at base_model.model.x.conv, a lora Conv2d)'."""
+    if any(not bool(torch.isfinite(t).all()) for _, t in _float_tensors(batch, "batch")):
+        return " (the training batch itself holds nan/inf)"
+    found: list[str] = []
+
+    def hook(name):
+        def check(module, args, output):
+            if not found and any(not bool(torch.isfinite(t).all()) for _, t in _float_tensors(output, "output")):
+                kind = type(module).__name__
+                found.append(f" (first at {name}, a {'lora ' if module.__module__.startswith('peft.') else ''}{kind})")
+        return check
+
+    hooks = [m.register_forward_hook(hook(n)) for n, m in run.model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            run.task.loss(run.model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found[0] if found else ""
 
 
 def _update(task: Task, model, window: list, flat, sam, trainable, step: int) -> float:
