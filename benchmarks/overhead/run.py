@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime
 import gc
 import json
@@ -159,6 +160,21 @@ def load_reference(path: str | None, namespace: dict):
     return namespace["perturb_official"], namespace["restore_official"]
 
 
+@contextlib.contextmanager
+def _record_checked(on: bool):
+    """In-place perturbs check their record at once (triton_noise.DEFERRED = False) inside the block."""
+    if not on:
+        yield
+        return
+    from flatlora.kernels import triton_noise as K
+
+    K.DEFERRED = False
+    try:
+        yield
+    finally:
+        K.DEFERRED = True
+
+
 def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05):
     """{variant: (step closure, None or a thunk giving the engine its steps built)}; each closure runs one
     optimizer step."""
@@ -181,20 +197,24 @@ def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05):
 
     out = {"lora": (lora, None)}
     engines = {}
-    for mode in ("inplace", "forward"):
-        def flat_step(mode=mode):
-            flat = engines.get(mode)
+    # flatlora-inplace-checked: in-place with the record checked right after each perturb (a host sync before
+    # the forward, as before the deferred perturb), side by side with the default.
+    for variant, mode in (("flatlora-inplace", "inplace"), ("flatlora-inplace-checked", "inplace"),
+                          ("flatlora-forward", "forward")):
+        def flat_step(variant=variant, mode=mode):
+            flat = engines.get(variant)
             if flat is None:  # one engine on the model at a time: a second live engine on its weights is refused
                 for other in engines.values():
                     other.close()
-                flat = engines[mode] = FlatLoRA(model, FlatLoRAConfig(sigma=sigma, schedule="constant", mode=mode, seed=0))
+                flat = engines[variant] = FlatLoRA(model, FlatLoRAConfig(sigma=sigma, schedule="constant", mode=mode, seed=0))
             opt.zero_grad(set_to_none=True)
-            with flat.step():
-                for b in batches:
-                    fwd_bwd(b)
+            with _record_checked(variant.endswith("-checked")):
+                with flat.step():
+                    for b in batches:
+                        fwd_bwd(b)
             opt.step()
 
-        out[f"flatlora-{mode}"] = (flat_step, lambda mode=mode: engines[mode])
+        out[variant] = (flat_step, lambda variant=variant: engines[variant])
 
     ns = {"np": np, "torch": torch, "time": time, "math": math, "state": {"seed": 0, "norms": []},
           "lora_mods": [m for m in model.modules() if isinstance(m, LoraLinear)]}

@@ -84,3 +84,20 @@ def test_quantized_bases_on_the_triton_backend_match_the_torch_philox_stream(mon
     # Exact under the interpreter; on a GPU the kernels' special-function normals differ from torch's by ~1e-6.
     for n, g in grads["torch"].items():
         torch.testing.assert_close(grads["triton"][n], g, rtol=2e-2, atol=1e-3, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_inplace_steps_after_the_first_do_not_wait_for_the_gpu_and_stay_exact(monkeypatch):
+    deferred = []
+    real = K.settle
+    monkeypatch.setattr(K, "settle", lambda rec, bad: deferred.append(rec.used is None) or real(rec, bad))
+    K._CAPACITY.clear()
+    pm = make_lora_mlp(torch.bfloat16).to(DEV)
+    clean = frozen_bits(pm)
+    flat = FlatLoRA(pm, FlatLoRAConfig(sigma=0.2, total_steps=4, mode="inplace", generator="philox"))
+    for step, x in zip(range(1, 4), batches(3)):  # step 0 has sigma 0: no window
+        with flat.step(step):
+            pm(x.to(DEV).bfloat16()).float().pow(2).mean().backward()
+        assert all(torch.equal(clean[k], v) for k, v in frozen_bits(pm).items())
+        assert flat.metrics()["flatlora/tiles_without_noise"] == 0
+        assert flat.metrics()["flatlora/restore_record_bytes"] > 0
+    assert deferred == [False, True, True]  # the first perturb of the shape checks its record at once

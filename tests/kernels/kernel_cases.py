@@ -159,6 +159,75 @@ def test_record_overflow_retries_only_the_failed_tiles():
     assert torch.equal(bits(w), bits(w0))
 
 
+def _round_trip(layers, sigma):
+    rec = K.perturb_group(layers, sigma=sigma)
+    return rec, K.settle(rec, K.restore_group(rec))
+
+
+def test_a_perturb_after_a_checked_one_is_deferred_and_still_exact():
+    m, n = 24, 1024
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(m, n, generator=g) * 0.02).to(torch.bfloat16).to(DEV)
+    std = torch.full((m,), 0.01, device=DEV)
+    w0 = w.clone()
+    K._CAPACITY.clear()
+    first, counts = _round_trip([K.Layer(w, std, 21)], sigma=0.01)
+    assert first.used > 0 and counts == [0]  # the first perturb of a shape is checked at once: size known
+    copy = K.noisy_copy(w0, std, 22, 0)
+    rec = K.perturb_group([K.Layer(w, std, 22)], sigma=0.01)
+    assert rec.used is None  # no host sync: the size is read when the round trip settles
+    assert torch.equal(bits(w), bits(copy)) and (rec.hslot >= 0).all()
+    assert rec.nbytes == 4 + 12 * K._tiles(m, n) + rec.off.numel() * 4  # unsettled: what is allocated
+    assert K.settle(rec, K.restore_group(rec)) == [0]
+    assert torch.equal(bits(w), bits(w0))
+    assert rec.skipped == 0 and rec.used == int(rec.hcnt.sum())  # every tile's entries, no holes
+    assert K._CAPACITY[rec.shape_key] == (rec.used, 0.01)
+
+
+def test_a_deferred_perturb_whose_record_overflows_leaves_those_tiles_clean_and_says_so():
+    m, n = 64, 1024
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(m, n, generator=g) * 0.02).to(torch.bfloat16).to(DEV)
+    w0 = w.clone()
+    K._CAPACITY.clear()
+    _round_trip([K.Layer(w, torch.full((m,), 1e-4, device=DEV), 31)], sigma=0.05)
+    # 100x the noise under the same sigma hint: the estimate is far too small
+    big = torch.full((m,), 1e-2, device=DEV)
+    copy = K.noisy_copy(w0, big, 32, 0)
+    rec = K.perturb_group([K.Layer(w, big, 32)], sigma=0.05)
+    failed = (rec.hslot == -1).cpu()
+    assert rec.used is None and 0 < int(failed.sum()) < failed.numel()
+    tiles = bits(w).view(-1, K.BLOCK).cpu()
+    assert torch.equal(tiles[failed], bits(w0).view(-1, K.BLOCK).cpu()[failed])  # left clean
+    assert torch.equal(tiles[~failed], bits(copy).view(-1, K.BLOCK).cpu()[~failed])  # the others noisy
+    assert K.settle(rec, K.restore_group(rec)) == [0]  # a clean tile is not "modified"
+    assert rec.skipped == int(failed.sum())
+    assert torch.equal(bits(w), bits(w0))
+    assert rec.shape_key not in K._CAPACITY  # so the next perturb of the shape is checked at once
+    nxt, counts = _round_trip([K.Layer(w, big, 33)], sigma=0.05)
+    assert isinstance(nxt.used, int) and (nxt.hslot >= 0).all() and counts == [0]
+    assert torch.equal(bits(w), bits(w0))
+
+
+@pytest.mark.gpu
+def test_a_deferred_perturb_of_a_7b_layer_never_waits_for_the_gpu():
+    """The point of deferring: no host sync between the perturb and the forward that follows it."""
+    m, n = 4096, 11008
+    w = (torch.randn(m, n, device=DEV) * 0.02).bfloat16()
+    w0, std = w.clone(), torch.full((m,), 0.02 * 0.05, device=DEV)
+    K._CAPACITY.clear()
+    _round_trip([K.Layer(w, std, 41)], sigma=0.05)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call below raises
+    try:
+        rec = K.perturb_group([K.Layer(w, std, 42)], sigma=0.05)
+        bad = K.restore_group(rec)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert K.settle(rec, bad) == [0] and rec.skipped == 0
+    assert torch.equal(bits(w), bits(w0))
+
+
 def test_grouped_launch_with_strides_and_row_offsets():
     g = torch.Generator().manual_seed(3)
     base = [(torch.randn(s, generator=g) * 0.05).to(torch.bfloat16).to(DEV) for s in [(16, 64), (40, 24), (5, 1030)]]

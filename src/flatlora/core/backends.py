@@ -80,6 +80,7 @@ class Applied:
     record: Any  # Patch (torch) or triton_noise.Record (a group)
     data_ptrs: list[int]  # storage of each weight when perturbed: a replaced weight is not restored
     checks: list[int] | None = None  # torch: checksum of each noisy weight
+    skipped: int = 0  # parts left without noise (a deferred kernel perturb whose record overflowed), after restore
 
     @property
     def nbytes(self) -> int:
@@ -95,14 +96,16 @@ class Backend:
         """Per-row noise std [rows] float32 of every view, by the registered noise rule `noise`."""
         raise NotImplementedError
 
-    def perturb(self, pairs: list[tuple[View, Draw]]) -> Iterator[Applied]:
-        """W <- round(W + eps) for every (view, draw); yields each Applied as soon as it is in place, so a
-        failure part-way leaves the caller knowing exactly what to undo."""
+    def perturb(self, pairs: list[tuple[View, Draw]], sigma: float | None = None) -> Iterator[Applied]:
+        """W <- round(W + eps) for every (view, draw) at noise level `sigma` (sigma_t, a hint for sizing the
+        restore record); yields each Applied as soon as it is in place, so a failure part-way leaves the
+        caller knowing exactly what to undo."""
         raise NotImplementedError
 
     def restore(self, applied: Applied) -> list[int]:
         """Undo `applied` exactly, except layers found written since perturb: returns, per layer, 0 when
-        restored, else how many parts (tiles; 1 for a whole layer) were found modified and left as they are."""
+        restored, else how many parts (tiles; 1 for a whole layer) were found modified and left as they are.
+        Sets `applied.skipped`."""
         raise NotImplementedError
 
     def noisy_weight(self, view: View, draw: Draw) -> torch.Tensor:
@@ -123,7 +126,7 @@ class TorchBackend(Backend):
         rule = get_noise(noise)
         return [rule(row_sq_norms(v), v.n, sigma) for v in views]
 
-    def perturb(self, pairs):
+    def perturb(self, pairs, sigma=None):
         for view, draw in pairs:
             ptr = view.tensor.data_ptr()
             patch, check = self.perturb_layer(view, draw)
@@ -184,7 +187,7 @@ class TritonBackend(Backend):
         rule = get_noise(noise)
         return [rule(s.square_().mul_(v.n), v.n, sigma) for s, v in zip(K.row_std_group(items, 1.0), views)]
 
-    def perturb(self, pairs):
+    def perturb(self, pairs, sigma=None):
         from ..kernels import triton_noise as K
 
         groups: dict[torch.dtype, list[tuple[View, Draw]]] = {}
@@ -195,13 +198,15 @@ class TritonBackend(Backend):
             draws = [d for _, d in items]
             layers = [K.Layer(v.mat, d.std, d.key, d.row0) for v, d in items]  # std: float32 [rows] from row_std
             ptrs = [v.tensor.data_ptr() for v in views]
-            record = K.perturb_group(layers)
+            record = K.perturb_group(layers, sigma=sigma)  # deferred: no host sync (see perturb_group)
             yield Applied(self, views, draws, record, ptrs)
 
     def restore(self, applied):
         from ..kernels import triton_noise as K
 
-        return K.restore_group(applied.record).tolist()
+        counts = K.settle(applied.record, K.restore_group(applied.record))  # the round trip's one host sync
+        applied.skipped = applied.record.skipped
+        return counts
 
 TORCH = TorchBackend()
 TRITON = TritonBackend()

@@ -316,15 +316,16 @@ class FlatLoRA:
         window = self._window
         if window is None:
             raise RuntimeError("end_step() without an open window: call begin_step(t) first (or use `with flat.step(t):`).")
-        self._last_metrics = {"flatlora/sigma": window.sigma, "flatlora/step": float(window.step),
-                              **self._mode.metrics(window)}
         try:
             with deferred_sigint():
                 self._close(window)
         finally:
             # Whatever could be restored has been; a layer that could not raises above, and the window
-            # is over either way, so the next step starts clean.
+            # is over either way, so the next step starts clean. The metrics are read after the restore,
+            # which is where a deferred record's size becomes known.
             self._window = None
+            self._last_metrics = {"flatlora/sigma": window.sigma, "flatlora/step": float(window.step),
+                                  **self._mode.metrics(window)}
 
     def _close(self, window: Window) -> None:
         try:

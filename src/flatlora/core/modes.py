@@ -9,6 +9,7 @@ how noise is computed (that is the backend's) nor when a window opens (that is t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,6 +20,8 @@ from .backends import BITS, Applied, Backend
 from .noise_draw import Draw
 from .targets import Target
 from .view import View, is_sharded, local, local_rows, unmaterialised
+
+log = logging.getLogger("flatlora")
 
 Plan = list[tuple[Backend, list[Target]]]  # targets grouped by backend, in model order
 
@@ -36,6 +39,8 @@ class Window:
     draws: dict[str, Draw] = field(default_factory=dict)
     applied: list[Applied] = field(default_factory=list)  # in-place: noise in the weights, undone LIFO
     armed: list[Target] = field(default_factory=list)  # forward: layers whose forward is patched
+    record_bytes: int = 0  # in-place: bytes of the restore records undone so far
+    skipped: int = 0  # in-place: parts (kernel tiles) that got no noise this window (see perturb_group)
 
 
 class WeightsWrittenError(RuntimeError):
@@ -74,7 +79,7 @@ class InplaceMode:
         # Every std first, from the clean weights; then the noise goes in.
         window.draws.update(window.draw([v for _, vs in views for v in vs]))
         for backend, vs in views:
-            for applied in backend.perturb([(v, window.draws[v.name]) for v in vs]):
+            for applied in backend.perturb([(v, window.draws[v.name]) for v in vs], window.sigma):
                 window.applied.append(applied)
 
     def close(self, window: Window) -> None:
@@ -90,14 +95,23 @@ class InplaceMode:
             for v, count in zip(applied.views, applied.backend.restore(applied)):
                 if count and v.name not in gone:
                     modified[v.name] = count
+            window.record_bytes += applied.nbytes
+            window.skipped += applied.skipped
+        if window.skipped:
+            log.warning("flatlora: %d weight tiles got no noise at step %d: the restore record, sized from the "
+                        "previous step, was too small (the next step sizes it exactly); the weights are restored "
+                        "exactly either way", window.skipped, window.step)
         if replaced or modified:
             raise WeightsWrittenError(_written_message(window.step, replaced, modified))
 
     def record_bytes(self, window: Window) -> int:
-        return sum(a.nbytes for a in window.applied)
+        """Bytes of the restore records held (open window) or undone (a closed one)."""
+        return sum(a.nbytes for a in window.applied) + window.record_bytes
 
     def metrics(self, window: Window) -> dict[str, float]:
-        return {"flatlora/restore_record_bytes": float(self.record_bytes(window))}
+        """After close: the record's bytes, and the tiles left without noise (0 but in a rare step)."""
+        return {"flatlora/restore_record_bytes": float(self.record_bytes(window)),
+                "flatlora/tiles_without_noise": float(window.skipped)}
 
 
 class ForwardMode:

@@ -242,12 +242,16 @@ def _noise_kernel(
         tl.store(hdr_ptr + t * 3 + 1, count, mask=active)
         tl.store(hdr_ptr + t * 3 + 2, chk, mask=active)
     else:  # RESTORE
-        good = _checksum(bits, offs) == tl.load(hdr_ptr + t * 3 + 2)
-        good_i = good.to(tl.int32)
-        tl.store(ptrs, _round_bits(x - eps, KIND), mask=mask & ((offs * 0 + good_i) != 0))
-        tl.atomic_add(bad_ptr + layer, 1 - good_i, mask=good_i == 0)
-        tl.debug_barrier()  # the patches below overwrite some of the values just stored
+        # A tile left clean by a perturb whose record overflowed (slot -1: a deferred perturb has no retry,
+        # see perturb_group) holds no noise: nothing to undo, and its weight is not "modified".
         slot = tl.load(hdr_ptr + t * 3)
+        live = slot >= 0
+        good = _checksum(bits, offs) == tl.load(hdr_ptr + t * 3 + 2)
+        good_i = (good & live).to(tl.int32)
+        bad_i = (live & (good == 0)).to(tl.int32)
+        tl.store(ptrs, _round_bits(x - eps, KIND), mask=mask & ((offs * 0 + good_i) != 0))
+        tl.atomic_add(bad_ptr + layer, bad_i, mask=bad_i != 0)
+        tl.debug_barrier()  # the patches below overwrite some of the values just stored
         count = tl.load(hdr_ptr + t * 3 + 1) * good_i
         for s in range(0, count, PB):
             idx = s + tl.arange(0, PB)
@@ -355,11 +359,14 @@ class Record:
     header: torch.Tensor  # int32 [tiles, 3]: slot (-1: not perturbed yet), count, checksum of the noisy bits
     off: torch.Tensor  # int16 [cap]
     val: torch.Tensor  # int16 / int32 [cap]
-    used: int = 0  # entries of off/val in use
+    used: int | None = 0  # entries of off/val in use; None until `settle` reads it (a deferred perturb)
+    skipped: int = 0  # tiles a deferred perturb left without noise (its record overflowed); known after settle
     table: torch.Tensor | None = None  # the launch's layer table (restore reuses it)
     tile_map: torch.Tensor | None = None
     dtype: torch.dtype | None = None  # the weights' dtype and the launch's (ALIGNED, CONTIG), checked at perturb
     flags: tuple[bool, bool] | None = None
+    shape_key: tuple | None = None  # the group's (device, dtype, shapes): whose record-size estimate it feeds
+    sigma: float | None = None  # sigma_t of the perturb, scaling that estimate
 
     @property
     def hslot(self) -> torch.Tensor:
@@ -377,11 +384,11 @@ class Record:
     def nbytes(self) -> int:
         """Bytes held for the restore: the counter, the headers and the used entries."""
         per = self.off.element_size() + self.val.element_size()
-        return self.counter.numel() * 4 + self.header.numel() * 4 + self.used * per
+        entries = self.off.numel() if self.used is None else self.used  # unsettled: what is allocated
+        return self.counter.numel() * 4 + self.header.numel() * 4 + entries * per
 
 
 _MAPS: dict[tuple, torch.Tensor] = {}  # tile -> layer maps by (device, per-layer tile counts)
-_CAPACITY: dict[tuple, int] = {}  # record entries the last perturb of a group of this shape needed
 
 
 def _tile_map(device: torch.device, counts: tuple[int, ...]) -> torch.Tensor:
@@ -623,27 +630,46 @@ def noisy_copy(w: torch.Tensor, std: torch.Tensor, key: int, row0: int = 0) -> t
     return out
 
 
-def perturb_group(layers: list[Layer], capacity: float | None = None) -> Record:
-    """W <- round(W + eps) for every layer (one launch; one more if the record overflowed), with the
-    record that makes `restore_group` exact. `capacity` is the first guess of the off fraction; by default
-    the entries the previous perturb of a group of the same shape needed, plus 1/8 (first time: 1/8)."""
+# A perturb sizes its record from the last one of the same group shape: (entries it needed, its sigma_t).
+_CAPACITY: dict[tuple, tuple[int, float | None]] = {}
+DEFERRED = True  # False: every perturb checks its record at once (one more host sync a step; benchmarks compare)
+
+
+def perturb_group(layers: list[Layer], capacity: float | None = None, sigma: float | None = None) -> Record:
+    """W <- round(W + eps) for every layer in one launch, with the record that makes `restore_group` exact.
+
+    The record is sized from the last perturb of a group of the same shape: its entries x sigma / its sigma
+    (off entries grow about linearly with the noise) x 9/8, at least 1/512 of the elements. Then the perturb is
+    *deferred*: nothing waits for the GPU, so the host goes on queueing the forward while the kernel runs
+    (a host sync here exposed the row std and the perturb, ~40 ms of a 7B step); `settle`, after the restore,
+    reads the record's size. If the estimate was short after all, the tiles that found the record full are
+    left clean (no noise this step; restore skips them), `settle` counts them, and the next perturb of that
+    shape is checked at once. A first perturb of a shape, an explicit `capacity`, and DEFERRED = False check
+    at once: one sync, and the tiles that did not fit are rerun into a larger record (RETRY)."""
     dtype = _check(layers)
     dev = layers[0].w.device
     tab, tile_map, tiles = _table(layers)
     numel = sum(ly.w.numel() for ly in layers)
     shape_key = (str(dev), dtype, tuple(tuple(ly.w.shape) for ly in layers))
+    last = _CAPACITY.get(shape_key)
+    deferred = DEFERRED and capacity is None and last is not None
     if capacity is not None:
         cap = int(numel * capacity)
-    elif shape_key in _CAPACITY:
-        cap = _CAPACITY[shape_key] * 9 // 8
+    elif deferred:
+        used, was = last
+        grow = sigma / was if sigma is not None and was else 1.0
+        cap = max(int(used * max(grow, 1.0) * 9 / 8), numel // 512)
     else:
         cap = numel // 8
     cap = max(1024, cap)
     rec = Record(torch.zeros(1, dtype=torch.int32, device=dev), torch.empty((tiles, 3), dtype=torch.int32, device=dev),
                  torch.empty(cap, dtype=torch.int16, device=dev), torch.empty(cap, dtype=_BITS[dtype], device=dev),
-                 table=tab, tile_map=tile_map, dtype=dtype, flags=_flags(layers))
+                 table=tab, tile_map=tile_map, dtype=dtype, flags=_flags(layers), shape_key=shape_key, sigma=sigma)
     flags = rec.flags
     _launch(tab, tile_map, tiles, dtype, flags, PERTURB, rec)
+    if deferred:
+        rec.used = None
+        return rec
     used = int(rec.counter.item())  # one sync: the record's size decides whether a retry is needed
     if used > cap:
         need = int(rec.hcnt[rec.hslot == -1].sum())
@@ -654,8 +680,25 @@ def perturb_group(layers: list[Layer], capacity: float | None = None) -> Record:
         _launch(tab, tile_map, tiles, dtype, flags, PERTURB, rec, retry=True)
         used = int(rec.counter.item())
     rec.used = used
-    _CAPACITY[shape_key] = used
+    _CAPACITY[shape_key] = (used, sigma)
     return rec
+
+
+def settle(rec: Record, bad: torch.Tensor) -> list[int]:
+    """After `restore_group(rec)` returned `bad`: per layer, the tiles found modified, as ints. For a deferred
+    perturb the record's size and its tiles left without noise come back in the same copy (the round trip's
+    one host sync): `rec.used`, `rec.skipped`, and the next perturb's estimate are set from them."""
+    if rec.used is not None:
+        return bad.tolist()
+    skipped = (rec.hslot == -1).sum(dtype=torch.int32).view(1)
+    *counts, needed, rec.skipped = torch.cat([bad, rec.counter, skipped]).tolist()
+    # `needed` counts every tile's entries, the failed tiles' too: what the record should have held
+    rec.used = min(needed, rec.off.numel())
+    if rec.skipped:
+        _CAPACITY.pop(rec.shape_key, None)  # the estimate failed: check the next perturb at once
+    else:
+        _CAPACITY[rec.shape_key] = (needed, rec.sigma)
+    return counts
 
 
 def restore_group(rec: Record) -> torch.Tensor:
