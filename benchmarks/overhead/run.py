@@ -253,6 +253,20 @@ def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05):
     return out
 
 
+def _ordinary_launches(fn) -> int:
+    """Kernel launches of one step that went through Triton's generic launch rather than the pre-bound one
+    (forward mode's noisy copies should all be pre-bound after the first step)."""
+    from flatlora.kernels import triton_noise as K
+
+    real, calls = K._launch, []
+    K._launch = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        fn()
+    finally:
+        K._launch = real
+    return len(calls)
+
+
 def run_setting(name, model, batch_fn, ga, args, rows, variants=None, extra=None):
     fns = step_fns(model, batch_fn, ga, args.dev, args.anchor)
     base = None
@@ -267,6 +281,8 @@ def run_setting(name, model, batch_fn, ga, args, rows, variants=None, extra=None
             row["base_weight_bytes"] = sum(t.weight.numel() * t.weight.element_size() for t in flat.targets)
         if flat is not None:
             row["generator"] = flat.config.generator
+        if flat is not None and flat.mode == "forward" and args.dev == "cuda":
+            row["ordinary_launches_per_step"] = _ordinary_launches(fn)
         if variant == "lora":
             base = r["median_ms"]
         row["ratio_vs_lora"] = r["median_ms"] / base if base else None

@@ -221,10 +221,10 @@ def test_a_deferred_perturb_of_a_7b_layer_never_waits_for_the_gpu():
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing call below raises
     try:
         rec = K.perturb_group([K.Layer(w, std, 42)], sigma=0.05)
-        bad = K.restore_group(rec)
+        outcome = K.Outcome(rec, K.restore_group(rec))
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert K.settle(rec, bad) == [0] and rec.skipped == 0
+    assert outcome.counts() == [0] and rec.skipped == 0
     assert torch.equal(bits(w), bits(w0))
 
 

@@ -80,11 +80,27 @@ class Applied:
     record: Any  # Patch (torch) or triton_noise.Record (a group)
     data_ptrs: list[int]  # storage of each weight when perturbed: a replaced weight is not restored
     checks: list[int] | None = None  # torch: checksum of each noisy weight
-    skipped: int = 0  # parts left without noise (a deferred kernel perturb whose record overflowed), after restore
 
     @property
     def nbytes(self) -> int:
         return self.record.nbytes
+
+
+class Restored:
+    """What a restore found, known at once: per layer, 0 when restored, else how many parts (tiles; 1 for a
+    whole layer) were found modified and left as they are; `skipped`: parts the perturb left without noise.
+    (The kernel group's `triton_noise.Outcome` has the same face and arrives later.)"""
+
+    skipped = 0
+
+    def __init__(self, counts: list[int]):
+        self._counts = counts
+
+    def ready(self) -> bool:
+        return True
+
+    def counts(self) -> list[int]:
+        return self._counts
 
 
 class Backend:
@@ -102,10 +118,9 @@ class Backend:
         caller knowing exactly what to undo."""
         raise NotImplementedError
 
-    def restore(self, applied: Applied) -> list[int]:
-        """Undo `applied` exactly, except layers found written since perturb: returns, per layer, 0 when
-        restored, else how many parts (tiles; 1 for a whole layer) were found modified and left as they are.
-        Sets `applied.skipped`."""
+    def restore(self, applied: Applied) -> "Restored":
+        """Undo `applied` exactly, except layers found written since perturb; what it found comes as a
+        Restored (on a GPU without waiting for it: the kernel group's outcome is read later)."""
         raise NotImplementedError
 
     def noisy_weight(self, view: View, draw: Draw) -> torch.Tensor:
@@ -149,10 +164,10 @@ class TorchBackend(Backend):
     def restore(self, applied):
         (view,), (draw,), (check,) = applied.views, applied.draws, applied.checks
         if local(view.target.weight).data_ptr() != applied.data_ptrs[0]:
-            return [0]  # the weight has new storage (the caller reports it): nothing of ours is in it
+            return Restored([0])  # the weight has new storage (the caller reports it): nothing of ours is in it
         w = view.tensor
         if checksum(w) != check:
-            return [1]
+            return Restored([1])
         eps = draw.storage(view.target, w)
         patch = applied.record
         if w.is_contiguous():
@@ -164,7 +179,7 @@ class TorchBackend(Backend):
             clean = (w.float() - eps).to(w.dtype).contiguous()
             clean.view(-1)[patch.index.long()] = patch.values
             w.copy_(clean)
-        return [0]
+        return Restored([0])
 
 class TritonBackend(Backend):
     name = "triton"
@@ -204,9 +219,10 @@ class TritonBackend(Backend):
     def restore(self, applied):
         from ..kernels import triton_noise as K
 
-        counts = K.settle(applied.record, K.restore_group(applied.record))  # the round trip's one host sync
-        applied.skipped = applied.record.skipped
-        return counts
+        rec = applied.record
+        outcome = K.Outcome(rec, K.restore_group(rec))  # copied to the host behind an event: nothing waits
+        rec.release()
+        return outcome
 
 TORCH = TorchBackend()
 TRITON = TritonBackend()

@@ -303,6 +303,7 @@ class FlatLoRA:
             return
         try:
             self.close_window()
+            self._mode.check()  # the last restores' outcomes (a GPU reads them a window late)
         finally:
             self._closed = True
             self._eval_guard.remove()
@@ -312,7 +313,9 @@ class FlatLoRA:
         """Remove the noise of the open window; the frozen weights are bit-identical afterwards.
 
         Raises RuntimeError when a targeted weight was written inside the window (a load, a merge, an optimizer
-        step on a frozen weight): that layer is left as it is, every other one is restored exactly."""
+        step on a frozen weight): that layer is left as it is, every other one is restored exactly. On a GPU
+        the restore kernels' findings are read without waiting for them: a write is then reported by the next
+        end_step(), or by close() after the last window."""
         window = self._window
         if window is None:
             raise RuntimeError("end_step() without an open window: call begin_step(t) first (or use `with flat.step(t):`).")

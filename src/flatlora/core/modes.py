@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -40,7 +40,6 @@ class Window:
     applied: list[Applied] = field(default_factory=list)  # in-place: noise in the weights, undone LIFO
     armed: list[Target] = field(default_factory=list)  # forward: layers whose forward is patched
     record_bytes: int = 0  # in-place: bytes of the restore records undone so far
-    skipped: int = 0  # in-place: parts (kernel tiles) that got no noise this window (see perturb_group)
 
 
 class WeightsWrittenError(RuntimeError):
@@ -52,6 +51,9 @@ class InplaceMode:
 
     def __init__(self, plan: Plan):
         self.plan = plan
+        self.pending: list[_Restore] = []
+        self.tiles_without_noise = 0
+        self._closes = 0
 
     @staticmethod
     def refusal(t: Target) -> str | None:
@@ -83,35 +85,66 @@ class InplaceMode:
                 window.applied.append(applied)
 
     def close(self, window: Window) -> None:
-        """Restore every layer that can be restored exactly; then raise WeightsWrittenError naming the others."""
-        replaced, modified = [], {}
+        """Restore every layer (queued on the GPU, nothing waits), then read what the restores of earlier
+        windows found, and this window's where it has arrived (at once on CPU); raise WeightsWrittenError
+        naming the layers found written. A replaced weight is known at once: then every outcome is read now."""
+        self._closes += 1
+        replaced = False
         # Entries are popped as they are undone, so a close that fails part-way can be finished later.
         while window.applied:
             applied = window.applied.pop()
             gone = [v.name for v, ptr in zip(applied.views, applied.data_ptrs) if local(v.target.weight).data_ptr() != ptr]
-            replaced += gone
+            replaced = replaced or bool(gone)
+            window.record_bytes += applied.nbytes
             # A backend leaves a replaced storage alone or restores the old one (a kernel group: harmless,
             # and the rest of the group needs the launch); either way the layer is reported as replaced.
-            for v, count in zip(applied.views, applied.backend.restore(applied)):
-                if count and v.name not in gone:
-                    modified[v.name] = count
-            window.record_bytes += applied.nbytes
-            window.skipped += applied.skipped
-        if window.skipped:
-            log.warning("flatlora: %d weight tiles got no noise at step %d: the restore record, sized from the "
-                        "previous step, was too small (the next step sizes it exactly); the weights are restored "
-                        "exactly either way", window.skipped, window.step)
-        if replaced or modified:
-            raise WeightsWrittenError(_written_message(window.step, replaced, modified))
+            self.pending.append(_Restore(window.step, self._closes, [v.name for v in applied.views], gone,
+                                         applied.backend.restore(applied)))
+        self.check(wait=replaced)
+
+    def check(self, wait: bool = True) -> None:
+        """Read the restores' outcomes: all of them (`wait`), else those of earlier windows (their copies have
+        long arrived) and any that has. Raises WeightsWrittenError for the layers found written."""
+        found: dict[int, tuple[list[str], dict[str, int]]] = {}
+        keep = []
+        for r in self.pending:
+            if not (wait or r.close < self._closes or r.outcome.ready()):
+                keep.append(r)
+                continue
+            counts = r.outcome.counts()
+            if r.outcome.skipped:
+                self.tiles_without_noise += r.outcome.skipped
+                log.warning("flatlora: %d weight tiles got no noise at step %d: the restore record, sized from the "
+                            "previous step, was too small (the next step sizes it exactly); the weights were "
+                            "restored exactly either way", r.outcome.skipped, r.step)
+            replaced, modified = found.setdefault(r.step, ([], {}))
+            replaced += r.gone
+            modified.update({n: c for n, c in zip(r.names, counts) if c and n not in r.gone})
+        self.pending = keep
+        msgs = [_written_message(step, rep, mod) for step, (rep, mod) in sorted(found.items()) if rep or mod]
+        if msgs:
+            raise WeightsWrittenError(" ".join(msgs))
 
     def record_bytes(self, window: Window) -> int:
-        """Bytes of the restore records held (open window) or undone (a closed one)."""
+        """Bytes of the restore records held (open window) or undone (a closed one): the entries used, or
+        where a deferred record's size is not read yet, what it allocated."""
         return sum(a.nbytes for a in window.applied) + window.record_bytes
 
     def metrics(self, window: Window) -> dict[str, float]:
-        """After close: the record's bytes, and the tiles left without noise (0 but in a rare step)."""
+        """The record's bytes, and the tiles left without noise so far in the run (0 but in a rare step)."""
         return {"flatlora/restore_record_bytes": float(self.record_bytes(window)),
-                "flatlora/tiles_without_noise": float(window.skipped)}
+                "flatlora/tiles_without_noise": float(self.tiles_without_noise)}
+
+
+@dataclass
+class _Restore:
+    """A queued restore whose outcome the host has not read yet."""
+
+    step: int
+    close: int  # which close() queued it
+    names: list[str]
+    gone: list[str]  # replaced weights (known when queued)
+    outcome: Any  # backends.Restored or triton_noise.Outcome: ready(), counts(), skipped
 
 
 class ForwardMode:
@@ -145,6 +178,9 @@ class ForwardMode:
     def close(self, window: Window) -> None:
         while window.armed:
             forward.disarm(window.armed.pop())
+
+    def check(self, wait: bool = True) -> None:
+        """Nothing is restored in forward mode, so nothing is left to read."""
 
     def record_bytes(self, window: Window) -> int:
         return 0

@@ -359,14 +359,20 @@ class Record:
     header: torch.Tensor  # int32 [tiles, 3]: slot (-1: not perturbed yet), count, checksum of the noisy bits
     off: torch.Tensor  # int16 [cap]
     val: torch.Tensor  # int16 / int32 [cap]
-    used: int | None = 0  # entries of off/val in use; None until `settle` reads it (a deferred perturb)
-    skipped: int = 0  # tiles a deferred perturb left without noise (its record overflowed); known after settle
+    used: int | None = 0  # entries of off/val in use; None until the restore's Outcome is read (deferred)
+    skipped: int = 0  # tiles a deferred perturb left without noise (its record overflowed); known likewise
     table: torch.Tensor | None = None  # the launch's layer table (restore reuses it)
     tile_map: torch.Tensor | None = None
     dtype: torch.dtype | None = None  # the weights' dtype and the launch's (ALIGNED, CONTIG), checked at perturb
     flags: tuple[bool, bool] | None = None
     shape_key: tuple | None = None  # the group's (device, dtype, shapes): whose record-size estimate it feeds
     sigma: float | None = None  # sigma_t of the perturb, scaling that estimate
+
+    def release(self) -> None:
+        """Drop the entry buffers once the restore is queued (the caching allocator reuses their memory only
+        for work queued after it), so a restore whose outcome is read later holds no weight-sized memory."""
+        self.off = self.off[:0]
+        self.val = self.val[:0]
 
     @property
     def hslot(self) -> torch.Tensor:
@@ -684,21 +690,53 @@ def perturb_group(layers: list[Layer], capacity: float | None = None, sigma: flo
     return rec
 
 
+class Outcome:
+    """What a restore found, on its way to the host: per layer the tiles found modified, and (the same copy)
+    the record's size and the tiles its perturb left without noise. On CUDA the copy goes to pinned memory
+    behind an event, so a restore never waits for the GPU; `counts()` waits for it (by the next window it has
+    long arrived) and then sets `rec.used`, `rec.skipped` and the next perturb's size estimate."""
+
+    def __init__(self, rec: Record, bad: torch.Tensor):
+        self.rec, self._cap = rec, rec.off.numel()
+        vals = torch.cat([bad, rec.counter, (rec.hslot == -1).sum(dtype=torch.int32).view(1)])
+        self._event = None
+        if vals.is_cuda:
+            self._host = torch.empty(vals.shape, dtype=vals.dtype, pin_memory=True)
+            self._host.copy_(vals, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = vals
+        self._counts: list[int] | None = None
+
+    @property
+    def skipped(self) -> int:
+        """Tiles the perturb left without noise (read by `counts()`)."""
+        return self.rec.skipped
+
+    def ready(self) -> bool:
+        """True when `counts()` would not wait."""
+        return self._event is None or self._event.query()
+
+    def counts(self) -> list[int]:
+        if self._counts is None:
+            if self._event is not None:
+                self._event.synchronize()
+            *counts, needed, skipped = self._host.tolist()
+            rec = self.rec
+            # `needed` counts every tile's entries, the failed tiles' too: what the record should have held
+            rec.used, rec.skipped = min(needed, self._cap), skipped
+            if skipped:
+                _CAPACITY.pop(rec.shape_key, None)  # the estimate failed: check the next perturb at once
+            else:
+                _CAPACITY[rec.shape_key] = (needed, rec.sigma)
+            self._counts = counts
+        return self._counts
+
+
 def settle(rec: Record, bad: torch.Tensor) -> list[int]:
-    """After `restore_group(rec)` returned `bad`: per layer, the tiles found modified, as ints. For a deferred
-    perturb the record's size and its tiles left without noise come back in the same copy (the round trip's
-    one host sync): `rec.used`, `rec.skipped`, and the next perturb's estimate are set from them."""
-    if rec.used is not None:
-        return bad.tolist()
-    skipped = (rec.hslot == -1).sum(dtype=torch.int32).view(1)
-    *counts, needed, rec.skipped = torch.cat([bad, rec.counter, skipped]).tolist()
-    # `needed` counts every tile's entries, the failed tiles' too: what the record should have held
-    rec.used = min(needed, rec.off.numel())
-    if rec.skipped:
-        _CAPACITY.pop(rec.shape_key, None)  # the estimate failed: check the next perturb at once
-    else:
-        _CAPACITY[rec.shape_key] = (needed, rec.sigma)
-    return counts
+    """`Outcome(rec, bad).counts()`: wait for a restore's outcome now."""
+    return Outcome(rec, bad).counts()
 
 
 def restore_group(rec: Record) -> torch.Tensor:
