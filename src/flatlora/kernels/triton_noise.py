@@ -797,7 +797,9 @@ def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor
             counts.append(blocks)
             blk += blocks
             row0 += m
-        vec = all(_contiguous(items[i].w) and items[i].w.shape[1] % 8 == 0 for i in idx)
+        # (only compiled: the interpreter's tl.multiple_of turns the scalar N into an array that range() refuses,
+        # and hints are all VEC adds)
+        vec = _fast() and all(_contiguous(items[i].w) and items[i].w.shape[1] % 8 == 0 for i in idx)
         r_max = max(row[7] for row in rows)
         rp = min(64, max(16, triton.next_power_of_2(r_max)))  # tl.dot needs K >= 16; chunks keep tiles small
         tab = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
