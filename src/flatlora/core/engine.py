@@ -414,7 +414,9 @@ class FlatLoRA:
 
     def close_window(self) -> bool:
         """End the open window if there is one (noise removed exactly); returns whether one was open.
-        Call it before anything that must see clean weights: evaluation, prediction, saving, merging."""
+        Call it before anything that must see clean weights: evaluation, prediction, saving, merging. (Work
+        queued after it sees the restored weights; on a GPU, whether a weight was written inside the window is
+        read a window later, see end_step.)"""
         if self._window is None:
             return False
         self.end_step()

@@ -365,7 +365,7 @@ class Record:
     tile_map: torch.Tensor | None = None
     dtype: torch.dtype | None = None  # the weights' dtype and the launch's (ALIGNED, CONTIG), checked at perturb
     flags: tuple[bool, bool] | None = None
-    shape_key: tuple | None = None  # the group's (device, dtype, shapes): whose record-size estimate it feeds
+    shape_key: tuple | None = None  # the group's (device, dtype, weights): whose record-size estimate it feeds
     sigma: float | None = None  # sigma_t of the perturb, scaling that estimate
 
     def release(self) -> None:
@@ -656,7 +656,8 @@ def perturb_group(layers: list[Layer], capacity: float | None = None, sigma: flo
     dev = layers[0].w.device
     tab, tile_map, tiles = _table(layers)
     numel = sum(ly.w.numel() for ly in layers)
-    shape_key = (str(dev), dtype, tuple(tuple(ly.w.shape) for ly in layers))
+    # the group's weights, not just its shapes: another model of the same shapes has its own off fraction
+    shape_key = (str(dev), dtype, tuple((ly.w.data_ptr(), tuple(ly.w.shape)) for ly in layers))
     last = _CAPACITY.get(shape_key)
     deferred = DEFERRED and capacity is None and last is not None
     if capacity is not None:
