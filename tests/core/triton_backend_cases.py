@@ -148,3 +148,36 @@ def test_an_inplace_step_after_the_first_makes_no_host_sync():
     assert syncs == []
     flat.close()
     assert all(torch.equal(clean[k], v) for k, v in frozen_bits(pm).items())
+
+
+def test_a_record_estimate_that_falls_short_is_counted_warned_and_the_next_step_checked(caplog):
+    import logging
+
+    import peft
+
+    torch.manual_seed(0)
+    K._CAPACITY.clear()
+    base = torch.nn.Sequential(torch.nn.Linear(1024, 128)).bfloat16()
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["0"])).to(DEV)
+    clean = frozen_bits(pm)
+    flat = FlatLoRA(pm, FlatLoRAConfig(sigma=0.3, schedule="constant", mode="inplace", generator="philox"))
+    x = torch.randn(8, 1024, device=DEV, dtype=torch.bfloat16)
+    with flat.step(0):
+        pm(x).float().pow(2).mean().backward()
+    (key,) = K._CAPACITY  # the first perturb of the group was checked: its size is the estimate
+    K._CAPACITY[key] = (0, 0.3)  # pretend it needed nothing: the next record gets the 1024-entry minimum
+    with caplog.at_level(logging.WARNING, logger="flatlora"):
+        with flat.step(1):
+            pm(x).float().pow(2).mean().backward()
+    flat.close_window()
+    flat._mode.check()  # (on a GPU the outcome may not have arrived yet)
+    skipped = flat._mode.tiles_without_noise
+    assert 0 < skipped < 128 * 1024 // K.BLOCK
+    assert f"{skipped} weight tiles got no noise at step 1" in caplog.text
+    assert all(torch.equal(clean[k], v) for k, v in frozen_bits(pm).items())
+    assert key not in K._CAPACITY  # so the next perturb is checked at once, and fits
+    with flat.step(2):
+        pm(x).float().pow(2).mean().backward()
+    flat.close()
+    assert flat.metrics()["flatlora/tiles_without_noise"] == skipped
+    assert all(torch.equal(clean[k], v) for k, v in frozen_bits(pm).items())
