@@ -145,12 +145,17 @@ def test_perturb_is_the_noisy_copy_and_restore_is_exact(dtype):
     assert torch.equal(bits(w), bits(w0))
 
 
+def _bf16_weight(m, n, seed):
+    """A bf16 (m, n) weight on DEV and its untouched copy."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(m, n, generator=g) * 0.02).to(torch.bfloat16).to(DEV)
+    return w, w.clone()
+
+
 def test_record_overflow_retries_only_the_failed_tiles():
     m, n = 40, 1024
-    g = torch.Generator().manual_seed(2)
-    w = (torch.randn(m, n, generator=g) * 0.02).to(torch.bfloat16).to(DEV)
+    w, w0 = _bf16_weight(m, n, seed=2)
     std = torch.full((m,), 0.02, device=DEV)
-    w0 = w.clone()
     layers = [K.Layer(w, std, 7)]
     rec = K.perturb_group(layers, capacity=0.01)  # far too small: most tiles fail the first pass
     assert torch.equal(bits(w), bits(K.noisy_copy(w0, std, 7, 0)))
@@ -166,10 +171,8 @@ def _round_trip(layers, sigma):
 
 def test_a_perturb_after_a_checked_one_is_deferred_and_still_exact():
     m, n = 24, 1024
-    g = torch.Generator().manual_seed(4)
-    w = (torch.randn(m, n, generator=g) * 0.02).to(torch.bfloat16).to(DEV)
+    w, w0 = _bf16_weight(m, n, seed=4)
     std = torch.full((m,), 0.01, device=DEV)
-    w0 = w.clone()
     K._CAPACITY.clear()
     first, counts = _round_trip([K.Layer(w, std, 21)], sigma=0.01)
     assert first.used > 0 and counts == [0]  # the first perturb of a shape is checked at once: size known
@@ -186,9 +189,7 @@ def test_a_perturb_after_a_checked_one_is_deferred_and_still_exact():
 
 def test_a_deferred_perturb_whose_record_overflows_leaves_those_tiles_clean_and_says_so():
     m, n = 64, 1024
-    g = torch.Generator().manual_seed(5)
-    w = (torch.randn(m, n, generator=g) * 0.02).to(torch.bfloat16).to(DEV)
-    w0 = w.clone()
+    w, w0 = _bf16_weight(m, n, seed=5)
     K._CAPACITY.clear()
     _round_trip([K.Layer(w, torch.full((m,), 1e-4, device=DEV), 31)], sigma=0.05)
     # 100x the noise under the same sigma hint: the estimate is far too small
