@@ -371,8 +371,8 @@ class Record:
     def release(self) -> None:
         """Drop the entry buffers once the restore is queued (the caching allocator reuses their memory only
         for work queued after it), so a restore whose outcome is read later holds no weight-sized memory."""
-        self.off = self.off[:0]
-        self.val = self.val[:0]
+        self.off = self.off.new_empty(0)  # (a [:0] view would keep the whole storage alive)
+        self.val = self.val.new_empty(0)
 
     @property
     def hslot(self) -> torch.Tensor:
