@@ -187,6 +187,21 @@ def test_a_perturb_after_a_checked_one_is_deferred_and_still_exact():
     assert K._CAPACITY[rec.shape_key] == (rec.used, 0.01)
 
 
+def test_a_checked_perturb_after_the_first_is_sized_from_it_too(monkeypatch):
+    m, n = 24, 1024
+    w, w0 = _bf16_weight(m, n, seed=6)
+    std = torch.full((m,), 0.01, device=DEV)
+    K._CAPACITY.clear()
+    first, _ = _round_trip([K.Layer(w, std, 51)], sigma=0.01)
+    monkeypatch.setattr(K, "DEFERRED", False)
+    rec = K.perturb_group([K.Layer(w, std, 52)], sigma=0.02)
+    assert isinstance(rec.used, int)  # checked at once
+    # twice the sigma: twice the last perturb's entries, x 9/8 (at least 1/512 of the elements, 1024 entries)
+    assert rec.off.numel() == max(1024, int(first.used * 2.0 * 9 / 8), m * n // 512)
+    assert K.settle(rec, K.restore_group(rec)) == [0]
+    assert torch.equal(bits(w), bits(w0))
+
+
 def test_a_deferred_perturb_whose_record_overflows_leaves_those_tiles_clean_and_says_so():
     m, n = 64, 1024
     w, w0 = _bf16_weight(m, n, seed=5)

@@ -662,7 +662,7 @@ def perturb_group(layers: list[Layer], capacity: float | None = None, sigma: flo
     deferred = DEFERRED and capacity is None and last is not None
     if capacity is not None:
         cap = int(numel * capacity)
-    elif deferred:
+    elif last is not None:  # deferred or not (DEFERRED = False): sized from the last perturb
         used, was = last
         grow = sigma / was if sigma is not None and was else 1.0
         cap = max(int(used * max(grow, 1.0) * 9 / 8), numel // 512)
