@@ -166,7 +166,7 @@ def test_record_overflow_retries_only_the_failed_tiles():
 
 def _round_trip(layers, sigma):
     rec = K.perturb_group(layers, sigma=sigma)
-    return rec, K.settle(rec, K.restore_group(rec))
+    return rec, K.Outcome(rec, K.restore_group(rec)).counts()
 
 
 def test_a_perturb_after_a_checked_one_is_deferred_and_still_exact():
@@ -175,16 +175,16 @@ def test_a_perturb_after_a_checked_one_is_deferred_and_still_exact():
     std = torch.full((m,), 0.01, device=DEV)
     K._CAPACITY.clear()
     first, counts = _round_trip([K.Layer(w, std, 21)], sigma=0.01)
-    assert first.used > 0 and counts == [0]  # the first perturb of a shape is checked at once: size known
+    assert first.used > 0 and counts == [0]  # the first perturb of these weights is checked at once: size known
     copy = K.noisy_copy(w0, std, 22, 0)
     rec = K.perturb_group([K.Layer(w, std, 22)], sigma=0.01)
-    assert rec.used is None  # no host sync: the size is read when the round trip settles
+    assert rec.used is None  # no host sync: the size is read with the restore's Outcome
     assert torch.equal(bits(w), bits(copy)) and (rec.hslot >= 0).all()
     assert rec.nbytes == 4 + 12 * K._tiles(m, n) + rec.off.numel() * 4  # unsettled: what is allocated
-    assert K.settle(rec, K.restore_group(rec)) == [0]
+    assert K.Outcome(rec, K.restore_group(rec)).counts() == [0]
     assert torch.equal(bits(w), bits(w0))
     assert rec.skipped == 0 and rec.used == int(rec.hcnt.sum())  # every tile's entries, no holes
-    assert K._CAPACITY[rec.shape_key] == (rec.used, 0.01)
+    assert K._CAPACITY[rec.group_key] == (rec.used, 0.01)
 
 
 def test_a_checked_perturb_after_the_first_is_sized_from_it_too(monkeypatch):
@@ -198,7 +198,7 @@ def test_a_checked_perturb_after_the_first_is_sized_from_it_too(monkeypatch):
     assert isinstance(rec.used, int)  # checked at once
     # twice the sigma: twice the last perturb's entries, x 9/8 (at least 1/512 of the elements, 1024 entries)
     assert rec.off.numel() == max(1024, int(first.used * 2.0 * 9 / 8), m * n // 512)
-    assert K.settle(rec, K.restore_group(rec)) == [0]
+    assert K.Outcome(rec, K.restore_group(rec)).counts() == [0]
     assert torch.equal(bits(w), bits(w0))
 
 
@@ -216,10 +216,10 @@ def test_a_deferred_perturb_whose_record_overflows_leaves_those_tiles_clean_and_
     tiles = bits(w).view(-1, K.BLOCK).cpu()
     assert torch.equal(tiles[failed], bits(w0).view(-1, K.BLOCK).cpu()[failed])  # left clean
     assert torch.equal(tiles[~failed], bits(copy).view(-1, K.BLOCK).cpu()[~failed])  # the others noisy
-    assert K.settle(rec, K.restore_group(rec)) == [0]  # a clean tile is not "modified"
+    assert K.Outcome(rec, K.restore_group(rec)).counts() == [0]  # a clean tile is not "modified"
     assert rec.skipped == int(failed.sum())
     assert torch.equal(bits(w), bits(w0))
-    assert rec.shape_key not in K._CAPACITY  # so the next perturb of the shape is checked at once
+    assert rec.group_key not in K._CAPACITY  # so the next perturb of the shape is checked at once
     nxt, counts = _round_trip([K.Layer(w, big, 33)], sigma=0.05)
     assert isinstance(nxt.used, int) and (nxt.hslot >= 0).all() and counts == [0]
     assert torch.equal(bits(w), bits(w0))

@@ -365,7 +365,7 @@ class Record:
     tile_map: torch.Tensor | None = None
     dtype: torch.dtype | None = None  # the weights' dtype and the launch's (ALIGNED, CONTIG), checked at perturb
     flags: tuple[bool, bool] | None = None
-    shape_key: tuple | None = None  # the group's (device, dtype, weights): whose record-size estimate it feeds
+    group_key: tuple | None = None  # the group's (device, dtype, weights): whose record-size estimate it feeds
     sigma: float | None = None  # sigma_t of the perturb, scaling that estimate
 
     def release(self) -> None:
@@ -388,7 +388,8 @@ class Record:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held for the restore: the counter, the headers and the used entries."""
+        """Bytes held for the restore: the counter, the headers and the used entries (allocated ones while a
+        deferred record's size is unread)."""
         per = self.off.element_size() + self.val.element_size()
         entries = self.off.numel() if self.used is None else self.used  # unsettled: what is allocated
         return self.counter.numel() * 4 + self.header.numel() * 4 + entries * per
@@ -636,7 +637,7 @@ def noisy_copy(w: torch.Tensor, std: torch.Tensor, key: int, row0: int = 0) -> t
     return out
 
 
-# A perturb sizes its record from the last one of the same group shape: (entries it needed, its sigma_t).
+# A perturb sizes its record from the last one of the same weights: (entries it needed, its sigma_t).
 _CAPACITY: dict[tuple, tuple[int, float | None]] = {}
 DEFERRED = True  # False: every perturb checks its record at once (one more host sync a step; benchmarks compare)
 
@@ -644,21 +645,21 @@ DEFERRED = True  # False: every perturb checks its record at once (one more host
 def perturb_group(layers: list[Layer], capacity: float | None = None, sigma: float | None = None) -> Record:
     """W <- round(W + eps) for every layer in one launch, with the record that makes `restore_group` exact.
 
-    The record is sized from the last perturb of a group of the same shape: its entries x sigma / its sigma
-    (off entries grow about linearly with the noise) x 9/8, at least 1/512 of the elements. Then the perturb is
+    The record is sized from the last perturb of the same weights: its entries x sigma / its sigma (off
+    entries grow about linearly with the noise) x 9/8, at least 1/512 of the elements. Then the perturb is
     *deferred*: nothing waits for the GPU, so the host goes on queueing the forward while the kernel runs
-    (a host sync here exposed the row std and the perturb, ~40 ms of a 7B step); `settle`, after the restore,
+    (a host sync here exposed the row std and the perturb, ~40 ms of a 7B step); the restore's `Outcome`
     reads the record's size. If the estimate was short after all, the tiles that found the record full are
-    left clean (no noise this step; restore skips them), `settle` counts them, and the next perturb of that
-    shape is checked at once. A first perturb of a shape, an explicit `capacity`, and DEFERRED = False check
-    at once: one sync, and the tiles that did not fit are rerun into a larger record (RETRY)."""
+    left clean (no noise this step; restore skips them), the Outcome counts them, and the next perturb of
+    those weights is checked at once. A first perturb, an explicit `capacity`, and DEFERRED = False check at
+    once: one sync, and the tiles that did not fit are rerun into a larger record (RETRY)."""
     dtype = _check(layers)
     dev = layers[0].w.device
     tab, tile_map, tiles = _table(layers)
     numel = sum(ly.w.numel() for ly in layers)
     # the group's weights, not just its shapes: another model of the same shapes has its own off fraction
-    shape_key = (str(dev), dtype, tuple((ly.w.data_ptr(), tuple(ly.w.shape)) for ly in layers))
-    last = _CAPACITY.get(shape_key)
+    group_key = (str(dev), dtype, tuple((ly.w.data_ptr(), tuple(ly.w.shape)) for ly in layers))
+    last = _CAPACITY.get(group_key)
     deferred = DEFERRED and capacity is None and last is not None
     if capacity is not None:
         cap = int(numel * capacity)
@@ -671,7 +672,7 @@ def perturb_group(layers: list[Layer], capacity: float | None = None, sigma: flo
     cap = max(1024, cap)
     rec = Record(torch.zeros(1, dtype=torch.int32, device=dev), torch.empty((tiles, 3), dtype=torch.int32, device=dev),
                  torch.empty(cap, dtype=torch.int16, device=dev), torch.empty(cap, dtype=_BITS[dtype], device=dev),
-                 table=tab, tile_map=tile_map, dtype=dtype, flags=_flags(layers), shape_key=shape_key, sigma=sigma)
+                 table=tab, tile_map=tile_map, dtype=dtype, flags=_flags(layers), group_key=group_key, sigma=sigma)
     flags = rec.flags
     _launch(tab, tile_map, tiles, dtype, flags, PERTURB, rec)
     if deferred:
@@ -687,7 +688,7 @@ def perturb_group(layers: list[Layer], capacity: float | None = None, sigma: flo
         _launch(tab, tile_map, tiles, dtype, flags, PERTURB, rec, retry=True)
         used = int(rec.counter.item())
     rec.used = used
-    _CAPACITY[shape_key] = (used, sigma)
+    _CAPACITY[group_key] = (used, sigma)
     return rec
 
 
@@ -728,16 +729,11 @@ class Outcome:
             # `needed` counts every tile's entries, the failed tiles' too: what the record should have held
             rec.used, rec.skipped = min(needed, self._cap), skipped
             if skipped:
-                _CAPACITY.pop(rec.shape_key, None)  # the estimate failed: check the next perturb at once
+                _CAPACITY.pop(rec.group_key, None)  # the estimate failed: check the next perturb at once
             else:
-                _CAPACITY[rec.shape_key] = (needed, rec.sigma)
+                _CAPACITY[rec.group_key] = (needed, rec.sigma)
             self._counts = counts
         return self._counts
-
-
-def settle(rec: Record, bad: torch.Tensor) -> list[int]:
-    """`Outcome(rec, bad).counts()`: wait for a restore's outcome now."""
-    return Outcome(rec, bad).counts()
 
 
 def restore_group(rec: Record) -> torch.Tensor:
