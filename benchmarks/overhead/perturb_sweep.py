@@ -10,8 +10,9 @@ buy? A development experiment for one GPU call, side by side with torch's copy o
       current     flat cumsum + record + checksum                            (the shipped design)
       twolevel    record by a cumsum over quads, then within the quad        (+ checksum)
       bitmask     a dense 1-bit-per-element off mask instead of a record     (+ checksum)
-    noise streams: Philox4x32-10 (shipped), Philox4x32-7, and Philox-10 split into 16-bit uniforms
-    (8 normals per call), each through MUFU Box-Muller
+    noise streams: Philox4x32-10 on 32-bit uniforms (shipped until the 16-bit stream), Philox4x32-7, and
+    Philox-10 split into 16-bit uniforms (8 normals per call; the shipped stream since, up to the sign and
+    float details of its Box-Muller), each through MUFU Box-Muller; the grouped kernels below are the shipped ones
     row std of W + B A: the shipped kernel (tl.dot) at several tiles, and a per-layer tl.dot variant in
     tf32, tf32x3, ieee and bf16, on 56 real 7B-shaped layers
 
