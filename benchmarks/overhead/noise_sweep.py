@@ -33,6 +33,22 @@ def _u(x):
 
 
 @triton.jit
+def _bm32(i1, i2, FAST: tl.constexpr):
+    """Box-Muller on two 32-bit Philox words as the stream before 16-bit halves had it (triton_noise.py's
+    _box_muller until the 8-normals-per-call stream): u1 = max(U(i1), 1e-7), u2 = U(i2)."""
+    u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
+    u2 = tl.uint_to_uniform_float(i2)
+    if FAST:
+        r = K._approx(-1.3862943611198906 * K._approx(u1, 0), 3)  # -2 ln u1 = -2 ln(2) log2(u1)
+        th = 6.283185307179586 * u2 - 3.141592653589793  # the approximations are best on [-pi, pi]
+        return -r * K._approx(th, 2), -r * K._approx(th, 1)  # cos(x + pi) = -cos x, sin(x + pi) = -sin x
+    else:
+        r = tl.sqrt(-2.0 * tl.log(u1))
+        th = 6.283185307179586 * u2
+        return r * tl.cos(th), r * tl.sin(th)
+
+
+@triton.jit
 def _flat_kernel(w_ptr, out_ptr, std_ptr, NUMEL, N, KEY, VAR: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     q = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)  # quad index
@@ -51,8 +67,8 @@ def _flat_kernel(w_ptr, out_ptr, std_ptr, NUMEL, N, KEY, VAR: tl.constexpr, ROUN
         z = tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), (BLOCK // 4, 4))
     else:
         i1, i2, i3, i4 = tl.randint4x(KEY, q, ROUNDS)
-        n1, n2 = K._box_muller(i1, i2, True)
-        n3, n4 = K._box_muller(i3, i4, True)
+        n1, n2 = _bm32(i1, i2, True)
+        n3, n4 = _bm32(i3, i4, True)
         z = tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), (BLOCK // 4, 4))
     x = (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True) + std[:, None] * z
     b = x.to(tl.int32, bitcast=True)

@@ -10,8 +10,9 @@ buy? A development experiment for one GPU call, side by side with torch's copy o
       current     flat cumsum + record + checksum                            (the shipped design)
       twolevel    record by a cumsum over quads, then within the quad        (+ checksum)
       bitmask     a dense 1-bit-per-element off mask instead of a record     (+ checksum)
-    noise streams: Philox4x32-10 (shipped), Philox4x32-7, and Philox-10 split into 16-bit uniforms
-    (8 normals per call), each through MUFU Box-Muller
+    noise streams: Philox4x32-10 on 32-bit uniforms (shipped until the 16-bit stream), Philox4x32-7, and
+    Philox-10 split into 16-bit uniforms (8 normals per call; the shipped stream since, up to the sign and
+    float details of its Box-Muller), each through MUFU Box-Muller; the grouped kernels below are the shipped ones
     row std of W + B A: the shipped kernel (tl.dot) at several tiles, and a per-layer tl.dot variant in
     tf32, tf32x3, ieee and bf16, on 56 real 7B-shaped layers
 
@@ -38,6 +39,22 @@ from kernel_bench import SHAPES_7B, cuda_ms, provenance, write_results  # noqa: 
 
 VARIANTS = {"copy": 0, "count": 1, "count+chk": 2, "flatscan": 3, "current": 4, "twolevel": 5, "bitmask": 6}
 STREAMS = {"philox10": (0, 4), "philox7": (1, 4), "philox10-16bit": (2, 8)}  # (RNG, elements per Philox call)
+
+
+@triton.jit
+def _bm32(i1, i2, FAST: tl.constexpr):
+    """Box-Muller on two 32-bit Philox words as the stream before 16-bit halves had it (triton_noise.py's
+    _box_muller until the 8-normals-per-call stream): u1 = max(U(i1), 1e-7), u2 = U(i2)."""
+    u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
+    u2 = tl.uint_to_uniform_float(i2)
+    if FAST:
+        r = K._approx(-1.3862943611198906 * K._approx(u1, 0), 3)  # -2 ln u1 = -2 ln(2) log2(u1)
+        th = 6.283185307179586 * u2 - 3.141592653589793  # the approximations are best on [-pi, pi]
+        return -r * K._approx(th, 2), -r * K._approx(th, 1)  # cos(x + pi) = -cos x, sin(x + pi) = -sin x
+    else:
+        r = tl.sqrt(-2.0 * tl.log(u1))
+        th = 6.283185307179586 * u2
+        return r * tl.cos(th), r * tl.sin(th)
 
 
 @triton.jit
@@ -68,8 +85,8 @@ def _z(key, c, RNG: tl.constexpr, L: tl.constexpr, FAST: tl.constexpr):
         return tl.reshape(z, (c.shape[0], L))
     else:
         i1, i2, i3, i4 = tl.randint4x(key, c, 10 if RNG == 0 else 7)
-        n1, n2 = K._box_muller(i1, i2, FAST)
-        n3, n4 = K._box_muller(i3, i4, FAST)
+        n1, n2 = _bm32(i1, i2, FAST)
+        n3, n4 = _bm32(i3, i4, FAST)
         return tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), (c.shape[0], L))
 
 

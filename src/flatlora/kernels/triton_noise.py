@@ -1,6 +1,7 @@
 """Triton kernels for Flat-LoRA noise: row std of the merged weight, in-place perturb with an exact-restore
 record, restore, and the forward-mode noisy copy. Noise is `philox.py`'s stream: z(key, i * n + j) from one
-`randn4x` call per 4 consecutive elements, so a tile of rows needs nothing but (key, global row, column).
+Philox call (`randint4x`) per 8 consecutive elements, Box-Muller on the 16-bit halves of its four words, so a
+tile of rows needs nothing but (key, global row, column).
 
 One elementwise kernel serves three modes over tiles of BLOCK consecutive elements of a logical (m, n)
 weight (any strides; row-major contiguous views get vector loads):
@@ -111,39 +112,57 @@ def _approx(x, OP: tl.constexpr):
 
 
 @triton.jit
-def _box_muller(i1, i2, FAST: tl.constexpr):
-    """Two normals from two Philox words, as `philox.py` defines them: u1 = max(U(i1), 1e-7), u2 = U(i2),
-    r = sqrt(-2 ln u1), (r cos 2 pi u2, r sin 2 pi u2). FAST (compiled on a GPU) takes the transcendentals
-    from the special-function unit (absolute error ~1e-6 on z; libdevice's would make the kernels
-    compute-bound at a third of the memory bandwidth); the interpreter uses the precise ones."""
-    u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
-    u2 = tl.uint_to_uniform_float(i2)
+def _box_muller(w, FAST: tl.constexpr):
+    """The two normals of one Philox word (uint32), as `philox.py` defines them: its 16-bit halves h1, h2
+    give u1 = (h1 + 1/2) 2^-16, r = sqrt(-2 ln u1), theta = 2 pi (h2 + 1/2) 2^-16 - pi, computed as
+    pi 2^-16 (2 h2 + 1 - 2^16) (one rounding), and (r cos theta, r sin theta). FAST (compiled on a GPU)
+    takes the transcendentals from the special-function unit (absolute error ~1e-6 on z, up to ~4e-5 for the
+    smallest r, where lg2's absolute error ~2^-22 is large against ln u1; theta in (-pi, pi), where
+    sin/cos.approx are most accurate; libdevice's would make the kernels compute-bound at a third of the
+    memory bandwidth); the interpreter uses the precise ones."""
+    tl.static_assert(w.dtype == tl.uint32, "Philox words are uint32 (logical shifts)")
+    h1 = (w & 0xFFFF).to(tl.int32)
+    h2 = (w >> 16).to(tl.int32)
+    u1 = (h1.to(tl.float32) + 0.5) * 1.52587890625e-05  # exact: 2^-16
+    th = (h2 * 2 - 65535).to(tl.float32) * 4.7936899621426287e-05  # float32(pi) 2^-16, as philox.THETA_SCALE
     if FAST:
         r = _approx(-1.3862943611198906 * _approx(u1, 0), 3)  # -2 ln u1 = -2 ln(2) log2(u1)
-        th = 6.283185307179586 * u2 - 3.141592653589793  # the approximations are best on [-pi, pi]
-        return -r * _approx(th, 2), -r * _approx(th, 1)  # cos(x + pi) = -cos x, sin(x + pi) = -sin x
+        return r * _approx(th, 2), r * _approx(th, 1)
     else:
         r = tl.sqrt(-2.0 * tl.log(u1))
-        th = 6.283185307179586 * u2
         return r * tl.cos(th), r * tl.sin(th)
 
 
 @triton.jit
+def _normals8(key, c, FAST: tl.constexpr):
+    """z(key, 8 c + l) for l < 8 as a [Q, 8] block, from one Philox call per counter c [Q] (int64)."""
+    w0, w1, w2, w3 = tl.randint4x(key, c)
+    c0, s0 = _box_muller(w0, FAST)
+    c1, s1 = _box_muller(w1, FAST)
+    c2, s2 = _box_muller(w2, FAST)
+    c3, s3 = _box_muller(w3, FAST)
+    # tl.join stacks on a new last axis: element [q, d, e, f] of the joins is (cos, sin)[f] of word 2 d + e,
+    # and the row-major reshape puts it at lane 4 d + 2 e + f = 2 p + f: c0 s0 c1 s1 c2 s2 c3 s3 (the
+    # kernel cases check the order against philox.normals8).
+    z = tl.join(tl.join(tl.join(c0, c2), tl.join(c1, c3)), tl.join(tl.join(s0, s2), tl.join(s1, s3)))
+    return tl.reshape(z, (c.shape[0], 8))
+
+
+@triton.jit
 def _normals(key, g0, q, ALIGNED: tl.constexpr, FAST: tl.constexpr):
-    """z(key, g0 + 4 q + l) for l < 4 as a [Q, 4] block (g0: global offset of the tile, int64). ALIGNED
-    (g0 a multiple of 4): one Philox call per row of the block; else one per element, lanes picked."""
+    """z(key, g0 + 8 q + l) for l < 8 as a [Q, 8] block (g0: global offset of the tile, int64). ALIGNED
+    (g0 a multiple of 8): one Philox call per row of the block; else one per element, word and half picked
+    by the lane."""
     if ALIGNED:
-        i1, i2, i3, i4 = tl.randint4x(key, g0 // 4 + q)
-        n1, n2 = _box_muller(i1, i2, FAST)
-        n3, n4 = _box_muller(i3, i4, FAST)
-        return tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), (q.shape[0], 4))
+        return _normals8(key, g0 // 8 + q, FAST)
     else:
-        g = g0 + q[:, None] * 4 + tl.arange(0, 4)[None, :]
-        i1, i2, i3, i4 = tl.randint4x(key, g >> 2)
-        n1, n2 = _box_muller(i1, i2, FAST)
-        n3, n4 = _box_muller(i3, i4, FAST)
-        lane = g & 3
-        return tl.where(lane == 0, n1, tl.where(lane == 1, n2, tl.where(lane == 2, n3, n4)))
+        g = g0 + q[:, None] * 8 + tl.arange(0, 8)[None, :]
+        w0, w1, w2, w3 = tl.randint4x(key, g >> 3)
+        lane = (g & 7).to(tl.int32)
+        p = lane >> 1
+        w = tl.where(p == 0, w0, tl.where(p == 1, w1, tl.where(p == 2, w2, w3)))
+        zc, zs = _box_muller(w, FAST)
+        return tl.where((lane & 1) == 0, zc, zs)
 
 
 @triton.jit
@@ -169,7 +188,7 @@ def _noise_kernel(
     CONTIG: every view in the launch is row-major contiguous with 16-byte aligned storage, so o is also the
     storage offset; the alignment hint matters: a pointer loaded from the table carries no alignment the
     compiler can see, and without it every access is a scalar 2-byte one (most of the old kernels' time).
-    ALIGNED: every n is a multiple of 4, so a quad of elements shares a row and a Philox call."""
+    ALIGNED: every n is a multiple of 8, so an octet of elements shares a row and a Philox call."""
     t = tl.program_id(0)
     BITS: tl.constexpr = tl.int16 if KIND < 2 else tl.int32
     layer = tl.load(map_ptr + t)
@@ -183,17 +202,17 @@ def _noise_kernel(
         key = tl.load(row + C_KEY)
     M = tl.load(row + C_M)
     N = tl.load(row + C_N)
-    # int32 element indices (the host keeps every layer under 2^31 elements): one cheap division per quad
+    # int32 element indices (the host keeps every layer under 2^31 elements): one cheap division per octet
     start = ((t - tl.load(row + C_TILE0)) * BLOCK_).to(tl.int32)
     numel = (M * N).to(tl.int32)
     N32 = N.to(tl.int32)
-    q = tl.arange(0, BLOCK_ // 4)
-    offs = q[:, None] * 4 + tl.arange(0, 4)[None, :]  # in-tile offset
+    q = tl.arange(0, BLOCK_ // 8)  # octet index: the 8 elements of one Philox call when ALIGNED
+    offs = q[:, None] * 8 + tl.arange(0, 8)[None, :]  # in-tile offset
     o = start + offs  # element index in the (m, n) view
     mask = o < numel
     if ALIGNED:
-        rq = (start + q * 4) // N32
-        std = tl.load(std_ptr + rq, mask=start + q * 4 < numel, other=0.0)[:, None]
+        rq = (start + q * 8) // N32
+        std = tl.load(std_ptr + rq, mask=start + q * 8 < numel, other=0.0)[:, None]
         r = rq[:, None]
     else:
         r = o // N32
@@ -219,9 +238,10 @@ def _noise_kernel(
     elif MODE == 0:  # PERTURB
         noisy = _round_bits(x + eps, KIND)
         replay = _round_bits(_to_f32(noisy, KIND) - eps, KIND)
-        # The record by a two-level scan: entries before a quad (a scan over the BLOCK/4 quad counts), then
-        # before the entry in its quad (4 lanes a thread holds). A scan over the flat tile instead cost twice
-        # the whole perturb (perturb_sweep.py: 12.2 against 6.6 ms on a quarter of the 7B group).
+        # The record by a two-level scan: entries before an octet (a scan over the BLOCK/8 octet counts), then
+        # before the entry in its octet (8 lanes a thread holds). A scan over the flat tile instead cost twice
+        # the whole perturb (perturb_sweep.py, with the 4-lane quads of the randn4x stream: 12.2 against 6.6 ms
+        # on a quarter of the 7B group).
         offi = ((replay != bits) & mask).to(tl.int32)
         qc = tl.sum(offi, axis=1)
         count = tl.sum(qc, axis=0)
@@ -451,7 +471,7 @@ def _contiguous(w: torch.Tensor) -> bool:
 def _flags(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple[bool, bool]:
     """(ALIGNED, CONTIG) of a launch."""
     views = [ly.w for ly in layers] + (outs or [])
-    return all(ly.w.shape[1] % 4 == 0 for ly in layers), all(_contiguous(v) for v in views)
+    return all(ly.w.shape[1] % 8 == 0 for ly in layers), all(_contiguous(v) for v in views)
 
 
 def _key_halves(key: int) -> tuple[int, int]:
@@ -579,7 +599,7 @@ def _one_layer(k: tuple, w: torch.Tensor, std: torch.Tensor, key: int, row0: int
     # CONTIG but for the output's address (its strides are in `k`, its address is not)
     contig = _contiguous(w) and out.stride(1) == 1 and (out.stride(0) == w.shape[1] or w.shape[0] == 1)
     dev = _prebound_device(w)
-    hit = (tab, tile_map, tiles, dtype, _KIND[dtype], w.shape[1] % 4 == 0, contig, dev, tab.data_ptr(),
+    hit = (tab, tile_map, tiles, dtype, _KIND[dtype], w.shape[1] % 8 == 0, contig, dev, tab.data_ptr(),
            tile_map.data_ptr())
     if len(_ONE) >= 4096:  # weights come and go (a model reloaded): start over rather than grow
         _ONE.clear()
