@@ -493,7 +493,12 @@ def _launch(tab, tile_map, tiles, dtype, flags, mode, rec: Record | None, bad=No
     return _noise_kernel[(tiles,)](
         tab, tile_map, cnt, hdr, off, val, cap, bad if bad is not None else dummy, out, std, hi, lo,
         MODE=mode, KIND=_KIND[dtype], ALIGNED=flags[0], CONTIG=flags[1], RETRY=retry, FAST=_fast(), BLOCK_=BLOCK,
-        PB=256, LAYER_ARGS=layer is not None, num_warps=NUM_WARPS[mode])
+        PB=256, LAYER_ARGS=layer is not None, num_warps=NUM_WARPS[mode],
+        # No fused multiply-add: x + std * z must round the product and then the sum in every specialization
+        # (each MODE, LAYER_ARGS, alignment compiles its own code), so restore's W - eps is the very value
+        # perturb's replay predicted and the pre-bound copy writes the grouped copy's bits; with contraction
+        # on, one H200 run found a float32 copy 1 ulp apart between two specializations.
+        enable_fp_fusion=False)
 
 
 def noisy_copy_group(layers: list[Layer], outs: list[torch.Tensor]) -> None:
