@@ -431,10 +431,17 @@ def test_gpu_prebound_noisy_copies_are_the_ordinary_launches(dtype, monkeypatch)
                 K.noisy_copy_(w, std, key, row0, out)
                 calls += 1
                 assert torch.equal(bits(out.contiguous()), ref)
+            # the weight in new storage at every call (a quantized base's dequantized W, a gathered shard)
+            fresh = torch.empty_strided(w.shape, w.stride(), dtype=dtype, device="cuda").copy_(w)
+            out = torch.empty(w.shape, dtype=dtype, device="cuda")
+            K.noisy_copy_(fresh, std, key, row0, out)
+            calls += 1
+            assert torch.equal(bits(out), ref)
     assert len(K._ONE) == len(cases) * 2  # one table per weight and output layout, whatever the window
     refs = refs[0]
     assert 4 <= len(K._PREBOUND) == len(ordinary) < calls // 20  # one ordinary launch per specialization
-    assert any(not key[6] for key in K._PREBOUND)  # some outputs were not 16-byte aligned
+    assert any(not key[7] for key in K._PREBOUND)  # some outputs were not 16-byte aligned
+    assert any(not key[6] for key in K._PREBOUND)  # nor some weights
     with monkeypatch.context() as m:  # Triton's ordinary launch for every call: the same bits
         m.setattr(K, "_plain_launch", lambda *a: False)
         for (w, std, key, row0), ref in zip(cases, refs):

@@ -42,16 +42,17 @@ def test_plain_launch_only_without_hooks_and_key_settings():
 
 
 def test_copy_key_follows_what_triton_specializes_on():
-    base = K._copy_key(0, 0, True, True, 512, 1024, 4096, 8192)
-    assert base == K._copy_key(0, 0, True, True, 16, 32, 4096 + 48, 8192)  # other 16-byte aligned addresses
-    assert base != K._copy_key(0, 0, True, True, 512, 1024, 4096 + 2, 8192)  # output one bf16 element further
-    assert base != K._copy_key(0, 0, True, True, 520, 1024, 4096, 8192)  # unaligned table
-    assert base != K._copy_key(0, 0, True, True, 512, 1028, 4096, 8192)  # unaligned tile map
-    assert base != K._copy_key(0, 1, True, True, 512, 1024, 4096, 8192)  # float16: another constexpr
-    assert base != K._copy_key(0, 0, False, True, 512, 1024, 4096, 8192)
-    assert base != K._copy_key(0, 0, True, False, 512, 1024, 4096, 8192)
-    assert base != K._copy_key(1, 0, True, True, 512, 1024, 4096, 8192)  # another GPU: another loaded module
-    assert base != K._copy_key(0, 0, True, True, 512, 1024, 4096, 8196)  # std one float32 further
+    base = K._copy_key(0, 0, True, True, 512, 1024, 2048, 4096, 8192)
+    assert base == K._copy_key(0, 0, True, True, 16, 32, 2048, 4096 + 48, 8192)  # other 16-byte aligned addresses
+    assert base != K._copy_key(0, 0, True, True, 512, 1024, 2048, 4096 + 2, 8192)  # output one bf16 element further
+    assert base != K._copy_key(0, 0, True, True, 520, 1024, 2048, 4096, 8192)  # unaligned table
+    assert base != K._copy_key(0, 0, True, True, 512, 1028, 2048, 4096, 8192)  # unaligned tile map
+    assert base != K._copy_key(0, 1, True, True, 512, 1024, 2048, 4096, 8192)  # float16: another constexpr
+    assert base != K._copy_key(0, 0, False, True, 512, 1024, 2048, 4096, 8192)
+    assert base != K._copy_key(0, 0, True, False, 512, 1024, 2048, 4096, 8192)
+    assert base != K._copy_key(1, 0, True, True, 512, 1024, 2048, 4096, 8192)  # another GPU: another loaded module
+    assert base != K._copy_key(0, 0, True, True, 512, 1024, 2048, 4096, 8196)  # std one float32 further
+    assert base != K._copy_key(0, 0, True, True, 512, 1024, 2050, 4096, 8192)  # weight one bf16 element further
 
 
 def test_copy_key_matches_tritons_own_specialization():
@@ -187,6 +188,26 @@ def test_prebound_launch_passes_what_the_ordinary_launch_passes(fake_gpu):
 
     with pytest.raises(ValueError, match="output must be a"):  # a wrong output is still refused on a hit
         K.noisy_copy_(w, std, 5, 0, torch.empty(40, 96, dtype=torch.float16))
+
+
+def test_a_new_weight_tensor_at_every_call_reuses_the_table_and_the_prebound_kernel(fake_gpu):
+    """A quantized base dequantizes into a fresh tensor at every forward (a gathered shard likewise): the table
+    is keyed by shape and strides, and the weight's address travels as an argument like the output's."""
+    rec, params, _ = fake_gpu
+    g = torch.Generator().manual_seed(1)
+    std = torch.rand(40, generator=g)
+    out = torch.empty(40, 96, dtype=torch.bfloat16)
+    ws = [(torch.randn(40, 96, generator=g) * 0.02).to(torch.bfloat16) for _ in range(3)]  # all alive: 3 addresses
+    for w in ws:
+        K.noisy_copy_(w, std, 5, 0, out)
+    assert len(K._ONE) == 1 and len(rec.ordinary) == 1 and len(rec.prebound) == 2
+    _, args, kwargs = rec.ordinary[0]
+    assert args[-5].dtype == torch.int16 and args[-5].data_ptr() == ws[0].data_ptr()  # the weight as its bits
+    for launch, w in zip(rec.prebound, ws[1:]):
+        assert launch[9:] == _bound(params, args[:-5] + (w.data_ptr(),) + args[-4:], kwargs)
+    buf = torch.empty(40 * 96 + 8, dtype=torch.bfloat16)
+    K.noisy_copy_(buf[1:1 + 40 * 96].view(40, 96), std, 5, 0, out)  # a misaligned weight: another specialization
+    assert len(rec.ordinary) == 2 and not rec.ordinary[1][2]["CONTIG"] and len(K._ONE) == 1
 
 
 def test_other_device_or_cpu_output_takes_the_ordinary_launch(fake_gpu, monkeypatch):

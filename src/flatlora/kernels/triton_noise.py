@@ -176,11 +176,12 @@ def _checksum(bits, offs):
 def _noise_kernel(
     tab_ptr, map_ptr,  # layer table and tile -> layer map
     cnt_ptr, hdr_ptr, roff_ptr, rval_ptr, CAP, bad_ptr,  # record (PERTURB / RESTORE)
-    # COPY with LAYER_ARGS (one layer): its output, std and key as arguments instead of the table's C_OUT,
-    # C_STD and C_KEY, so the table holds only what is fixed for a weight's life and never changes between
-    # windows. The key travels as two signed 32-bit halves: Triton types an integer argument by its value
+    # COPY with LAYER_ARGS (one layer): its weight, output, std and key as arguments instead of the table's C_W,
+    # C_OUT, C_STD and C_KEY, so the table holds only the layer's shape, strides and first row, which never change
+    # between windows, nor between the fresh tensors a quantized base dequantizes into or a sharded one is
+    # gathered into at every forward (one table serves them all). The key travels as two signed 32-bit halves: Triton types an integer argument by its value
     # (i32 below 2^31, i64 above), and two i32s keep one compiled kernel for every key.
-    oarg_ptr, sarg_ptr, key_hi, key_lo,
+    warg_ptr, oarg_ptr, sarg_ptr, key_hi, key_lo,
     MODE: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr, CONTIG: tl.constexpr, RETRY: tl.constexpr,
     FAST: tl.constexpr, BLOCK_: tl.constexpr, PB: tl.constexpr, LAYER_ARGS: tl.constexpr,
 ):
@@ -193,11 +194,12 @@ def _noise_kernel(
     BITS: tl.constexpr = tl.int16 if KIND < 2 else tl.int32
     layer = tl.load(map_ptr + t)
     row = tab_ptr + layer.to(tl.int64) * N_COLS
-    w_ptr = tl.load(row + C_W).to(tl.pointer_type(BITS))
     if LAYER_ARGS:
+        w_ptr = warg_ptr
         std_ptr = sarg_ptr
         key = (key_hi.to(tl.int64) << 32) | (key_lo.to(tl.int64) & 0xFFFFFFFF)
     else:
+        w_ptr = tl.load(row + C_W).to(tl.pointer_type(BITS))
         std_ptr = tl.load(row + C_STD).to(tl.pointer_type(tl.float32))
         key = tl.load(row + C_KEY)
     M = tl.load(row + C_M)
@@ -482,16 +484,17 @@ def _key_halves(key: int) -> tuple[int, int]:
 
 def _launch(tab, tile_map, tiles, dtype, flags, mode, rec: Record | None, bad=None, retry=False, layer=None):
     """Triton's own launch of `_noise_kernel`; returns what it returns (compiled: the CompiledKernel).
-    layer: (output, std, key) of a one-layer COPY whose table holds none of them (LAYER_ARGS)."""
+    layer: (weight, output, std, key) of a one-layer COPY whose table holds none of them (LAYER_ARGS)."""
     dummy = tab
     if rec is None:
         cnt = hdr = off = val = dummy
         cap = 0
     else:
         cnt, hdr, off, val, cap = rec.counter, rec.header, rec.off, rec.val, rec.off.numel()
-    out, std, (hi, lo) = (dummy, dummy, (0, 0)) if layer is None else (layer[0], layer[1], _key_halves(layer[2]))
+    w, out, std, (hi, lo) = ((dummy, dummy, dummy, (0, 0)) if layer is None
+                             else (layer[0], layer[1], layer[2], _key_halves(layer[3])))
     return _noise_kernel[(tiles,)](
-        tab, tile_map, cnt, hdr, off, val, cap, bad if bad is not None else dummy, out, std, hi, lo,
+        tab, tile_map, cnt, hdr, off, val, cap, bad if bad is not None else dummy, w, out, std, hi, lo,
         MODE=mode, KIND=_KIND[dtype], ALIGNED=flags[0], CONTIG=flags[1], RETRY=retry, FAST=_fast(), BLOCK_=BLOCK,
         PB=256, LAYER_ARGS=layer is not None, num_warps=NUM_WARPS[mode],
         # No fused multiply-add: x + std * z must round the product and then the sum in every specialization
@@ -558,16 +561,16 @@ def _plain_launch(rt, comp, kernel) -> bool:
             and not kernel.pre_run_hooks)
 
 
-def _copy_key(device: int, kind: int, aligned: bool, contig: bool, tab_ptr: int, map_ptr: int, out_ptr: int,
-              std_ptr: int) -> tuple:
+def _copy_key(device: int, kind: int, aligned: bool, contig: bool, tab_ptr: int, map_ptr: int, w_ptr: int,
+              out_ptr: int, std_ptr: int) -> tuple:
     """Everything Triton specializes a one-layer COPY launch (`noisy_copy_`'s `_launch`) on, besides what that
     launch fixes (MODE, RETRY, FAST, BLOCK_, PB, LAYER_ARGS, num_warps; CAP = 0, the record pointers = the
     table; the key's halves are i32s it does not specialize on): the constexprs KIND (which also sets the
-    output's pointee type), ALIGNED and CONTIG, and the 16-byte alignment of each distinct pointer (Triton marks
+    weight's and output's pointee type), ALIGNED and CONTIG, and the 16-byte alignment of each distinct pointer (Triton marks
     a pointer argument whose address is a multiple of 16 and compiles accesses through it accordingly); and the
     device whose context holds the loaded kernel."""
-    return (device, kind, aligned, contig, tab_ptr % 16 == 0, map_ptr % 16 == 0, out_ptr % 16 == 0,
-            std_ptr % 16 == 0)
+    return (device, kind, aligned, contig, tab_ptr % 16 == 0, map_ptr % 16 == 0, w_ptr % 16 == 0,
+            out_ptr % 16 == 0, std_ptr % 16 == 0)
 
 
 def _prebind(kernel) -> tuple | None:
@@ -596,13 +599,14 @@ _ONE: dict[tuple, tuple] = {}  # one-layer launch tables by everything they hold
 
 
 def _one_layer(k: tuple, w: torch.Tensor, std: torch.Tensor, key: int, row0: int, out: torch.Tensor) -> tuple:
-    """noisy_copy_'s cache entry for key `k`: the table and the launch's fixed flags. The table's std and key
-    columns hold this first call's (checked here); the launch reads each call's own from its arguments."""
+    """noisy_copy_'s cache entry for key `k`: the table and the launch's fixed flags. The table's weight, output,
+    std and key columns hold this first call's (checked here); the launch reads each call's own from its
+    arguments."""
     ly = Layer(w, std, key, row0)
     dtype = _check([ly])
     tab, tile_map, tiles = _table([ly], [out])
-    # CONTIG but for the output's address (its strides are in `k`, its address is not)
-    contig = _contiguous(w) and out.stride(1) == 1 and (out.stride(0) == w.shape[1] or w.shape[0] == 1)
+    # CONTIG but for the weight's and output's addresses (their strides are in `k`, their addresses are not)
+    contig = all(v.stride(1) == 1 and (v.stride(0) == w.shape[1] or w.shape[0] == 1) for v in (w, out))
     dev = _prebound_device(w)
     hit = (tab, tile_map, tiles, dtype, _KIND[dtype], w.shape[1] % 8 == 0, contig, dev, tab.data_ptr(),
            tile_map.data_ptr())
@@ -618,10 +622,12 @@ def noisy_copy_(w: torch.Tensor, std: torch.Tensor, key: int, row0: int, out: to
     Forward mode calls this for every layer in forward and again in backward, with a new (std, key) every
     window and a fresh output each time, so the host time of a call is what it is about. The layer table holds
     only what is fixed for the weight's life (its address, shape, strides, first row and the output's strides)
-    and is cached under those; output, std and key travel as kernel arguments (LAYER_ARGS), so a step builds no
-    table at all (building and uploading one per layer and window took ~0.1 ms, ~20 ms of a 7B step); the
-    launch is pre-bound (see above)."""
-    k = (w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device, row0, out.stride())
+    and is cached under those; weight, output, std and key travel as kernel arguments (LAYER_ARGS), so a step
+    builds no table at all (building and uploading one per layer and window took ~0.1 ms, ~20 ms of a 7B step),
+    not even for a weight that is a new tensor at every call (a quantized base's dequantized W, a gathered
+    shard: with the weight's address in the table, each of those calls built, uploaded and launched its own
+    table through Triton's generic launch); the launch is pre-bound (see above)."""
+    k = (tuple(w.shape), w.stride(), w.dtype, w.device, row0, out.stride())
     hit = _ONE.get(k)
     if hit is None:
         hit = _one_layer(k, w, std, key, row0, out)
@@ -630,13 +636,13 @@ def noisy_copy_(w: torch.Tensor, std: torch.Tensor, key: int, row0: int, out: to
     tab, tile_map, tiles, dtype, kind, aligned, contig, dev, tab_ptr, map_ptr = hit
     if out.dtype != dtype or out.shape != w.shape:
         raise ValueError(f"the output must be a {tuple(w.shape)} {dtype} view, got {tuple(out.shape)} {out.dtype}")
-    optr, sptr = out.data_ptr(), std.data_ptr()
-    contig = contig and optr % 16 == 0
+    wptr, optr, sptr = w.data_ptr(), out.data_ptr(), std.data_ptr()
+    contig = contig and wptr % 16 == 0 and optr % 16 == 0
     key_ = None
     if dev is not None:
         rt, comp, device, stream = _RUNTIME
         if out.get_device() == dev == device() and std.get_device() == dev and _plain_launch(rt, comp, _noise_kernel):
-            key_ = _copy_key(dev, kind, aligned, contig, tab_ptr, map_ptr, optr, sptr)
+            key_ = _copy_key(dev, kind, aligned, contig, tab_ptr, map_ptr, wptr, optr, sptr)
             pre = _PREBOUND.get(key_)
             if pre is not None:
                 # JITFunction.run's launch, argument for argument (constexprs included, FAST = _fast() as
@@ -644,11 +650,11 @@ def noisy_copy_(w: torch.Tensor, std: torch.Tensor, key: int, row0: int, out: to
                 # _plain_launch found none to call.
                 hi, lo = _key_halves(key)
                 pre[0](tiles, 1, 1, stream(dev), pre[1], pre[2], None, None, None,
-                       tab_ptr, map_ptr, tab_ptr, tab_ptr, tab_ptr, tab_ptr, 0, tab_ptr, optr, sptr, hi, lo,
+                       tab_ptr, map_ptr, tab_ptr, tab_ptr, tab_ptr, tab_ptr, 0, tab_ptr, wptr, optr, sptr, hi, lo,
                        COPY, kind, aligned, contig, False, True, BLOCK, 256, True)
                 return
     compiled = _launch(tab, tile_map, tiles, dtype, (aligned, contig), COPY, None,
-                       layer=(out.view(_BITS[dtype]), std, key))
+                       layer=(w.view(_BITS[dtype]), out.view(_BITS[dtype]), std, key))
     if key_ is not None:
         entry = _prebind(compiled)
         if entry is not None:
