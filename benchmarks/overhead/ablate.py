@@ -1,0 +1,138 @@
+"""Where the in-place perturb's and restore's time goes: the shipped kernels with one piece taken out at a time.
+
+    python benchmarks/overhead/ablate.py --out $OUT [--only layer|group] [--variants shipped,no-atomic,...]
+
+The noisy copy (forward mode) moves the same bytes as perturb and restore and draws the same noise, yet on the
+H200 the perturb took 3.2x and the restore 1.25x its time (kernels-nvidia-h200-group.json, 2026-12-02). This
+script reads src/flatlora/kernels/triton_noise.py, applies each variant's text substitutions to it (every one must
+match exactly once, so a variant that no longer fits the kernel fails loudly instead of timing the shipped code),
+loads the result as its own module and times perturb_group / restore_group / noisy_copy_group on the same
+weights, side by side in one process. The variants compute wrong records (that is the point): only their times
+mean anything. Every perturb runs with an explicit record capacity of 13 % of the elements (no retry at σ 0.05,
+where ~5 % of the entries are off; "no-atomic" gives each 2 048-element tile a fixed 256-entry region instead).
+Writes ablate-<device>.json with the provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_bench import SHAPES_7B, build, copy_gbps, cuda_ms, load_module, provenance, write_results  # noqa: E402
+
+KERNELS = Path(__file__).resolve().parents[2] / "src" / "flatlora" / "kernels" / "triton_noise.py"
+
+# name -> [(text in triton_noise.py, replacement)]
+PERTURB_ATOMIC = ("slot = tl.atomic_add(cnt_ptr, count * active.to(tl.int32))", "slot = t * (BLOCK_ // 8)")
+PERTURB_SCAN = ("pos = slot + (tl.cumsum(qc, axis=0) - qc)[:, None] + (tl.cumsum(offi, axis=1) - offi)",
+                "pos = slot + (tl.cumsum(offi, axis=1) - offi)")  # in-register part only: entries collide
+PERTURB_STORES = ("        tl.store(roff_ptr + pos, offs.to(tl.int16), mask=sel)\n"
+                  "        tl.store(rval_ptr + pos, bits, mask=sel)\n", "")
+PERTURB_CHECKSUM = ("chk = _checksum(tl.where(mask, noisy, 0), offs)", "chk = count")
+PERTURB_WAIT = ("tl.store(ptrs, noisy, mask=mask & ((offs * 0 + ok_i) != 0))", "tl.store(ptrs, noisy, mask=mask)")
+RESTORE_CHECKSUM = ("good = _checksum(bits, offs) == tl.load(hdr_ptr + t * 3 + 2)", "good = slot > -2")
+RESTORE_PATCHES = ("for s in range(0, count, PB):", "for s in range(0, count * 0, PB):")
+RESTORE_BARRIER = ("        tl.debug_barrier()  # the patches below overwrite some of the values just stored\n", "")
+
+# A perturb variant whose record entries are not all written leaves garbage in-tile offsets behind, and the
+# restore's patches would write through them out of bounds: those variants drop the patches too (their restore
+# time is then "no-patches"' one).
+NO_PATCHES = [RESTORE_PATCHES, RESTORE_BARRIER]
+VARIANTS = {
+    "shipped": [],
+    "no-atomic": [PERTURB_ATOMIC],
+    "no-cross-warp-scan": [PERTURB_SCAN] + NO_PATCHES,
+    "no-record-stores": [PERTURB_STORES] + NO_PATCHES,
+    "no-checksum": [PERTURB_CHECKSUM, RESTORE_CHECKSUM],
+    "w-store-not-waiting": [PERTURB_WAIT],
+    "no-patches": NO_PATCHES,
+    "perturb-bare": [PERTURB_ATOMIC, PERTURB_SCAN, PERTURB_STORES, PERTURB_CHECKSUM, PERTURB_WAIT] + NO_PATCHES,
+}
+
+
+def variant_source(name: str, text: str) -> str:
+    for old, new in VARIANTS[name]:
+        n = text.count(old)
+        if n != 1:
+            raise SystemExit(f"variant {name!r}: {old[:60]!r}... occurs {n} times in {KERNELS} (expected once); "
+                             f"update ablate.py to the kernel")
+        text = text.replace(old, new)
+    return text
+
+
+def time_variant(K, name: str, shapes, rank: float, sigma: float, reps: int, copy_bw: float, setting: str) -> dict:
+    ws, items = build(shapes, rank)
+    wbytes = sum(w.numel() for w in ws) * 2
+    stds = K.row_std_group([K.StdItem(w, a, b) for w, a, b in items], sigma)
+    layers = [K.Layer(w, s, 1000 + i) for i, (w, s) in enumerate(zip(ws, stds))]
+    tp, tr = [], []
+    for i in range(reps + 2):
+        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        torch.cuda.synchronize()
+        e0.record()
+        rec = K.perturb_group(layers, capacity=0.13)
+        e1.record()
+        K.restore_group(rec)
+        e2.record()
+        e2.synchronize()
+        if i >= 2:
+            tp.append(e0.elapsed_time(e1))
+            tr.append(e1.elapsed_time(e2))
+        del rec
+    outs = [torch.empty_like(w) for w in ws]
+    t_copy = cuda_ms(lambda: K.noisy_copy_group(layers, outs), reps)
+    row = {"setting": setting, "variant": name, "layers": len(shapes), "bytes_rw": 2 * wbytes,
+           "perturb_ms": statistics.median(tp), "restore_ms": statistics.median(tr), "noisy_copy_ms": t_copy,
+           "floor_ms": 2 * wbytes / copy_bw / 1e6}
+    print(f"  {setting:<6} {name:<20} perturb {row['perturb_ms']:8.3f} ms  restore {row['restore_ms']:8.3f} ms  "
+          f"noisy copy {t_copy:8.3f} ms  (floor {row['floor_ms']:.3f} ms)", flush=True)
+    del ws, items, layers, stds, outs
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--only", default="group", choices=["layer", "group"])
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--sigma", type=float, default=0.05)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args(argv)
+    names = args.variants.split(",")
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    text = KERNELS.read_text()
+    sources = {name: variant_source(name, text) for name in names}  # every substitution checked before any GPU work
+    if not torch.cuda.is_available():
+        with tempfile.TemporaryDirectory() as tmp:  # they still import (Triton parses a kernel when it is called)
+            for name, src in sources.items():
+                path = Path(tmp) / f"ablate_{name.replace('-', '_')}.py"
+                path.write_text(src)
+                load_module(str(path), path.stem)
+        raise SystemExit("ablate.py times CUDA kernels: run it on the GPU machine (every variant matched and imports)")
+    shapes = {"layer": [(11008, 4096)], "group": SHAPES_7B * 32}[args.only]
+    bw = copy_gbps(sum(m * n for m, n in shapes) * 2)
+    info = provenance(rank=args.rank, sigma=args.sigma, copy_gbps=bw, setting=args.only)
+    print(f"{args.only}: {len(shapes)} layers, torch copy {bw:.0f} GB/s", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            path = Path(tmp) / f"ablate_{name.replace('-', '_')}.py"
+            path.write_text(sources[name])
+            K = load_module(str(path), path.stem)
+            rows.append(time_variant(K, name, shapes, args.rank, args.sigma, args.reps, bw, args.only))
+    write_results(args.out, "ablate", info, rows)
+
+
+if __name__ == "__main__":
+    main()

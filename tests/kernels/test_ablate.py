@@ -1,0 +1,27 @@
+"""benchmarks/overhead/ablate.py edits the shipped noise kernel's source text: every variant must still find
+each piece it takes out exactly once (a kernel change that moves one fails here, on CPU, not on the GPU)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "overhead"))
+import ablate  # noqa: E402  (reads the kernel as text; imports torch, not triton)
+
+
+def test_every_variant_fits_the_shipped_kernel():
+    text = ablate.KERNELS.read_text()
+    assert ablate.variant_source("shipped", text) == text
+    sources = {name: ablate.variant_source(name, text) for name in ablate.VARIANTS if name != "shipped"}
+    for name, src in sources.items():
+        assert src != text, name
+        for old, new in ablate.VARIANTS[name]:
+            assert src.count(old) == 0 or old in new, (name, old[:40])
+    assert len(set(sources.values())) == len(sources)  # no two variants time the same code
+
+
+def test_a_stale_substitution_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(ablate.VARIANTS, "stale", [("no such kernel text", "")])
+    with pytest.raises(SystemExit, match="occurs 0 times"):
+        ablate.variant_source("stale", ablate.KERNELS.read_text())
