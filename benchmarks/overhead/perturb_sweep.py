@@ -36,25 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flatlora.kernels import triton_noise as K  # noqa: E402
 from kernel_bench import SHAPES_7B, cuda_ms, provenance, write_results  # noqa: E402
+from noise_sweep import _bm32  # noqa: E402  (the 32-bit-word Box-Muller of the stream before 16-bit halves)
 
 VARIANTS = {"copy": 0, "count": 1, "count+chk": 2, "flatscan": 3, "current": 4, "twolevel": 5, "bitmask": 6}
 STREAMS = {"philox10": (0, 4), "philox7": (1, 4), "philox10-16bit": (2, 8)}  # (RNG, elements per Philox call)
-
-
-@triton.jit
-def _bm32(i1, i2, FAST: tl.constexpr):
-    """Box-Muller on two 32-bit Philox words as the stream before 16-bit halves had it (triton_noise.py's
-    _box_muller until the 8-normals-per-call stream): u1 = max(U(i1), 1e-7), u2 = U(i2)."""
-    u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
-    u2 = tl.uint_to_uniform_float(i2)
-    if FAST:
-        r = K._approx(-1.3862943611198906 * K._approx(u1, 0), 3)  # -2 ln u1 = -2 ln(2) log2(u1)
-        th = 6.283185307179586 * u2 - 3.141592653589793  # the approximations are best on [-pi, pi]
-        return -r * K._approx(th, 2), -r * K._approx(th, 1)  # cos(x + pi) = -cos x, sin(x + pi) = -sin x
-    else:
-        r = tl.sqrt(-2.0 * tl.log(u1))
-        th = 6.283185307179586 * u2
-        return r * tl.cos(th), r * tl.sin(th)
 
 
 @triton.jit
