@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One GPU call for the hot path: the kernels' GPU tests, then the per-kernel microbenchmark, the ablation of
+# perturb/restore and the step-level overhead table, each only if time is left (a call runs at most 10 minutes;
+# every stage writes as it goes, so a cut call still returns what finished). Output: $OUT/hot/, tarred into
+# $OUT/hot.tgz at the end (the device returns at most 8 files).
+#
+#     bash benchmarks/overhead/kernels_gpu.sh [STAGES]     STAGES: comma list of tests,kernels,ablate,overhead
+#                                                          (default: all four, ~7-8 min on the H200)
+# The overhead stage needs the reference code carried: run(..., carry=[".carry"]) with .carry/anchor_overhead.py
+# (benchmarks/overhead/README.md). Stages: tests ~1.5 min (JIT), kernels ~1 min, ablate ~2 min, overhead
+# (acc1, minilm) ~3 min.
+set -uo pipefail
+: "${OUT:?OUT must name the output folder (the device machine sets it)}"
+STAGES=${1:-tests,kernels,ablate,overhead}
+DIR="$OUT/hot"
+mkdir -p "$DIR"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=src
+rc=0
+has() { case ",$STAGES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+run() {  # name, command...: its output to $DIR/<name>.log, its status into rc
+    local name=$1; shift
+    echo "== $name: $*" | tee -a "$DIR/stages.log"
+    "$@" 2>&1 | tee "$DIR/$name.log" | tail -n 15
+    local s=${PIPESTATUS[0]}
+    echo "== $name exit $s" | tee -a "$DIR/stages.log"
+    [ "$s" -eq 0 ] || rc=$s
+    tar -czf "$OUT/hot.tgz" -C "$OUT" hot  # after every stage: a cut call still returns the finished ones
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$DIR/device.txt" 2>&1
+git rev-parse HEAD >> "$DIR/device.txt" 2>/dev/null
+has tests && run gpu-tests python3 -m pytest -q -p no:cacheprovider tests/kernels/kernel_cases.py \
+    tests/core/triton_backend_cases.py tests/core/test_compile.py
+has kernels && run kernels python3 benchmarks/overhead/kernel_bench.py --out "$DIR" --only group --reps 5
+has ablate && run ablate python3 benchmarks/overhead/ablate.py --out "$DIR" --only group
+has overhead && run overhead python3 benchmarks/overhead/run.py --out "$DIR" --only acc1,minilm \
+    --anchor .carry/anchor_overhead.py
+exit $rc
