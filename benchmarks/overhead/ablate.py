@@ -10,6 +10,8 @@ loads the result as its own module and times perturb_group / restore_group / noi
 weights, side by side in one process. The variants compute wrong records (that is the point): only their times
 mean anything. Every perturb runs with an explicit record capacity of 13 % of the elements (no retry at σ 0.05,
 where ~5 % of the entries are off; "no-atomic" gives each 2 048-element tile a fixed 256-entry region instead).
+`rowstd` (in --variants) also times the row-std kernel over tile shapes, warps, pipelining stages and the dot's
+precision (ROWSTD_CONFIGS; the shipped one first, the others' largest relative difference from it reported).
 Writes ablate-<device>.json with the provenance.
 """
 
@@ -57,8 +59,30 @@ VARIANTS = {
 }
 
 
+# Row std (both modes, once a window; 27 % of copy on the 7B group): tile shape, warps, pipelining stages and
+# the dot's precision of the shipped kernel, as (BM, BK, num_warps, num_stages or None for Triton's default, PREC).
+STD_CONSTANTS = '_STD_BM, _STD_BK, _STD_PREC = 32, 128, "tf32x3"'
+STD_LAUNCH = "PREC=_STD_PREC, num_warps=4)"
+ROWSTD_CONFIGS = [(32, 128, 4, None, "tf32x3"), (16, 128, 4, None, "tf32x3"), (16, 256, 4, None, "tf32x3"),
+                  (32, 128, 4, 4, "tf32x3"), (32, 128, 4, 2, "tf32x3"), (32, 256, 8, 3, "tf32x3"),
+                  (64, 128, 8, 3, "tf32x3"), (32, 64, 4, 4, "tf32x3"), (32, 128, 4, None, "tf32"),
+                  (16, 256, 4, 4, "tf32")]
+
+
+def rowstd_name(cfg) -> str:
+    bm, bk, warps, stages, prec = cfg
+    return f"rowstd-{bm}x{bk}-w{warps}-s{stages or 'default'}-{prec}"
+
+
+def rowstd_subs(cfg) -> list[tuple[str, str]]:
+    bm, bk, warps, stages, prec = cfg
+    launch = f"PREC=_STD_PREC, num_warps={warps}" + (f", num_stages={stages})" if stages else ")")
+    return [(STD_CONSTANTS, f'_STD_BM, _STD_BK, _STD_PREC = {bm}, {bk}, "{prec}"'), (STD_LAUNCH, launch)]
+
+
 def variant_source(name: str, text: str) -> str:
-    for old, new in VARIANTS[name]:
+    subs = VARIANTS[name] if name in VARIANTS else rowstd_subs(next(c for c in ROWSTD_CONFIGS if rowstd_name(c) == name))
+    for old, new in subs:
         n = text.count(old)
         if n != 1:
             raise SystemExit(f"variant {name!r}: {old[:60]!r}... occurs {n} times in {KERNELS} (expected once); "
@@ -98,21 +122,41 @@ def time_variant(K, name: str, shapes, rank: float, sigma: float, reps: int, cop
     return row
 
 
+def time_rowstd(K, name: str, shapes, rank: int, sigma: float, reps: int, copy_bw: float, setting: str,
+                ref: list | None) -> tuple[dict, list]:
+    ws, items = build(shapes, rank)
+    std_items = [K.StdItem(w, a, b) for w, a, b in items]
+    stds = K.row_std_group(std_items, sigma)
+    ms = cuda_ms(lambda: K.row_std_group(std_items, sigma), reps)
+    wbytes = sum(w.numel() for w in ws) * 2
+    err = None if ref is None else max(float(((s - r).abs() / r.abs().clamp_min(1e-30)).max()) for s, r in zip(stds, ref))
+    row = {"setting": setting, "variant": name, "layers": len(shapes), "bytes_read": wbytes, "row_std_ms": ms,
+           "frac_of_copy": wbytes / ms / 1e6 / copy_bw, "floor_ms": wbytes / copy_bw / 1e6, "max_rel_diff_vs_shipped": err}
+    print(f"  {setting:<6} {name:<36} row std {ms:8.3f} ms  {row['frac_of_copy']:6.1%} of copy  "
+          f"(floor {row['floor_ms']:.3f} ms)" + ("" if err is None else f"  max rel diff {err:.1e}"), flush=True)
+    del ws, items, std_items
+    torch.cuda.empty_cache()
+    return row, [s.cpu() for s in stds] if ref is None else ref
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--only", default="group", choices=["layer", "group"])
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS) + ",rowstd",
+                    help="comma list of perturb/restore variants, and 'rowstd' for the row-std configurations")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--sigma", type=float, default=0.05)
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args(argv)
     names = args.variants.split(",")
+    std_names = [rowstd_name(c) for c in ROWSTD_CONFIGS] if "rowstd" in names else []
+    names = [n for n in names if n != "rowstd"]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     text = KERNELS.read_text()
-    sources = {name: variant_source(name, text) for name in names}  # every substitution checked before any GPU work
+    sources = {name: variant_source(name, text) for name in names + std_names}  # all checked before any GPU work
     if not torch.cuda.is_available():
         with tempfile.TemporaryDirectory() as tmp:  # they still import (Triton parses a kernel when it is called)
             for name, src in sources.items():
@@ -131,6 +175,13 @@ def main(argv=None):
             path.write_text(sources[name])
             K = load_module(str(path), path.stem)
             rows.append(time_variant(K, name, shapes, args.rank, args.sigma, args.reps, bw, args.only))
+        ref = None
+        for name in std_names:  # the shipped configuration first: the others are compared with its stds
+            path = Path(tmp) / f"ablate_{name.replace('-', '_')}.py"
+            path.write_text(sources[name])
+            K = load_module(str(path), path.stem)
+            row, ref = time_rowstd(K, name, shapes, args.rank, args.sigma, args.reps, bw, args.only, ref)
+            rows.append(row)
     write_results(args.out, "ablate", info, rows)
 
 

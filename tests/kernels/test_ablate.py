@@ -25,3 +25,12 @@ def test_a_stale_substitution_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(ablate.VARIANTS, "stale", [("no such kernel text", "")])
     with pytest.raises(SystemExit, match="occurs 0 times"):
         ablate.variant_source("stale", ablate.KERNELS.read_text())
+
+
+def test_every_row_std_configuration_fits_the_shipped_kernel():
+    text = ablate.KERNELS.read_text()
+    names = [ablate.rowstd_name(c) for c in ablate.ROWSTD_CONFIGS]
+    assert len(set(names)) == len(names)
+    shipped = ablate.variant_source(names[0], text)
+    assert shipped == text  # the first configuration is the shipped one: the others are compared with it
+    assert len({ablate.variant_source(n, text) for n in names}) == len(names)
