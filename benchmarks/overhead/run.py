@@ -269,7 +269,7 @@ def _ordinary_launches(fn) -> int:
 
 def run_setting(name, model, batch_fn, ga, args, rows, variants=None, extra=None):
     fns = step_fns(model, batch_fn, ga, args.dev, args.anchor)
-    base = None
+    base = lora_ops = None
     for variant, (fn, flat) in fns.items():
         if variants and variant not in variants:
             continue
@@ -287,17 +287,38 @@ def run_setting(name, model, batch_fn, ga, args, rows, variants=None, extra=None
             base = r["median_ms"]
         row["ratio_vs_lora"] = r["median_ms"] / base if base else None
         rows.append(row)
-        if args.profile and variant.startswith("flatlora"):
-            profile(fn, args, f"{name}-{variant}")
+        if args.profile and (variant == "lora" or variant.startswith("flatlora")):
+            ops = profile(fn, args, f"{name}-{variant}", baseline=lora_ops)
+            lora_ops = ops if variant == "lora" else lora_ops
         print(f"  {name:<22} {variant:<18} {r['median_ms']:10.2f} ms  x{row['ratio_vs_lora'] or 0:6.3f}  "
               f"peak {r['peak_mem_gib']:7.2f} GiB" + (f"  record {row['restore_record_bytes'] / 2**20:.1f} MiB"
                                                      if "restore_record_bytes" in row else ""), flush=True)
         gc.collect()
 
 
-def profile(fn, args, label, steps=2):
+def _op_totals(ka) -> dict[str, tuple[int, float, float]]:
+    """op name -> (calls, self host us, self device us) of a profiler's key averages."""
+    return {e.key: (e.count, e.self_cpu_time_total, getattr(e, "self_device_time_total", 0.0)) for e in ka}
+
+
+def _diff_table(ops: dict, base: dict, steps: int, limit: int = 30) -> str:
+    """The ops whose self host time per step differs most from the baseline's (LoRA's), with call counts."""
+    rows = []
+    for name in set(ops) | set(base):
+        c, h, d = ops.get(name, (0, 0.0, 0.0))
+        c0, h0, d0 = base.get(name, (0, 0.0, 0.0))
+        rows.append((h - h0, name, c - c0, d - d0))
+    rows.sort(key=lambda r: -abs(r[0]))
+    lines = [f"{'op':<70} {'d calls/step':>12} {'d host ms/step':>15} {'d device ms/step':>17}"]
+    for dh, name, dc, dd in rows[:limit]:
+        lines.append(f"{name[:70]:<70} {dc / steps:>12.1f} {dh / steps / 1e3:>15.3f} {dd / steps / 1e3:>17.3f}")
+    return "\n".join(lines)
+
+
+def profile(fn, args, label, steps=2, baseline=None):
     """torch.profiler over `steps` steps of a variant: the top ops by device time (and host time) into
-    `--out`, to see where the added time goes (launch counts, syncs, kernels)."""
+    `--out`, to see where the added time goes (launch counts, syncs, kernels); with `baseline` (LoRA's op
+    totals, which this returns for the variant profiled) also the ops whose host time differs most from it."""
     import cProfile
     import io
     import pstats
@@ -320,14 +341,18 @@ def profile(fn, args, label, steps=2):
     cp.disable()
     py = io.StringIO()
     pstats.Stats(cp, stream=py).sort_stats("cumulative").print_stats("flatlora", 40)
+    totals = _op_totals(ka)
     text = (f"# {label}: {steps} steps\n## by device time\n{ka.table(sort_by=key, row_limit=30)}\n"
             f"## by host time\n{ka.table(sort_by='cpu_time_total', row_limit=30)}\n"
-            f"## Python functions of flatlora (cProfile, {steps} more steps)\n{py.getvalue()}\n")
+            + (f"## against LoRA (per step; + = more than LoRA)\n{_diff_table(totals, baseline, steps)}\n"
+               if baseline is not None else "")
+            + f"## Python functions of flatlora (cProfile, {steps} more steps)\n{py.getvalue()}\n")
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
     path = Path(args.out) / f"profile-{safe}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(f"  wrote {path}", flush=True)
+    return totals
 
 
 def llama_batch(vocab, bs, seq, dev):
