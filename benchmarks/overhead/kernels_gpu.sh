@@ -33,5 +33,5 @@ has tests && run gpu-tests python3 -m pytest -q -p no:cacheprovider tests/kernel
 has kernels && run kernels python3 benchmarks/overhead/kernel_bench.py --out "$DIR" --only group --reps 5
 has ablate && run ablate python3 benchmarks/overhead/ablate.py --out "$DIR" --only group
 has overhead && run overhead python3 benchmarks/overhead/run.py --out "$DIR" --only acc1,minilm \
-    --anchor .carry/anchor_overhead.py
+    --anchor .carry/anchor_overhead.py --profile
 exit $rc
