@@ -35,9 +35,8 @@ KERNELS = Path(__file__).resolve().parents[2] / "src" / "flatlora" / "kernels" /
 PERTURB_ATOMIC = ("slot = tl.atomic_add(cnt_ptr, count * active.to(tl.int32))", "slot = t * (BLOCK_ // 8)")
 PERTURB_SCAN = ("pos = slot + (tl.cumsum(qc, axis=0) - qc)[:, None] + (tl.cumsum(offi, axis=1) - offi)",
                 "pos = slot + (tl.cumsum(offi, axis=1) - offi)")  # in-register part only: entries collide
-PERTURB_STORES = ("        tl.store(roff_ptr + pos, offs.to(tl.int16), mask=sel)\n"
-                  "        tl.store(rval_ptr + pos, bits, mask=sel)\n", "")
-PERTURB_CHECKSUM = ("chk = _checksum(tl.where(mask, noisy, 0), offs)", "chk = count")
+PERTURB_STORES = ("        tl.store(rent_ptr + pos, ent, mask=sel)\n", "")
+PERTURB_CHECKSUM = ("chk = _checksum(tl.where(mask, noisy, 0), q)", "chk = count")
 PERTURB_WAIT = ("tl.store(ptrs, noisy, mask=mask & ((offs * 0 + ok_i) != 0))", "tl.store(ptrs, noisy, mask=mask)")
 # The same record with 64 counters instead of one (tile t appends to region t % 64 of the record, each 1/64 of its
 # capacity): what is left of the atomic's cost when its same-address contention is gone. A real design, not an
@@ -47,7 +46,7 @@ REGIONS = [("slot = tl.atomic_add(cnt_ptr, count * active.to(tl.int32))",
            ("ok = active & (slot + count <= CAP)", "ok = active & (slot + count <= (t % 64 + 1) * (CAP // 64))"),
            ("Record(torch.zeros(1, dtype=torch.int32, device=dev)", "Record(torch.zeros(64, dtype=torch.int32, device=dev)"),
            ("used = int(rec.counter.item())", "used = int(rec.counter.sum())", 2)]
-RESTORE_CHECKSUM = ("good = _checksum(bits, offs) == tl.load(hdr_ptr + t * 3 + 2)", "good = slot > -2")
+RESTORE_CHECKSUM = ("good = _checksum(bits, q) == tl.load(hdr_ptr + t * 3 + 2)", "good = slot > -2")
 RESTORE_PATCHES = ("for s in range(0, count, PB):", "for s in range(0, count * 0, PB):")
 RESTORE_BARRIER = ("        tl.debug_barrier()  # the patches below overwrite some of the values just stored\n", "")
 
@@ -64,6 +63,10 @@ VARIANTS = {
     "no-checksum": [PERTURB_CHECKSUM, RESTORE_CHECKSUM],
     "w-store-not-waiting": [PERTURB_WAIT],
     "no-patches": NO_PATCHES,
+    # Launch geometry (real designs, exact): 16 elements a thread hold the perturb at 124-128 registers (4 blocks of
+    # 4 warps an SM); 8 a thread, 64-80 (ptxas for sm_90, compiled on CPU).
+    "perturb-restore-8-warps": [("NUM_WARPS = {PERTURB: 4, RESTORE: 4, COPY: 4}", "NUM_WARPS = {PERTURB: 8, RESTORE: 8, COPY: 4}")],
+    "tiles-1024": [("BLOCK = 2048  #", "BLOCK = 1024  #")],
     "perturb-bare": [PERTURB_ATOMIC, PERTURB_SCAN, PERTURB_STORES, PERTURB_CHECKSUM, PERTURB_WAIT] + NO_PATCHES,
 }
 

@@ -167,8 +167,9 @@ def test_perturb_is_the_noisy_copy_and_restore_is_exact(dtype):
     rec = K.perturb_group(layers, capacity=0.5)  # room enough: no retry, so no holes in the record
     assert torch.equal(bits(w), bits(copy))
     assert 0 < rec.entries < w.numel() // 2
-    # 4-byte counter, (slot, count, checksum) per tile, then an int16 offset + the original bits per entry
-    assert rec.nbytes == 4 + 12 * K._tiles(m, n) + rec.entries * (2 + w.element_size())
+    # 4-byte counter, (slot, count, checksum) per tile, then per entry one word packing its in-tile offset above the
+    # original bits: 4 bytes for 16-bit weights, 8 for float32
+    assert rec.nbytes == 4 + 12 * K._tiles(m, n) + rec.entries * (4 if w.element_size() == 2 else 8)
     assert K.restore_group(rec).tolist() == [0]  # no tile was written by anyone else
     assert torch.equal(bits(w), bits(w0))
 
@@ -208,7 +209,7 @@ def test_a_perturb_after_a_checked_one_is_deferred_and_still_exact():
     rec = K.perturb_group([K.Layer(w, std, 22)], sigma=0.01)
     assert rec.used is None  # no host sync: the size is read with the restore's Outcome
     assert torch.equal(bits(w), bits(copy)) and (rec.hslot >= 0).all()
-    assert rec.nbytes == 4 + 12 * K._tiles(m, n) + rec.off.numel() * 4  # unsettled: what is allocated
+    assert rec.nbytes == 4 + 12 * K._tiles(m, n) + rec.ent.numel() * 4  # unsettled: what is allocated
     assert K.Outcome(rec, K.restore_group(rec)).counts() == [0]
     assert torch.equal(bits(w), bits(w0))
     assert rec.skipped == 0 and rec.used == int(rec.hcnt.sum())  # every tile's entries, no holes
@@ -225,7 +226,7 @@ def test_a_checked_perturb_after_the_first_is_sized_from_it_too(monkeypatch):
     rec = K.perturb_group([K.Layer(w, std, 52)], sigma=0.02)
     assert isinstance(rec.used, int)  # checked at once
     # twice the sigma: twice the last perturb's entries, x 9/8 (at least 1/512 of the elements, 1024 entries)
-    assert rec.off.numel() == max(1024, int(first.used * 2.0 * 9 / 8), m * n // 512)
+    assert rec.ent.numel() == max(1024, int(first.used * 2.0 * 9 / 8), m * n // 512)
     assert K.Outcome(rec, K.restore_group(rec)).counts() == [0]
     assert torch.equal(bits(w), bits(w0))
 

@@ -34,3 +34,14 @@ def test_every_row_std_configuration_fits_the_shipped_kernel():
     shipped = ablate.variant_source(names[0], text)
     assert shipped == text  # the first configuration is the shipped one: the others are compared with it
     assert len({ablate.variant_source(n, text) for n in names}) == len(names)
+
+
+def test_sass_stats_compiles_the_shipped_kernel_for_sm90():
+    """benchmarks/overhead/sass_stats.py: the kernel compiled for the H200's architecture on this CPU machine,
+    registers and SASS counted (ptxas and cuobjdump come with Triton's wheel)."""
+    import sass_stats
+    from flatlora.kernels import triton_noise as K
+
+    st = sass_stats.sass_stats(sass_stats.compile_tile(K, 2, 90))
+    assert 16 <= st["registers"] <= 255 and st["instructions"] > 100 and st["shared_bytes"] == 0
+    assert st["top_opcodes"].get("MUFU", 0) >= 16  # the special-function unit's lg2/sqrt/sin/cos: FAST compiled

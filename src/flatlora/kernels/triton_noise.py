@@ -17,8 +17,10 @@ Every launch is grouped: a table holds one row per layer (pointers, sizes, strid
 below), and a per-tile map says which layer a program serves (one load, not a search through the table).
 One launch per dtype covers every layer, so small models stay launch-bound on nothing.
 
-The record is per tile: a header (slot, count, checksum) and, for each off entry, its in-tile offset (int16)
-and its original bits (int16 for bf16/fp16, int32 for fp32): 4 bytes per entry for 16-bit weights. Tiles
+The record is per tile: a header (slot, count, checksum) and, for each off entry, one packed word holding its
+in-tile offset above its original bits (int32 = offset << 16 | bits for bf16/fp16, int64 = offset << 32 | bits
+for fp32): 4 bytes per entry for 16-bit weights, written with one store (two arrays, offsets and values, took
+two 64-bit addresses per element: the perturb's 128 registers a thread, against 96 with one). Tiles
 append with one atomic add on a shared counter; a tile whose entries would not fit leaves W untouched and
 marks its slot -1, and the host reruns just those tiles into a larger buffer (RETRY). The checksum is a
 position-weighted sum of the noisy bits the perturb wrote; restore recomputes it from what it reads and
@@ -43,6 +45,7 @@ BLOCK = 2048  # noise tile: 2048 consecutive elements of a layer's (m, n) view; 
 NUM_WARPS = {PERTURB: 4, RESTORE: 4, COPY: 4}
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_ENT = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64}  # a record entry
 
 # Columns of the layer table of the noise kernel (int64 each).
 C_W = tl.constexpr(0)  # weight (bits) pointer
@@ -85,9 +88,15 @@ def _to_f32(bits, KIND: tl.constexpr):
 
 
 @triton.jit
-def _round_bits(x, KIND: tl.constexpr):
-    """float32 -> bits of the nearest (ties to even) value in the storage dtype."""
-    if KIND == 0:
+def _round_bits(x, KIND: tl.constexpr, FAST: tl.constexpr):
+    """float32 -> bits of the nearest (ties to even) value in the storage dtype. bfloat16: compiled (FAST), the
+    GPU's own conversion (cvt.rn.bf16x2.f32: one instruction for two values, where the integer rounding below
+    took ~7 a value, twice per element in the perturb); the interpreter has no bfloat16 rounding of its own,
+    so there the same round-to-nearest-even is done on the bits. The two agree on every non-NaN value (NaN
+    stays NaN, its payload may differ)."""
+    if KIND == 0 and FAST:
+        return x.to(tl.bfloat16).to(tl.int16, bitcast=True)
+    elif KIND == 0:
         b = x.to(tl.int32, bitcast=True)
         r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
         r = tl.where(x != x, (b >> 16) | 0x40, r)  # keep NaN a NaN
@@ -166,16 +175,20 @@ def _normals(key, g0, q, ALIGNED: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def _checksum(bits, offs):
-    """Position-weighted sum of a tile's bits (int32, wrapping): changes when any entry changes or moves."""
-    v = (bits.to(tl.int32) ^ (offs * 40503)) * (offs * 2 + 1)
-    return tl.sum(tl.sum(v, axis=1), axis=0)
+def _checksum(bits, q):
+    """Position-weighted sum of a tile's [Q, 8] bits (int32, wrapping): each value xor-ed with a constant of its
+    lane, summed per octet, the octet sums weighted by 2 q + 1 (odd, so invertible mod 2^32: any one changed
+    value changes the sum) and summed. It changes when an entry changes or moves, at ~3 instructions an element
+    (the weight's xor and multiply per element before: ~7, 12 of restore's 62 an element; sass_stats.py)."""
+    lane = tl.arange(0, 8)[None, :]
+    octet = tl.sum(bits.to(tl.int32) ^ (lane * 40503 + 12345), axis=1)
+    return tl.sum(octet * (q * 2 + 1), axis=0)
 
 
 @triton.jit(do_not_specialize=["key_hi", "key_lo"])
 def _noise_kernel(
     tab_ptr, map_ptr,  # layer table and tile -> layer map
-    cnt_ptr, hdr_ptr, roff_ptr, rval_ptr, CAP, bad_ptr,  # record (PERTURB / RESTORE)
+    cnt_ptr, hdr_ptr, rent_ptr, CAP, bad_ptr,  # record (PERTURB / RESTORE)
     # COPY with LAYER_ARGS (one layer): its weight, output, std and key as arguments instead of the table's C_W,
     # C_OUT, C_STD and C_KEY, so the table holds only the layer's shape, strides and first row, which never change
     # between windows, nor between the fresh tensors a quantized base dequantizes into or a sharded one is
@@ -236,10 +249,10 @@ def _noise_kernel(
             optrs = tl.multiple_of(out_ptr, 16) + o
         else:
             optrs = out_ptr + r.to(tl.int64) * tl.load(row + C_OSR) + (o - r * N32).to(tl.int64) * tl.load(row + C_OSC)
-        tl.store(optrs, _round_bits(x + eps, KIND), mask=mask)
+        tl.store(optrs, _round_bits(x + eps, KIND, FAST), mask=mask)
     elif MODE == 0:  # PERTURB
-        noisy = _round_bits(x + eps, KIND)
-        replay = _round_bits(_to_f32(noisy, KIND) - eps, KIND)
+        noisy = _round_bits(x + eps, KIND, FAST)
+        replay = _round_bits(_to_f32(noisy, KIND) - eps, KIND, FAST)
         # The record by a two-level scan: entries before an octet (a scan over the BLOCK/8 octet counts), then
         # before the entry in its octet (8 lanes a thread holds). A scan over the flat tile instead cost twice
         # the whole perturb (perturb_sweep.py, with the 4-lane quads of the randn4x stream: 12.2 against 6.6 ms
@@ -257,9 +270,12 @@ def _noise_kernel(
         tl.store(ptrs, noisy, mask=mask & ((offs * 0 + ok_i) != 0))
         pos = slot + (tl.cumsum(qc, axis=0) - qc)[:, None] + (tl.cumsum(offi, axis=1) - offi)
         sel = (offi * ok_i) != 0
-        tl.store(roff_ptr + pos, offs.to(tl.int16), mask=sel)
-        tl.store(rval_ptr + pos, bits, mask=sel)
-        chk = _checksum(tl.where(mask, noisy, 0), offs)
+        if KIND < 2:
+            ent = (offs << 16) | (bits.to(tl.int32) & 0xFFFF)
+        else:
+            ent = (offs.to(tl.int64) << 32) | (bits.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(rent_ptr + pos, ent, mask=sel)
+        chk = _checksum(tl.where(mask, noisy, 0), q)
         tl.store(hdr_ptr + t * 3, tl.where(ok, slot, -1), mask=active)
         tl.store(hdr_ptr + t * 3 + 1, count, mask=active)
         tl.store(hdr_ptr + t * 3 + 2, chk, mask=active)
@@ -268,18 +284,22 @@ def _noise_kernel(
         # see perturb_group) holds no noise: nothing to undo, and its weight is not "modified".
         slot = tl.load(hdr_ptr + t * 3)
         live = slot >= 0
-        good = _checksum(bits, offs) == tl.load(hdr_ptr + t * 3 + 2)
+        good = _checksum(bits, q) == tl.load(hdr_ptr + t * 3 + 2)
         good_i = (good & live).to(tl.int32)
         bad_i = (live & (good == 0)).to(tl.int32)
-        tl.store(ptrs, _round_bits(x - eps, KIND), mask=mask & ((offs * 0 + good_i) != 0))
+        tl.store(ptrs, _round_bits(x - eps, KIND, FAST), mask=mask & ((offs * 0 + good_i) != 0))
         tl.atomic_add(bad_ptr + layer, bad_i, mask=bad_i != 0)
         tl.debug_barrier()  # the patches below overwrite some of the values just stored
         count = tl.load(hdr_ptr + t * 3 + 1) * good_i
         for s in range(0, count, PB):
             idx = s + tl.arange(0, PB)
             pm = idx < count
-            po = start + tl.load(roff_ptr + slot + idx, mask=pm, other=0).to(tl.int32)
-            v = tl.load(rval_ptr + slot + idx, mask=pm, other=0)
+            ent = tl.load(rent_ptr + slot + idx, mask=pm, other=0)
+            if KIND < 2:
+                po = start + (ent >> 16)
+            else:
+                po = start + (ent >> 32).to(tl.int32)
+            v = ent.to(BITS)  # the low bits: the original value
             if CONTIG:
                 pp = w_ptr + po
             else:
@@ -379,9 +399,8 @@ class Record:
 
     counter: torch.Tensor  # int32 [1]: entries used (holes of failed tiles included)
     header: torch.Tensor  # int32 [tiles, 3]: slot (-1: not perturbed yet), count, checksum of the noisy bits
-    off: torch.Tensor  # int16 [cap]
-    val: torch.Tensor  # int16 / int32 [cap]
-    used: int | None = 0  # entries of off/val in use; None until the restore's Outcome is read (deferred)
+    ent: torch.Tensor  # int32 [cap] (16-bit weights) / int64 (float32): offset << 16 (32) | original bits
+    used: int | None = 0  # entries of ent in use; None until the restore's Outcome is read (deferred)
     skipped: int = 0  # tiles a deferred perturb left without noise (its record overflowed); known likewise
     table: torch.Tensor | None = None  # the launch's layer table (restore reuses it)
     tile_map: torch.Tensor | None = None
@@ -393,8 +412,7 @@ class Record:
     def release(self) -> None:
         """Drop the entry buffers once the restore is queued (the caching allocator reuses their memory only
         for work queued after it), so a restore whose outcome is read later holds no weight-sized memory."""
-        self.off = self.off.new_empty(0)  # (a [:0] view would keep the whole storage alive)
-        self.val = self.val.new_empty(0)
+        self.ent = self.ent.new_empty(0)  # (a [:0] view would keep the whole storage alive)
 
     @property
     def hslot(self) -> torch.Tensor:
@@ -412,8 +430,8 @@ class Record:
     def nbytes(self) -> int:
         """Bytes held for the restore: the counter, the headers and the used entries (allocated ones while a
         deferred record's size is unread)."""
-        per = self.off.element_size() + self.val.element_size()
-        entries = self.off.numel() if self.used is None else self.used  # unsettled: what is allocated
+        per = self.ent.element_size()
+        entries = self.ent.numel() if self.used is None else self.used  # unsettled: what is allocated
         return self.counter.numel() * 4 + self.header.numel() * 4 + entries * per
 
 
@@ -487,14 +505,14 @@ def _launch(tab, tile_map, tiles, dtype, flags, mode, rec: Record | None, bad=No
     layer: (weight, output, std, key) of a one-layer COPY whose table holds none of them (LAYER_ARGS)."""
     dummy = tab
     if rec is None:
-        cnt = hdr = off = val = dummy
+        cnt = hdr = ent = dummy
         cap = 0
     else:
-        cnt, hdr, off, val, cap = rec.counter, rec.header, rec.off, rec.val, rec.off.numel()
+        cnt, hdr, ent, cap = rec.counter, rec.header, rec.ent, rec.ent.numel()
     w, out, std, (hi, lo) = ((dummy, dummy, dummy, (0, 0)) if layer is None
                              else (layer[0], layer[1], layer[2], _key_halves(layer[3])))
     return _noise_kernel[(tiles,)](
-        tab, tile_map, cnt, hdr, off, val, cap, bad if bad is not None else dummy, w, out, std, hi, lo,
+        tab, tile_map, cnt, hdr, ent, cap, bad if bad is not None else dummy, w, out, std, hi, lo,
         MODE=mode, KIND=_KIND[dtype], ALIGNED=flags[0], CONTIG=flags[1], RETRY=retry, FAST=_fast(), BLOCK_=BLOCK,
         PB=256, LAYER_ARGS=layer is not None, num_warps=NUM_WARPS[mode],
         # No fused multiply-add: x + std * z must round the product and then the sum in every specialization
@@ -650,7 +668,7 @@ def noisy_copy_(w: torch.Tensor, std: torch.Tensor, key: int, row0: int, out: to
                 # _plain_launch found none to call.
                 hi, lo = _key_halves(key)
                 pre[0](tiles, 1, 1, stream(dev), pre[1], pre[2], None, None, None,
-                       tab_ptr, map_ptr, tab_ptr, tab_ptr, tab_ptr, tab_ptr, 0, tab_ptr, wptr, optr, sptr, hi, lo,
+                       tab_ptr, map_ptr, tab_ptr, tab_ptr, tab_ptr, 0, tab_ptr, wptr, optr, sptr, hi, lo,
                        COPY, kind, aligned, contig, False, True, BLOCK, 256, True)
                 return
     compiled = _launch(tab, tile_map, tiles, dtype, (aligned, contig), COPY, None,
@@ -702,7 +720,7 @@ def perturb_group(layers: list[Layer], capacity: float | None = None, sigma: flo
         cap = numel // 8
     cap = max(1024, cap)
     rec = Record(torch.zeros(1, dtype=torch.int32, device=dev), torch.empty((tiles, 3), dtype=torch.int32, device=dev),
-                 torch.empty(cap, dtype=torch.int16, device=dev), torch.empty(cap, dtype=_BITS[dtype], device=dev),
+                 torch.empty(cap, dtype=_ENT[dtype], device=dev),
                  table=tab, tile_map=tile_map, dtype=dtype, flags=_flags(layers), group_key=group_key, sigma=sigma)
     flags = rec.flags
     _launch(tab, tile_map, tiles, dtype, flags, PERTURB, rec)
@@ -712,10 +730,9 @@ def perturb_group(layers: list[Layer], capacity: float | None = None, sigma: flo
     used = int(rec.counter.item())  # one sync: the record's size decides whether a retry is needed
     if used > cap:
         need = int(rec.hcnt[rec.hslot == -1].sum())
-        off = torch.empty(used + need, dtype=torch.int16, device=dev)
-        val = torch.empty(used + need, dtype=rec.val.dtype, device=dev)
-        off[:cap], val[:cap] = rec.off, rec.val
-        rec.off, rec.val = off, val
+        ent = torch.empty(used + need, dtype=rec.ent.dtype, device=dev)
+        ent[:cap] = rec.ent
+        rec.ent = ent
         _launch(tab, tile_map, tiles, dtype, flags, PERTURB, rec, retry=True)
         used = int(rec.counter.item())
     rec.used = used
@@ -730,7 +747,7 @@ class Outcome:
     long arrived) and then sets `rec.used`, `rec.skipped` and the next perturb's size estimate."""
 
     def __init__(self, rec: Record, bad: torch.Tensor):
-        self.rec, self._cap = rec, rec.off.numel()
+        self.rec, self._cap = rec, rec.ent.numel()
         vals = torch.cat([bad, rec.counter, (rec.hslot == -1).sum(dtype=torch.int32).view(1)])
         self._event = None
         if vals.is_cuda:
