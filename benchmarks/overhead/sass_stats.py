@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,8 @@ def sass_stats(ck) -> dict:
     regs = int(next(w for w in res.split() if w.startswith("REG:"))[4:])
     ins = [line.split("*/", 1)[1].strip() for line in sass.splitlines()
            if line.strip().startswith("/*") and "*/" in line and ";" in line]
-    ops = collections.Counter(i.lstrip("@!P0123456789T ").split()[0].split(".")[0] for i in ins if i)
+    # "@!P0 STG.E ..." -> STG: drop the predicate guard, then the opcode's modifiers
+    ops = collections.Counter(re.sub(r"^@!?U?P[T0-9]+\s+", "", i).split()[0].split(".")[0] for i in ins if i)
     return {"registers": regs, "shared_bytes": ck.metadata.shared, "instructions": len(ins),
             "top_opcodes": dict(ops.most_common(12))}
 
