@@ -114,7 +114,7 @@ def test_a_write_the_restore_finds_late_is_reported_by_the_next_end_step_or_clos
         dict(pm.named_parameters())[LIN1].view(-1)[5] += 1.0
     flat.end_step()  # not read yet
     # what waits to be read holds no record entries (only the small header): no weight-sized memory
-    assert all(r.outcome.rec.off.untyped_storage().nbytes() == 0 for r in flat._mode.pending)
+    assert all(r.outcome.rec.ent.untyped_storage().nbytes() == 0 for r in flat._mode.pending)
     assert [r.names for r in flat._mode.pending] == [["base_model.model.lin0", "base_model.model.lin1"]]  # one group, unread
     with pytest.raises(RuntimeError, match=r"lin1'\] were written while the noise of step 2 was on.*\{'base_model.model.lin1': 1\}"):
         if then == "close":
