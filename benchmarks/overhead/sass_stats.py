@@ -73,9 +73,12 @@ def sass_stats(ck) -> dict:
     ins = [line.split("*/", 1)[1].strip() for line in sass.splitlines()
            if line.strip().startswith("/*") and "*/" in line and ";" in line]
     # "@!P0 STG.E ..." -> STG: drop the predicate guard, then the opcode's modifiers
-    ops = collections.Counter(re.sub(r"^@!?U?P[T0-9]+\s+", "", i).split()[0].split(".")[0] for i in ins if i)
+    full = [re.sub(r"^@!?U?P[T0-9]+\s+", "", i).split()[0] for i in ins if i]
+    ops = collections.Counter(f.split(".")[0] for f in full)
+    # global accesses with their width: LDG.E.U16 is one 2-byte element a thread, LDG.E.128 eight (vectorized)
+    mem = collections.Counter(f for f in full if f.startswith(("LDG", "STG")))
     return {"registers": regs, "shared_bytes": ck.metadata.shared, "instructions": len(ins),
-            "top_opcodes": dict(ops.most_common(12))}
+            "top_opcodes": dict(ops.most_common(12)), "global_accesses": dict(mem)}
 
 
 def main(argv=None):

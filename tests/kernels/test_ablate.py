@@ -1,12 +1,16 @@
 """benchmarks/overhead/ablate.py edits the shipped noise kernel's source text: every variant must still find
 each piece it takes out exactly once (a kernel change that moves one fails here, on CPU, not on the GPU)."""
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "overhead"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks" / "overhead"))
 import ablate  # noqa: E402  (reads the kernel as text; imports torch, not triton)
 
 
@@ -38,10 +42,19 @@ def test_every_row_std_configuration_fits_the_shipped_kernel():
 
 def test_sass_stats_compiles_the_shipped_kernel_for_sm90():
     """benchmarks/overhead/sass_stats.py: the kernel compiled for the H200's architecture on this CPU machine,
-    registers and SASS counted (ptxas and cuobjdump come with Triton's wheel)."""
-    import sass_stats
-    from flatlora.kernels import triton_noise as K
-
-    st = sass_stats.sass_stats(sass_stats.compile_tile(K, 2, 90))
+    registers and SASS counted (ptxas and cuobjdump come with Triton's wheel). In a fresh process: a test
+    module that ran first may have imported triton under TRITON_INTERPRET=1, which compiles nothing."""
+    code = ("import json, sass_stats; from flatlora.kernels import triton_noise as K; "
+            "print(json.dumps(sass_stats.sass_stats(sass_stats.compile_tile(K, 2, 90))))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks" / "overhead")])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    st = json.loads(res.stdout.splitlines()[-1])
     assert 16 <= st["registers"] <= 255 and st["instructions"] > 100 and st["shared_bytes"] == 0
     assert st["top_opcodes"].get("MUFU", 0) >= 16  # the special-function unit's lg2/sqrt/sin/cos: FAST compiled
+    # aligned contiguous bf16: every weight load and store is a 16-byte vector (8 elements), none element-wise
+    # (the kernels before the multiple_of hints on the tile start and numel issued 16 + 16 2-byte accesses)
+    acc = st["global_accesses"]
+    assert acc.get("LDG.E.128", 0) >= 1 and acc.get("STG.E.128", 0) >= 1, acc
+    assert not any(k.endswith((".U16", ".S16")) for k in acc), acc
