@@ -48,10 +48,18 @@ def layer_id(name: str) -> int:
 
 def noise_key(seed: int, step: int, layer: int, rank: int | None = None) -> int:
     """63-bit key of one layer's noise at one update step (and rank, for per-rank noise)."""
-    key = _splitmix64(seed & _MASK64)
-    for word in (step, layer, -1 if rank is None else rank):
-        key = _splitmix64(key ^ (word & _MASK64))
-    return key >> 1
+    return layer_key(step_key(seed, step), layer, rank)
+
+
+def step_key(seed: int, step: int) -> int:
+    """The part of `noise_key` shared by every layer of a step (a draw of many layers mixes it once)."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64))
+
+
+def layer_key(step_key: int, layer: int, rank: int | None = None) -> int:
+    """`noise_key` from its step's `step_key`."""
+    key = _splitmix64(step_key ^ (layer & _MASK64))
+    return _splitmix64(key ^ ((-1 if rank is None else rank) & _MASK64)) >> 1
 
 
 # CPU draws come in blocks of this many rows, each from its own generator keyed by (key, block): the

@@ -56,3 +56,22 @@ def test_overhead_benchmark_qlora_smoke(tmp_path):
         assert "re-quantize" in got["flatlora-inplace"]["refused"] and "mode='forward'" in got["flatlora-inplace"]["refused"]
         assert got["lora"]["ratio_vs_lora"] == 1.0 and got["flatlora-forward"]["ratio_vs_lora"] > 0
         assert got["lora"]["base"].startswith("bitsandbytes nf4, double quant")
+
+
+def test_host_step_benchmark_smoke(tmp_path):
+    """benchmarks/overhead/host_step.py in a fresh process (it stubs the kernels for the whole process): both
+    layer counts measured on the Triton backend's host path, the JSON written with its provenance."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    pytest.importorskip("peft")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks/overhead/host_step.py"), "--steps", "2", "--out",
+                          str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((tmp_path / "host-step-cpu.json").read_text())
+    assert [(r["setting"], r["layers"]) for r in data["rows"]] == [("7b-layers-224", 224), ("minilm-layers-37", 37)]
+    assert all(r["begin_step_ms"] > 0 and r["end_step_ms"] > 0 for r in data["rows"])
+    assert data["provenance"]["kernels"] == "stubbed (host path only)"

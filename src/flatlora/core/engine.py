@@ -34,7 +34,7 @@ from torch import nn
 
 from ..config import FlatLoRAConfig
 from ..kernels import resolve_generator
-from ..rng import canonical_name, noise_key
+from ..rng import canonical_name, layer_key, step_key
 from ..schedules import get_schedule
 from . import backends, batchnorm
 from .interrupts import deferred_sigint
@@ -200,19 +200,20 @@ class FlatLoRA:
         dist = torch.distributed
         return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
+    @torch.no_grad()  # a std is fixed at draw time, never differentiated (and views of A, B cost less without grad)
     def _draws(self, views: list[View], step: int, sigma: float) -> dict[str, Draw]:
         """The draws of `views` at `step`: std from their current weights, one grouped call per backend."""
         groups: dict[backends.Backend, list[View]] = {}
         for v in views:
             groups.setdefault(self._backends[v.name], []).append(v)
-        rank, seed = self._rank(), self.config.seed
+        rank, skey = self._rank(), step_key(self.config.seed, step)
         out = {}
         for backend, vs in groups.items():
             stds = (backend.row_std(vs, self.config.noise, sigma) if sigma != 0.0 else  # no weight read for no noise
                     [torch.zeros(v.mat.shape[0], dtype=torch.float32, device=v.tensor.device) for v in vs])
             for v, std in zip(vs, stds):
                 t = v.target
-                out[t.name] = Draw(noise_key(seed, step, t.layer_id, rank), std, v.rows, self._generators[t.name])
+                out[t.name] = Draw(layer_key(skey, t.layer_id, rank), std, v.rows, self._generators[t.name])
         return out
 
     def _target(self, name: str) -> Target:

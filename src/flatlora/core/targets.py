@@ -107,14 +107,18 @@ def _factors(lora: nn.Module, adapter: str, t: Target):
     A = _param(lora.lora_A[adapter])
     B = _param(lora.lora_B[adapter])
     scale = lora.scaling[adapter]
-    lora_E = getattr(lora, "lora_E", None)
+    # AdaLoRA's ParameterDict, looked up where nn.Module keeps submodules: getattr on a plain LoRA layer would
+    # go through Module.__getattr__'s AttributeError (this runs for every layer at every step)
+    lora_E = lora._modules.get("lora_E")
     if lora_E is not None and adapter in lora_E:  # AdaLoRA: B (A * E) * scaling / (ranknum + 1e-5)
         A = A * lora_E[adapter]
         scale = scale / (lora.ranknum[adapter] + 1e-5)
     if t.kind == "conv" and getattr(t.base, "groups", 1) != 1:
         return None
-    A = A.reshape(A.shape[0], -1)
-    B = B.reshape(B.shape[0], -1)
+    if A.dim() != 2:  # conv factors: (r, in, kh, kw) and (out, r, 1, 1)
+        A = A.reshape(A.shape[0], -1)
+    if B.dim() != 2:
+        B = B.reshape(B.shape[0], -1)
     if A.shape[1] != t.n or B.shape != (t.m, A.shape[0]):
         return None
     return B, A, float(scale)

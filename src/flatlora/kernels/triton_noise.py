@@ -817,6 +817,13 @@ class StdItem:
 _STD_BM, _STD_BK, _STD_PREC = 32, 128, "tf32x3"  # perturb_sweep.py: 2x the FMA kernel on the H200
 
 
+def _f32(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """x as a contiguous float32 tensor on dev: itself when it is one already (LoRA's A and B, every step)."""
+    if x.dtype is torch.float32 and x.device == dev and x.is_contiguous():
+        return x
+    return x.to(dev, torch.float32).contiguous()
+
+
 def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor]:
     """Filter-noise std of every layer, sigma_scale * ||(W + s B A)_i|| / sqrt(n) as float32 [m] vectors,
     in one launch per (device, weight dtype) (one in practice): the rows of all layers form one grid, and
@@ -836,16 +843,15 @@ def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor
             m, n = it.w.shape
             r = 0 if it.a is None else it.a.shape[0]
             if r:
-                a = it.a.to(dev, torch.float32).contiguous()
-                b = it.b.to(dev, torch.float32).contiguous()
+                a, b = _f32(it.a, dev), _f32(it.b, dev)
                 if a.shape != (r, n) or b.shape != (m, r):
                     raise ValueError(f"A must be [R, n] and B [m, R]; got {tuple(a.shape)}, {tuple(b.shape)} for W {m}x{n}")
                 keep += [a, b]
                 pa, pb = a.data_ptr(), b.data_ptr()
             else:
                 pa = pb = out.data_ptr()  # never read (R = 0)
-            wb = it.w.view(_BITS[dtype])
-            rows.append([wb.data_ptr(), pa, pb, m, n, wb.stride(0), wb.stride(1), r, blk, row0,
+            w = it.w  # the kernel reads its bits: same address and strides as the bits' view
+            rows.append([w.data_ptr(), pa, pb, m, n, w.stride(0), w.stride(1), r, blk, row0,
                          struct.unpack("<q", struct.pack("<d", float(it.scale)))[0]])
             result[i] = out[row0:row0 + m]
             blocks = _cdiv(m, _STD_BM)

@@ -1,0 +1,137 @@
+"""The engine's host time per in-place step on the Triton path, measured on CPU with the kernel launches stubbed.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/overhead/host_step.py [--steps 30] [--profile] [--out DIR]
+
+On the H200 a 7B in-place step is bound by host and device alike (issue 10: 248 ms of host, 244 of device), so
+the Python the engine runs per step, per layer, is on the critical path. This runs `begin_step` + `end_step`
+(in-place, the Triton backend: row std, perturb and restore tables, records, outcomes) on CPU tensors with
+`_noise_kernel` and `_rowstd_kernel` replaced by no-ops (what is timed is everything but the kernels and
+Triton's own launch), for the 7B layer count (32 blocks x q, k, v, o, gate, up, down = 224 LoRA layers, tiny
+dimensions: the host work does not depend on them) and MiniLM-L6's (37, the pooler included). Absolute times
+are this CPU's; the point is the per-layer cost and which code it goes to (`--profile`: cProfile of flatlora's
+functions). Writes host-step-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "src"))
+sys.path.insert(0, str(HERE))
+
+from kernel_bench import provenance, write_results  # noqa: E402
+
+
+class _NoLaunch:
+    """Stands for a @triton.jit kernel: `kernel[grid](...)` computes nothing, but a perturb leaves its record's
+    headers as a clean perturb with no entries would (slot 0, count 0), so every step takes the deferred path
+    (uninitialised headers read as tiles left without noise, and each next perturb would be checked at once)."""
+
+    pre_run_hooks: list = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if kwargs.get("MODE") == 0:  # PERTURB: (tab, map, counter, header, ...)
+                args[3].zero_()
+
+        return launch
+
+
+def _models():
+    """(name, PEFT model): 224 and 36 LoRA layers with bf16 bases and float32 adapters, dims too small to matter."""
+    import peft
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+
+    llama = LlamaModel(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=32,
+                                   num_attention_heads=4, num_key_value_heads=4))
+    bert = BertModel(BertConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                num_attention_heads=4))
+    out = []
+    for name, model, targets in (
+            ("7b-layers-224", llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+            ("minilm-layers-37", bert, ["query", "key", "value", "dense"])):
+        cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets)
+        model = peft.get_peft_model(model.to(torch.bfloat16), cfg)
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()
+        out.append((name, model))
+    return out
+
+
+def measure(model, steps: int, profile: bool):
+    from flatlora import FlatLoRA, FlatLoRAConfig
+
+    flat = FlatLoRA(model, FlatLoRAConfig(sigma=0.05, total_steps=10_000, mode="inplace", schedule="constant",
+                                          generator="philox"))
+    backends = {b.name for b, _ in flat._mode.plan}
+    if backends != {"triton"}:
+        raise SystemExit(f"expected every layer on the Triton backend, got {backends}")
+    layers = sum(len(ts) for _, ts in flat._mode.plan)
+    times = {"begin_step": [], "end_step": []}
+    for t in range(steps + 2):
+        t0 = time.perf_counter()
+        flat.begin_step(t)
+        t1 = time.perf_counter()
+        flat.end_step()
+        t2 = time.perf_counter()
+        if t >= 2:  # the first perturb sizes its record (one check), the second is the first deferred one
+            times["begin_step"].append(t1 - t0)
+            times["end_step"].append(t2 - t1)
+    prof = None
+    if profile:
+        pr = cProfile.Profile()
+        pr.enable()
+        for t in range(steps + 2, 2 * steps + 2):
+            flat.begin_step(t)
+            flat.end_step()
+        pr.disable()
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats("flatlora", 25)
+        prof = s.getvalue()
+    flat.close()
+    # the minimum: Python's time on a shared CPU is the fastest pass plus whatever else ran (the median moved
+    # by 1.5x between runs of one build here, the minimum by a few %)
+    best = {k: 1000 * min(v) for k, v in times.items()}
+    return layers, best, prof
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", str(HERE.parents[0] / "results")))
+    args = ap.parse_args(argv)
+    import flatlora.kernels as kernels
+    from flatlora.kernels import triton_noise as K
+
+    torch.set_num_threads(1)
+    kernels.FORCE_TRITON = True  # CPU tensors take the Triton backend's host path ...
+    K._noise_kernel = K._rowstd_kernel = _NoLaunch()  # ... and launch nothing
+    rows = []
+    for name, model in _models():
+        layers, best, prof = measure(model, args.steps, args.profile)
+        total = best["begin_step"] + best["end_step"]
+        rows.append({"setting": name, "layers": layers, "begin_step_ms": best["begin_step"],
+                     "end_step_ms": best["end_step"], "total_ms": total, "us_per_layer": 1000 * total / layers})
+        print(f"{name:<18} {layers:4d} layers  begin_step {best['begin_step']:7.2f} ms  "
+              f"end_step {best['end_step']:6.2f} ms  {1000 * total / layers:6.1f} us a layer", flush=True)
+        if prof:
+            print(prof)
+    info = provenance(threads=torch.get_num_threads(), kernels="stubbed (host path only)")
+    info["device"] = "cpu"
+    write_results(args.out, "host-step", info, rows)
+
+
+if __name__ == "__main__":
+    main()
