@@ -30,7 +30,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$DIR/dev
 git rev-parse HEAD >> "$DIR/device.txt" 2>/dev/null
 has tests && run gpu-tests python3 -m pytest -q -p no:cacheprovider tests/kernels/kernel_cases.py \
     tests/core/triton_backend_cases.py tests/core/test_compile.py
-has kernels && run kernels python3 benchmarks/overhead/kernel_bench.py --out "$DIR" --only group --reps 5
+# With .carry/old_triton_noise.py (an earlier commit's kernels) carried, they are timed side by side, e.g. the
+# build the README's kernel table measured: git show efe0968:src/flatlora/kernels/triton_noise.py > .carry/old_triton_noise.py
+OLD=()
+[ -f .carry/old_triton_noise.py ] && OLD=(--old .carry/old_triton_noise.py)
+has kernels && run kernels python3 benchmarks/overhead/kernel_bench.py --out "$DIR" --only group --reps 5 "${OLD[@]}"
 has ablate && run ablate python3 benchmarks/overhead/ablate.py --out "$DIR" --only group
 has overhead && run overhead python3 benchmarks/overhead/run.py --out "$DIR" --only acc1,minilm \
     --anchor .carry/anchor_overhead.py --profile
