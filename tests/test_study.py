@@ -277,6 +277,10 @@ def test_verdict_rules():
     assert report.verdict({"mean_diff": -0.01, "ci_low": -0.02, "ci_high": -0.001, "n": 5, "t_pvalue": 0.03}).startswith("Flat-LoRA is lower")
     assert report.verdict({"mean_diff": 0.0, "ci_low": float("nan"), "ci_high": float("nan"), "n": 1}).startswith("not enough")
     assert report.headroom_verdict(0.2)[0] and not report.headroom_verdict(0.81)[0]
+    # "no detectable effect" says what it rules out, also for a summary written before detectable_diff existed
+    old = {"mean_diff": 0.001, "ci_low": -0.002, "ci_high": 0.004, "n": 10, "t_pvalue": 0.5, "std_diff": 0.01}
+    assert report.verdict(old).endswith("; a true Δ of ±1.00 points would have been found with 80 % power)")
+    assert report.det(old) == "±1.00" and report.det({"n": 1, "std_diff": float("nan")}) == "–"
 
 
 def test_report_with_figures_and_no_results(tmp_path):

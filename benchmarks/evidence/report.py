@@ -75,6 +75,23 @@ def secs(x: float | None) -> str:
     return "–" if x is None else f"{x:.0f}" if x >= 10 else f"{x:.1f}"
 
 
+def detectable(p: dict) -> float:
+    """The pair's true Δ found with 80 % power (`detectable_diff`; from its n and std_diff for summaries
+    written before that field existed)."""
+    d = p.get("detectable_diff")
+    if d is None:
+        from flatlora.experiments.results import detectable_difference
+
+        sd = p.get("std_diff")
+        d = detectable_difference(sd, p.get("n", 0)) if sd is not None else math.nan
+    return d
+
+
+def det(p: dict) -> str:
+    d = detectable(p)
+    return "–" if math.isnan(d) else f"±{100 * d:.2f}"
+
+
 def cell(c: dict, metric: str) -> str:
     return f"{pct(c[metric]['mean'])} ± {pct(c[metric]['std'])}" if metric in c else "–"
 
@@ -84,8 +101,9 @@ def verdict(pair: dict, what: str = "Flat-LoRA", unit: str = "points", scale: fl
     """One sentence from a paired comparison: the sign of the 95 % CI of the mean difference decides.
 
     Example:
-        >>> verdict({"mean_diff": 0.001, "ci_low": -0.002, "ci_high": 0.004, "n": 10, "t_pvalue": 0.5})
-        'no detectable effect (Δ +0.10 points, 95 % CI [-0.20, +0.40], n = 10, t-test p = 0.500)'
+        >>> verdict({"mean_diff": 0.001, "ci_low": -0.002, "ci_high": 0.004, "n": 10, "t_pvalue": 0.5,
+        ...          "detectable_diff": 0.0042})
+        'no detectable effect (Δ +0.10 points, 95 % CI [-0.20, +0.40], n = 10, t-test p = 0.500; a true Δ of ±0.42 points would have been found with 80 % power)'
     """
     lo, hi, n = pair.get("ci_low"), pair.get("ci_high"), pair.get("n", 0)
     d = pair.get("mean_diff")
@@ -97,7 +115,9 @@ def verdict(pair: dict, what: str = "Flat-LoRA", unit: str = "points", scale: fl
         return f"{what} is higher ({stats})"
     if hi < 0:
         return f"{what} is lower ({stats})"
-    return f"no detectable effect ({stats})"
+    d = detectable(pair)
+    rules_out = "" if math.isnan(d) else f"; a true Δ of ±{scale * d:.2f} {unit} would have been found with 80 % power"
+    return f"no detectable effect ({stats}{rules_out})"
 
 
 def headroom_verdict(lora_mean: float, lo: float = 0.2, hi: float = 0.8) -> tuple[bool, str]:
@@ -131,8 +151,8 @@ def cell_of(summary: dict, method: str, rank: int) -> dict | None:
 
 
 def headline(studies: dict[str, dict]) -> list[str]:
-    lines = ["| study | test metric | r | n | LoRA | Flat-LoRA | Δ points [95 % CI] | t-test p | Wilcoxon p | d_z | wins/losses | train s/run LoRA → Flat |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| study | test metric | r | n | LoRA | Flat-LoRA | Δ points [95 % CI] | detectable Δ (80 % power) | t-test p | Wilcoxon p | d_z | wins/losses | train s/run LoRA → Flat |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in studies.items():
         if "main" not in s:
             continue
@@ -142,9 +162,9 @@ def headline(studies: dict[str, dict]) -> list[str]:
             if not (a and b and p):
                 continue
             lines.append(f"| {name} | {metric} | {rank} | {p['n']} | {cell(a, metric)} | {cell(b, metric)} | "
-                         f"{pts(p['mean_diff'])} [{pts(p['ci_low'])}, {pts(p['ci_high'])}] | {pval(p['t_pvalue'])} | "
-                         f"{pval(p['wilcoxon_pvalue'])} | {num(p['effect_size_dz'], 2)} | {p['wins']}/{p['losses']} | "
-                         f"{secs(a['train_seconds'])} → {secs(b['train_seconds'])} |")
+                         f"{pts(p['mean_diff'])} [{pts(p['ci_low'])}, {pts(p['ci_high'])}] | {det(p)} | "
+                         f"{pval(p['t_pvalue'])} | {pval(p['wilcoxon_pvalue'])} | {num(p['effect_size_dz'], 2)} | "
+                         f"{p['wins']}/{p['losses']} | {secs(a['train_seconds'])} → {secs(b['train_seconds'])} |")
     return lines
 
 
@@ -293,12 +313,13 @@ def main_tables(s: dict) -> list[str]:
         lines.append(f"| {c['method']} | {c['rank']} | {c['n']} | " + " | ".join(cell(c, m) for m in metrics)
                      + f" | {c['train_seconds']:.1f} | {num(ev, 3)} | {peak.get(key, 'not recorded')} |")
     lines += ["", "Paired over seeds (Flat-LoRA − LoRA, points):", "",
-              "| metric | r | n | Δ mean | 95 % CI | t-test p | Wilcoxon p | d_z | wins/losses |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| metric | r | n | Δ mean | 95 % CI | detectable Δ (80 % power) | t-test p | Wilcoxon p | d_z | wins/losses |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in summ["pairs"]:
         if p["metric"] in metrics and p["method"] == "flat-lora":
             lines.append(f"| {p['metric']} | {p['rank']} | {p['n']} | {pts(p['mean_diff'])} | [{pts(p['ci_low'])}, {pts(p['ci_high'])}] | "
-                         f"{pval(p['t_pvalue'])} | {pval(p['wilcoxon_pvalue'])} | {num(p['effect_size_dz'], 2)} | {p['wins']}/{p['losses']} |")
+                         f"{det(p)} | {pval(p['t_pvalue'])} | {pval(p['wilcoxon_pvalue'])} | {num(p['effect_size_dz'], 2)} | "
+                         f"{p['wins']}/{p['losses']} |")
     return lines
 
 
@@ -315,7 +336,7 @@ def _metrics_of(s: dict, summ: dict) -> list[str]:
 
 
 def _pair_cols(p: dict) -> str:
-    return (f"{pts(p['mean_diff'])} [{pts(p['ci_low'])}, {pts(p['ci_high'])}] | {pval(p['t_pvalue'])} | "
+    return (f"{pts(p['mean_diff'])} [{pts(p['ci_low'])}, {pts(p['ci_high'])}] | {det(p)} | {pval(p['t_pvalue'])} | "
             f"{pval(p['wilcoxon_pvalue'])} | {num(p['effect_size_dz'], 2)} | {p['wins']}/{p['losses']}")
 
 
@@ -325,8 +346,8 @@ def variants_table(s: dict) -> list[str]:
     seeds = sorted({sd for c in summ["cells"] for sd in c["seeds"]})
     lines = [f"Each Flat- variant against its own method: rank {sorted({c['rank'] for c in summ['cells']})}, seeds {seeds} "
              "(fresh, none of main's), main's recipe and σ (σ chosen for Flat-LoRA, not re-tuned per variant).", "",
-             "| pair | metric | r | n | X | Flat-X | Δ points [95 % CI] | t-test p | Wilcoxon p | d_z | wins/losses | train s/run X → Flat-X |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| pair | metric | r | n | X | Flat-X | Δ points [95 % CI] | detectable Δ (80 % power) | t-test p | Wilcoxon p | d_z | wins/losses | train s/run X → Flat-X |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in summ["pairs"]:
         if p["metric"] not in _metrics_of(s, summ):
             continue
@@ -362,8 +383,8 @@ def sam_tables(s: dict) -> list[str]:
         lines.append(f"| {_title(c['method'])} | {c['budget'].replace('_', ' ')} | {c['n']} | {c['steps']:.0f} | "
                      f"{secs(c['train_seconds'])} | " + " | ".join(cell(c, k) for k in metrics) + " |")
     lines += ["", "Paired over seeds (method − baseline, points; the baselines trained at equal steps):", "",
-              "| method | budget | vs | metric | n | Δ points [95 % CI] | t-test p | Wilcoxon p | d_z | wins/losses |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| method | budget | vs | metric | n | Δ points [95 % CI] | detectable Δ (80 % power) | t-test p | Wilcoxon p | d_z | wins/losses |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in summ["pairs"]:
         if p["metric"] in metrics:
             lines.append(f"| {_title(p['method'])} | {p['budget'].replace('_', ' ')} | {_title(p['baseline'])} | {p['metric']} | "
@@ -533,7 +554,10 @@ def render(results: Path, out: Path, figures: bool = True) -> str:
     lines += ["## Status", ""] + status(studies) + [""]
     lines += ["## Headline (test split, chosen recipe and σ)", ""] + headline(studies) + [""]
     lines += ["## Conclusions", "", "The rule: a difference counts only when the 95 % CI of the mean paired difference "
-              "excludes 0; otherwise it is reported as no detectable effect. The LLM task counts only if LoRA's test score "
+              "excludes 0; otherwise it is reported as no detectable effect, with the true Δ that the same number of "
+              "pairs would have found with 80 % power at the observed spread of the differences (two-sided paired t-test, "
+              "α = 0.05, noncentral t): effects that large are unlikely to have been missed, smaller ones may have "
+              "been. The paper's gains are +0.4 to +1.1 points. The LLM task counts only if LoRA's test score "
               "lies inside its headroom range. Several ranks and metrics are tested; no correction for multiple "
               "comparisons is applied, so a single p near 0.05 is weak evidence.", ""]
     for name, s in studies.items():

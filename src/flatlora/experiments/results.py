@@ -44,17 +44,48 @@ def paired_stats(a: list[float], b: list[float]) -> dict[str, Any]:
     out: dict[str, Any] = {"n": n, "mean_diff": float(d.mean()) if n else math.nan, "wins": int((d > 0).sum()),
                            "losses": int((d < 0).sum()), "ties": int((d == 0).sum())}
     nan = float("nan")
-    out.update(std_diff=nan, ci_low=nan, ci_high=nan, t_pvalue=nan, wilcoxon_pvalue=nan, effect_size_dz=nan)
+    out.update(std_diff=nan, ci_low=nan, ci_high=nan, t_pvalue=nan, wilcoxon_pvalue=nan, effect_size_dz=nan,
+               detectable_diff=nan)
     if n >= 2:
         sd = float(d.std(ddof=1))
         half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-        out.update(std_diff=sd, ci_low=out["mean_diff"] - half, ci_high=out["mean_diff"] + half)
+        out.update(std_diff=sd, ci_low=out["mean_diff"] - half, ci_high=out["mean_diff"] + half,
+                   detectable_diff=detectable_difference(sd, n))
         if sd > 0:
             out["t_pvalue"] = float(stats.ttest_rel(a, b).pvalue)
             out["effect_size_dz"] = out["mean_diff"] / sd
         if np.any(d != 0):
             out["wilcoxon_pvalue"] = float(stats.wilcoxon(d).pvalue)
     return out
+
+
+def detectable_difference(sd: float, n: int, power: float = 0.8, alpha: float = 0.05) -> float:
+    """The true mean paired difference that a two-sided paired t-test at `alpha` over `n` pairs finds with
+    probability `power`, when the differences scatter with standard deviation `sd` (noncentral t). With the
+    observed sd it says what a "no detectable effect" rules out: effects this large or larger would most
+    likely have been seen. NaN below 2 pairs or for sd 0.
+
+    Example:
+        >>> round(detectable_difference(1.0, 10), 3)  # ~ (t_.975 + t_.80) sd / sqrt(n) = 0.99
+        0.996
+    """
+    from scipy import optimize, stats
+
+    if n < 2 or not sd > 0:
+        return float("nan")
+    df, crit = n - 1, float(stats.t.ppf(1 - alpha / 2, n - 1))
+
+    def short(delta: float) -> float:  # power at a true difference delta, minus the power wanted
+        nc = delta * math.sqrt(n) / sd
+        # the far tail (a significant result of the wrong sign): below 1e-8 once it matters, and scipy's nct
+        # returns NaN for it at 1-2 degrees of freedom and a large nc
+        wrong = float(stats.nct.cdf(-crit, df, nc))
+        return float(stats.nct.sf(crit, df, nc)) + (0.0 if math.isnan(wrong) else wrong) - power
+
+    hi = (crit + 3.0) * sd / math.sqrt(n)
+    while short(hi) < 0:  # heavy tails at 2-3 pairs: widen until the power is reached
+        hi *= 2
+    return float(optimize.brentq(short, 0.0, hi, xtol=1e-9 * sd))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -190,7 +221,7 @@ def write_summary(out_dir: str | Path, records: list[dict], summary: dict[str, A
                         r["train_seconds"], r["steps"], r.get("failure") or ""])
     with open(paths["pairs"], "w", newline="") as f:
         keys = ["method", "baseline", "rank", "metric", "n", "mean_diff", "std_diff", "ci_low", "ci_high",
-                "t_pvalue", "wilcoxon_pvalue", "effect_size_dz", "wins", "losses", "ties"]
+                "t_pvalue", "wilcoxon_pvalue", "effect_size_dz", "detectable_diff", "wins", "losses", "ties"]
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for p in summary["pairs"]:
