@@ -61,7 +61,7 @@ def test_summary_pairs_flat_methods_with_their_base_by_seed():
     assert (pair["method"], pair["baseline"], pair["n"]) == ("flat-lora", "lora", 3)
     assert pair["mean_diff"] == pytest.approx(0.02)
     md = to_markdown(s, "t")
-    assert "| flat-lora | lora | 8 | test/accuracy | 3 | +2.00 |" in md
+    assert "| flat-lora | lora | 8 | test/accuracy | 3 | +2.00 | [-0.48, +4.48] | ±3.26 | 0.074 |" in md
     assert "| lora | 8 | 3 | 70.00 ± 1.00 |" in md
     s2 = summarize(recs, baseline="dora")
     assert {p["method"] for p in s2["pairs"]} == {"lora", "flat-lora"}

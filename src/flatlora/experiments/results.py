@@ -184,13 +184,17 @@ def to_markdown(summary: dict[str, Any], title: str = "", note: str = "") -> str
         lines.append(f"| {c['method']} | {c['rank']} | {c['n']} | " + " | ".join(vals) + f" | {secs} |" + failed)
     pairs = [p for p in summary["pairs"] if p["metric"] in shown]
     if pairs:
-        lines += ["", "Paired over seeds (method − baseline, points; CI = 95 % of the mean difference):", "",
-                  "| method | vs | r | metric | n | Δ mean | 95 % CI | t-test p | Wilcoxon p | d_z | wins/losses |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Paired over seeds (method − baseline, points; CI = 95 % of the mean difference; detectable Δ: the "
+                  "true difference these pairs find with 80 % power):", "",
+                  "| method | vs | r | metric | n | Δ mean | 95 % CI | detectable Δ (80 % power) | t-test p | Wilcoxon p | d_z "
+                  "| wins/losses |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in pairs:
             dz = "–" if math.isnan(p["effect_size_dz"]) else f"{p['effect_size_dz']:+.2f}"
+            det = p.get("detectable_diff", math.nan)
+            det = "–" if math.isnan(det) else f"±{100 * det:.2f}"
             lines.append(f"| {p['method']} | {p['baseline']} | {p['rank']} | {p['metric']} | {p['n']} | "
-                         f"{_signed(p['mean_diff'])} | [{_signed(p['ci_low'])}, {_signed(p['ci_high'])}] | "
+                         f"{_signed(p['mean_diff'])} | [{_signed(p['ci_low'])}, {_signed(p['ci_high'])}] | {det} | "
                          f"{_p(p['t_pvalue'])} | {_p(p['wilcoxon_pvalue'])} | {dz} | {p['wins']}/{p['losses']} |")
     if summary.get("failed"):
         lines += ["", "Failed runs (saved with their reason, left out of the statistics; delete a folder to retry it):", ""]
