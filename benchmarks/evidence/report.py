@@ -6,7 +6,8 @@
 Everything in the report is read from the files `study.py` wrote: the protocol from each study's
 study.yaml, commands.jsonl and the runs' env.json; the tables from the stages' summary.json and
 choice.json. The statistics of a comparison are flatlora's own (flatlora.experiments.results:
-paired t-test, Wilcoxon signed-rank, d_z and the 95 % CI of the mean paired difference, scipy).
+paired t-test, Wilcoxon signed-rank, d_z, the 95 % CI of the mean paired difference and the difference the pairs
+detect with 80 % power, scipy).
 Every sentence of the conclusions is derived from those numbers by the rules in `verdict` and
 `headroom_verdict`; none is written by hand.
 """
