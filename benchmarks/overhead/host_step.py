@@ -48,7 +48,7 @@ class _NoLaunch:
 
 
 def _models():
-    """(name, PEFT model): 224 and 36 LoRA layers with bf16 bases and float32 adapters, dims too small to matter."""
+    """(name, PEFT model): 224 and 37 LoRA layers with bf16 bases and float32 adapters, dims too small to matter."""
     import peft
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 

@@ -34,7 +34,7 @@ has tests && run gpu-tests python3 -m pytest -q -p no:cacheprovider tests/kernel
 # build the README's kernel table measured: git show efe0968:src/flatlora/kernels/triton_noise.py > .carry/old_triton_noise.py
 OLD=()
 [ -f .carry/old_triton_noise.py ] && OLD=(--old .carry/old_triton_noise.py)
-has kernels && run kernels python3 benchmarks/overhead/kernel_bench.py --out "$DIR" --only group --reps 5 "${OLD[@]}"
+has kernels && run kernels python3 benchmarks/overhead/kernel_bench.py --out "$DIR" --only group --reps 5 ${OLD[@]+"${OLD[@]}"}
 has ablate && run ablate python3 benchmarks/overhead/ablate.py --out "$DIR" --only group
 has overhead && run overhead python3 benchmarks/overhead/run.py --out "$DIR" --only acc1,minilm \
     --anchor .carry/anchor_overhead.py --profile

@@ -41,6 +41,7 @@ def test_detectable_difference_has_the_power_it_claims():
     assert detectable_difference(2.0, 10) == pytest.approx(2 * detectable_difference(1.0, 10))
     assert detectable_difference(1.0, 2) > 10  # 1 degree of freedom: a t-test of 2 pairs sees only huge effects
     assert math.isnan(detectable_difference(1.0, 1)) and math.isnan(detectable_difference(0.0, 10))
+    assert math.isnan(detectable_difference(math.inf, 10))  # an overflowing spread: no number, not a solver error
     s = paired_stats([0.80, 0.83, 0.81, 0.85], [0.79, 0.80, 0.81, 0.82])
     assert s["detectable_diff"] == pytest.approx(detectable_difference(s["std_diff"], 4))
 

@@ -71,7 +71,7 @@ def detectable_difference(sd: float, n: int, power: float = 0.8, alpha: float = 
     """
     from scipy import optimize, stats
 
-    if n < 2 or not sd > 0:
+    if n < 2 or not 0 < sd < math.inf:
         return float("nan")
     df, crit = n - 1, float(stats.t.ppf(1 - alpha / 2, n - 1))
 
