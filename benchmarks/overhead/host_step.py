@@ -1,15 +1,18 @@
-"""The engine's host time per in-place step on the Triton path, measured on CPU with the kernel launches stubbed.
+"""The engine's host time a step on the Triton path (in-place and forward mode), on CPU with the kernel launches stubbed.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/overhead/host_step.py [--steps 30] [--profile] [--out DIR]
 
-On the H200 a 7B in-place step is bound by host and device alike (issue 10: 248 ms of host, 244 of device), so
-the Python the engine runs per step, per layer, is on the critical path. This runs `begin_step` + `end_step`
+On the H200 the 7B in-place step is device-bound by a little (issue 10: 244 ms of device a step, 248 of host of
+which 14.6 ms blocked on a full command queue) and MiniLM's is host-bound, so the Python the engine runs per step
+and layer decides the small models and is next in line for the large ones. This runs `begin_step` + `end_step`
 (in-place, the Triton backend: row std, perturb and restore tables, records, outcomes) on CPU tensors with
 `_noise_kernel` and `_rowstd_kernel` replaced by no-ops (what is timed is everything but the kernels and
-Triton's own launch), for the 7B layer count (32 blocks x q, k, v, o, gate, up, down = 224 LoRA layers, tiny
-dimensions: the host work does not depend on them) and MiniLM-L6's (37, the pooler included). Absolute times
-are this CPU's; the point is the per-layer cost and which code it goes to (`--profile`: cProfile of flatlora's
-functions). Writes host-step-cpu.json.
+Triton's own launch; a one-layer copy copies W), and forward mode's forward + backward against LoRA's on the
+same model, for the 7B layer count (32 blocks x q, k, v, o, gate, up, down = 224 LoRA layers, tiny dimensions:
+the host work does not depend on them) and MiniLM-L6's (37, the pooler included). Absolute times are this CPU's;
+the point is the per-layer cost and which code it goes to (`--profile`: cProfile of flatlora's functions in
+place). Forward mode's figure includes the noisy layers' small bf16 matmuls on the CPU, and its copies take
+Triton's ordinary launch path (stubbed) where a GPU takes the pre-bound one. Writes host-step-cpu.json.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class _NoLaunch:
         def launch(*args, **kwargs):
             if kwargs.get("MODE") == 0:  # PERTURB: (tab, map, counter, header, ...)
                 args[3].zero_()
+            elif kwargs.get("MODE") == 2 and kwargs.get("LAYER_ARGS"):  # a one-layer COPY: out <- W, no noise
+                args[8].copy_(args[7])  # (uninitialised outputs could hold denormals and slow the matmuls down)
 
         return launch
 
@@ -106,6 +111,44 @@ def measure(model, steps: int, profile: bool):
     return layers, best, prof
 
 
+def measure_forward(model, steps: int):
+    """Forward mode: the fastest forward + backward of a 1 x 8 token batch with LoRA alone and with the forward-mode
+    window around it (begin_step, forward, backward, end_step), on the same model: their difference is forward
+    mode's host cost (the patched forward, two noisy copies a layer, the std draw) plus a little compute."""
+    from flatlora import FlatLoRA, FlatLoRAConfig
+
+    ids = torch.randint(0, 64, (1, 8))
+
+    def fwd_bwd():
+        model(input_ids=ids).last_hidden_state.float().sum().backward()
+
+    def fastest(fn):
+        fn()
+        ts = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return 1000 * min(ts)
+
+    lora = fastest(fwd_bwd)
+    flat = FlatLoRA(model, FlatLoRAConfig(sigma=0.05, total_steps=10_000, mode="forward", schedule="constant",
+                                          generator="philox"))
+    step = iter(range(10**9))
+
+    def flat_step():
+        flat.begin_step(next(step))
+        fwd_bwd()
+        flat.end_step()
+
+    flat_step()
+    with_flat = fastest(flat_step)
+    lora = min(lora, fastest(fwd_bwd))  # LoRA again after: the same model, warmed the same
+    flat.close()
+    model.zero_grad(set_to_none=True)
+    return lora, with_flat
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=100)
@@ -122,12 +165,18 @@ def main(argv=None):
     for name, model in _models():
         layers, best, prof = measure(model, args.steps, args.profile)
         total = best["begin_step"] + best["end_step"]
-        rows.append({"setting": name, "layers": layers, "begin_step_ms": best["begin_step"],
+        rows.append({"setting": name, "mode": "inplace", "layers": layers, "begin_step_ms": best["begin_step"],
                      "end_step_ms": best["end_step"], "total_ms": total, "us_per_layer": 1000 * total / layers})
-        print(f"{name:<18} {layers:4d} layers  begin_step {best['begin_step']:7.2f} ms  "
+        print(f"{name:<18} {layers:4d} layers  in-place: begin_step {best['begin_step']:7.2f} ms  "
               f"end_step {best['end_step']:6.2f} ms  {1000 * total / layers:6.1f} us a layer", flush=True)
         if prof:
             print(prof)
+        lora, with_flat = measure_forward(model, args.steps)
+        added = with_flat - lora
+        rows.append({"setting": name, "mode": "forward", "layers": layers, "lora_fwd_bwd_ms": lora,
+                     "flat_fwd_bwd_ms": with_flat, "total_ms": added, "us_per_layer": 1000 * added / layers})
+        print(f"{name:<18} {layers:4d} layers  forward: LoRA fwd+bwd {lora:7.2f} ms, with the window {with_flat:7.2f} ms"
+              f"  {1000 * added / layers:6.1f} us a layer", flush=True)
     info = provenance(threads=torch.get_num_threads(), kernels="stubbed (host path only)")
     info["device"] = "cpu"
     write_results(args.out, "host-step", info, rows)

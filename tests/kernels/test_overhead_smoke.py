@@ -72,6 +72,13 @@ def test_host_step_benchmark_smoke(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((tmp_path / "host-step-cpu.json").read_text())
-    assert [(r["setting"], r["layers"]) for r in data["rows"]] == [("7b-layers-224", 224), ("minilm-layers-37", 37)]
-    assert all(r["begin_step_ms"] > 0 and r["end_step_ms"] > 0 for r in data["rows"])
+    assert [(r["setting"], r["mode"], r["layers"]) for r in data["rows"]] == [
+        ("7b-layers-224", "inplace", 224), ("7b-layers-224", "forward", 224),
+        ("minilm-layers-37", "inplace", 37), ("minilm-layers-37", "forward", 37)]
+    for r in data["rows"]:
+        if r["mode"] == "inplace":
+            assert r["begin_step_ms"] > 0 and r["end_step_ms"] > 0
+            assert r["total_ms"] == pytest.approx(r["begin_step_ms"] + r["end_step_ms"])
+        else:
+            assert r["lora_fwd_bwd_ms"] > 0 and r["total_ms"] == pytest.approx(r["flat_fwd_bwd_ms"] - r["lora_fwd_bwd_ms"])
     assert data["provenance"]["kernels"] == "stubbed (host path only)"
