@@ -45,16 +45,20 @@ def test_sass_stats_compiles_the_shipped_kernel_for_sm90():
     registers and SASS counted (ptxas and cuobjdump come with Triton's wheel). In a fresh process: a test
     module that ran first may have imported triton under TRITON_INTERPRET=1, which compiles nothing."""
     code = ("import json, sass_stats; from flatlora.kernels import triton_noise as K; "
-            "print(json.dumps(sass_stats.sass_stats(sass_stats.compile_tile(K, 2, 90))))")
+            "print(json.dumps([sass_stats.sass_stats(sass_stats.compile_tile(K, m, 90)) for m in (2, 0, 1)]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks" / "overhead")])
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    st = json.loads(res.stdout.splitlines()[-1])
-    assert 16 <= st["registers"] <= 255 and st["instructions"] > 100 and st["shared_bytes"] == 0
-    assert st["top_opcodes"].get("MUFU", 0) >= 16  # the special-function unit's lg2/sqrt/sin/cos: FAST compiled
+    copy, perturb, restore = json.loads(res.stdout.splitlines()[-1])
+    assert 16 <= copy["registers"] <= 255 and copy["instructions"] > 100 and copy["shared_bytes"] == 0
+    assert copy["top_opcodes"].get("MUFU", 0) >= 16  # the special-function unit's lg2/sqrt/sin/cos: FAST compiled
     # aligned contiguous bf16: every weight load and store is a 16-byte vector (8 elements), none element-wise
     # (the kernels before the multiple_of hints on the tile start and numel issued 16 + 16 2-byte accesses)
-    acc = st["global_accesses"]
-    assert acc.get("LDG.E.128", 0) >= 1 and acc.get("STG.E.128", 0) >= 1, acc
-    assert not any(k.endswith((".U16", ".S16")) for k in acc), acc
+    for st in (copy, perturb, restore):
+        acc = st["global_accesses"]
+        assert acc.get("LDG.E.128", 0) >= 1 and acc.get("STG.E.128", 0) >= 1, acc
+        assert not any(k.startswith("LDG") and k.endswith((".U16", ".S16")) for k in acc), acc
+    assert not any(k.endswith((".U16", ".S16")) for k in copy["global_accesses"])
+    assert not any(k.endswith((".U16", ".S16")) for k in perturb["global_accesses"])  # record entries: 32-bit words
+    # restore stores 2-byte values only in its patch loop (the record's scattered entries), never for the weight
