@@ -817,13 +817,6 @@ class StdItem:
 _STD_BM, _STD_BK, _STD_PREC = 32, 128, "tf32x3"  # perturb_sweep.py: 2x the FMA kernel on the H200
 
 
-def _f32(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """x as a contiguous float32 tensor on dev: itself when it is one already (LoRA's A and B, every step)."""
-    if x.dtype is torch.float32 and x.device == dev and x.is_contiguous():
-        return x
-    return x.to(dev, torch.float32).contiguous()
-
-
 def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor]:
     """Filter-noise std of every layer, sigma_scale * ||(W + s B A)_i|| / sqrt(n) as float32 [m] vectors,
     in one launch per (device, weight dtype) (one in practice): the rows of all layers form one grid, and
@@ -843,7 +836,8 @@ def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor
             m, n = it.w.shape
             r = 0 if it.a is None else it.a.shape[0]
             if r:
-                a, b = _f32(it.a, dev), _f32(it.b, dev)
+                a = it.a.to(dev, torch.float32).contiguous()  # themselves for float32 A, B (no copy)
+                b = it.b.to(dev, torch.float32).contiguous()
                 if a.shape != (r, n) or b.shape != (m, r):
                     raise ValueError(f"A must be [R, n] and B [m, R]; got {tuple(a.shape)}, {tuple(b.shape)} for W {m}x{n}")
                 keep += [a, b]
