@@ -141,7 +141,7 @@ def time_rowstd(K, name: str, shapes, rank: int, sigma: float, reps: int, copy_b
     stds = K.row_std_group(std_items, sigma)
     ms = cuda_ms(lambda: K.row_std_group(std_items, sigma), reps)
     wbytes = sum(w.numel() for w in ws) * 2
-    err = None if ref is None else max(float(((s - r).abs() / r.abs().clamp_min(1e-30)).max()) for s, r in zip(stds, ref))
+    err = None if ref is None else max(float(((s.cpu() - r).abs() / r.abs().clamp_min(1e-30)).max()) for s, r in zip(stds, ref))
     row = {"setting": setting, "variant": name, "layers": len(shapes), "bytes_read": wbytes, "row_std_ms": ms,
            "frac_of_copy": wbytes / ms / 1e6 / copy_bw, "floor_ms": wbytes / copy_bw / 1e6, "max_rel_diff_vs_shipped": err}
     print(f"  {setting:<6} {name:<36} row std {ms:8.3f} ms  {row['frac_of_copy']:6.1%} of copy  "
