@@ -37,5 +37,5 @@ OLD=()
 has kernels && run kernels python3 benchmarks/overhead/kernel_bench.py --out "$DIR" --only group --reps 5 ${OLD[@]+"${OLD[@]}"}
 has ablate && run ablate python3 benchmarks/overhead/ablate.py --out "$DIR" --only group
 has overhead && run overhead python3 benchmarks/overhead/run.py --out "$DIR" --only acc1,minilm \
-    --anchor .carry/anchor_overhead.py --profile
+    --anchor .carry/anchor_overhead.py --profile --trace
 exit $rc

@@ -25,10 +25,12 @@ import ast
 import contextlib
 import datetime
 import gc
+import gzip
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -331,6 +333,14 @@ def profile(fn, args, label, steps=2, baseline=None):
         for _ in range(steps):
             fn()
         sync(args.dev)
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
+    if getattr(args, "trace", False):  # the timeline: where the device idles and what the host does then
+        trace = Path(args.out) / f"trace-{safe}.json"
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        p.export_chrome_trace(str(trace))
+        with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.unlink()
     key = "cuda_time_total" if args.dev == "cuda" else "cpu_time_total"
     ka = p.key_averages()
     cp = cProfile.Profile()
@@ -347,7 +357,6 @@ def profile(fn, args, label, steps=2, baseline=None):
             + (f"## against LoRA (per step; + = more than LoRA)\n{_diff_table(totals, baseline, steps)}\n"
                if baseline is not None else "")
             + f"## Python functions of flatlora (cProfile, {steps} more steps)\n{py.getvalue()}\n")
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
     path = Path(args.out) / f"profile-{safe}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -487,6 +496,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device (checks the script, not speed)")
     ap.add_argument("--profile", action="store_true", help="also write a torch.profiler table of 2 steps per Flat-LoRA variant")
+    ap.add_argument("--trace", action="store_true", help="with --profile: also its timeline (trace-*.json.gz, chrome://tracing)")
     args = ap.parse_args(argv)
     args.dev = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:
