@@ -133,6 +133,7 @@ def sync(dev):
 
 
 def timed(body, dev, n, warm):
+    """Step times (ms) of `n` steps after `warm` untimed ones, each step between two syncs; and the peak memory."""
     for _ in range(warm):
         body()
     sync(dev)
@@ -144,9 +145,9 @@ def timed(body, dev, n, warm):
         t0 = time.perf_counter()
         body()
         sync(dev)
-        ts.append(time.perf_counter() - t0)
+        ts.append(1000 * (time.perf_counter() - t0))
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
-    return {"median_ms": 1000 * statistics.median(ts), "min_ms": 1000 * min(ts), "peak_mem_gib": peak, "n_steps": n}
+    return ts, peak
 
 
 def load_reference(path: str | None, namespace: dict):
@@ -208,6 +209,7 @@ def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05):
             if flat is None:  # one engine on the model at a time: a second live engine on its weights is refused
                 for other in engines.values():
                     other.close()
+                engines.clear()
                 flat = engines[variant] = FlatLoRA(model, FlatLoRAConfig(sigma=sigma, schedule="constant", mode=mode, seed=0))
             opt.zero_grad(set_to_none=True)
             with _record_checked(variant.endswith("-checked")):
@@ -270,32 +272,55 @@ def _ordinary_launches(fn) -> int:
 
 
 def run_setting(name, model, batch_fn, ga, args, rows, variants=None, extra=None):
+    """Times the variants *interleaved*: `--rounds` rounds, each running every variant for its share of the
+    steps (after one untimed step: a variant's first step after another builds its engine). Drift of the
+    machine over the run (clocks, a busy host) then falls on every variant alike; timed one after another,
+    two runs of the same build gave the same variant 1.41x and 1.71x."""
     fns = step_fns(model, batch_fn, ga, args.dev, args.anchor)
+    order = [v for v in fns if not variants or v in variants]
+    n = args.steps if ga == 1 else args.steps_ga
+    rounds = max(1, min(args.rounds, n))
+    times: dict[str, list[float]] = {v: [] for v in order}
+    peaks = dict.fromkeys(order, 0.0)
+    engines = {}
+    for r in range(rounds):
+        for v in order:
+            fn, flat = fns[v]
+            share = n // rounds + (r < n % rounds)
+            warm = (1 if ga > 1 or args.smoke else args.warmup) if r == 0 else 1
+            ts, peak = timed(fn, args.dev, share, warm)
+            times[v] += ts
+            peaks[v] = max(peaks[v], peak)
+            if flat is not None and r == rounds - 1:
+                engines[v] = {}
+                _describe(flat(), fn, args, engines[v])  # the engine the last timed steps used, still open
     base = lora_ops = None
-    for variant, (fn, flat) in fns.items():
-        if variants and variant not in variants:
-            continue
-        r = timed(fn, args.dev, args.steps if ga == 1 else args.steps_ga, 1 if ga > 1 or args.smoke else args.warmup)
-        flat = flat() if flat is not None else None  # the engine the timed steps built
-        row = {"setting": name, "variant": variant, **r, **(extra or {})}
-        if flat is not None and flat.mode == "inplace":
-            row["restore_record_bytes"] = flat.metrics().get("flatlora/restore_record_bytes", 0.0)
-            row["base_weight_bytes"] = sum(t.weight.numel() * t.weight.element_size() for t in flat.targets)
-        if flat is not None:
-            row["generator"] = flat.config.generator
-        if flat is not None and flat.mode == "forward" and args.dev == "cuda":
-            row["ordinary_launches_per_step"] = _ordinary_launches(fn)
-        if variant == "lora":
+    for v in order:
+        fn = fns[v][0]
+        r = {"median_ms": statistics.median(times[v]), "min_ms": min(times[v]), "peak_mem_gib": peaks[v],
+             "n_steps": len(times[v]), "rounds": rounds}
+        row = {"setting": name, "variant": v, **r, **(extra or {}), **engines.get(v, {})}
+        if v == "lora":
             base = r["median_ms"]
         row["ratio_vs_lora"] = r["median_ms"] / base if base else None
         rows.append(row)
-        if args.profile and (variant == "lora" or variant.startswith("flatlora")):
-            ops = profile(fn, args, f"{name}-{variant}", baseline=lora_ops)
-            lora_ops = ops if variant == "lora" else lora_ops
-        print(f"  {name:<22} {variant:<18} {r['median_ms']:10.2f} ms  x{row['ratio_vs_lora'] or 0:6.3f}  "
+        if args.profile and (v == "lora" or v.startswith("flatlora")):
+            ops = profile(fn, args, f"{name}-{v}", baseline=lora_ops)
+            lora_ops = ops if v == "lora" else lora_ops
+        print(f"  {name:<22} {v:<18} {r['median_ms']:10.2f} ms  x{row['ratio_vs_lora'] or 0:6.3f}  "
               f"peak {r['peak_mem_gib']:7.2f} GiB" + (f"  record {row['restore_record_bytes'] / 2**20:.1f} MiB"
                                                      if "restore_record_bytes" in row else ""), flush=True)
         gc.collect()
+
+
+def _describe(flat, fn, args, into: dict) -> None:
+    """The row fields a Flat-LoRA variant adds (read while its engine is the live one)."""
+    if flat.mode == "inplace":
+        into["restore_record_bytes"] = flat.metrics().get("flatlora/restore_record_bytes", 0.0)
+        into["base_weight_bytes"] = sum(t.weight.numel() * t.weight.element_size() for t in flat.targets)
+    into["generator"] = flat.config.generator
+    if flat.mode == "forward" and args.dev == "cuda":
+        into["ordinary_launches_per_step"] = _ordinary_launches(fn)
 
 
 def _op_totals(ka) -> dict[str, tuple[int, float, float]]:
@@ -494,6 +519,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10, help="timed steps (accumulation 1)")
     ap.add_argument("--steps-ga", type=int, default=4, help="timed steps (accumulation 16; each is 16 micro-batches)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="interleave the variants over this many rounds of their steps")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device (checks the script, not speed)")
     ap.add_argument("--profile", action="store_true", help="also write a torch.profiler table of 2 steps per Flat-LoRA variant")
     ap.add_argument("--trace", action="store_true", help="with --profile: also its timeline (trace-*.json.gz, chrome://tracing)")
