@@ -7,6 +7,8 @@
 What travels (the rest of .data is not needed):
     text   pkgs/minilm (model.safetensors cast to fp16: 45 MB instead of 91) + vader/*_GroundTruth.txt
     image  pkgs/effnet (state dict cast to fp16: 9 MB instead of 19) + fashion-mnist (the four IDX files)
+           (a tensor that fp16 would change beyond rounding, a nonzero flushed to 0 or a finite value to inf,
+           travels in fp32: EfficientNet-Lite0 has filters of norm ~2e-9, below fp16's range)
     llm-*  the SmolLM2 gguf (98 MB) cut in parts that fill the room the other bundles leave in their calls
            (then calls of their own); the last part comes with the part of reasoning-gym the tasks import
            (arithmetic/, algorithmic/, coaching/, top-level modules: <1 MB) and the `gguf` wheel (pure
@@ -52,6 +54,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _fp16_for_transfer(v):
+    """v in fp16 for the trip, unless fp16 changes it beyond rounding: a nonzero value flushed to 0 (fp16's
+    smallest subnormal is 6e-8) or a finite one turned inf. Such a tensor travels in its own dtype: unpack casts
+    the fp16 ones back to fp32, so the rest arrive as they left."""
+    import torch
+
+    if not v.is_floating_point() or v.dtype == torch.float16:
+        return v
+    h = v.half()
+    if ((h == 0) & (v != 0)).any() or (torch.isinf(h) & torch.isfinite(v)).any():
+        return v
+    return h
+
+
 def _pack_text(data: Path, out: Path, fetch) -> None:
     """MiniLM folder with fp16 weights, the three VADER sentence sets."""
     from safetensors.torch import load_file, save_file
@@ -59,7 +75,7 @@ def _pack_text(data: Path, out: Path, fetch) -> None:
     mini = fetch.minilm_dir(data)
     dst = out / "text" / mini.relative_to(data)
     shutil.copytree(mini, dst, ignore=shutil.ignore_patterns("model.safetensors", "*.onnx", "*.h5", "*.msgpack", "*.bin"))
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(mini / "model.safetensors")).items()},
+    save_file({k: _fp16_for_transfer(v) for k, v in load_file(str(mini / "model.safetensors")).items()},
               str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "CAST_FP16").write_text("model.safetensors was cast to fp16 for the transfer; `carry.py unpack` casts it back\n")
     shutil.copytree(fetch.vader_dir(data), out / "text" / "vader")
@@ -73,7 +89,7 @@ def _pack_image(data: Path, out: Path, fetch) -> None:
     dst = out / "image" / eff.relative_to(data)
     dst.parent.mkdir(parents=True)
     state = torch.load(eff, map_location="cpu", weights_only=True)
-    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, dst)
+    torch.save({k: _fp16_for_transfer(v) for k, v in state.items()}, dst)
     (dst.parent / "CAST_FP16").write_text(dst.name + "\n")
     fm = fetch.fmnist_dir(data)
     dst = out / "image" / fm.relative_to(data)

@@ -356,7 +356,30 @@ def variants_table(s: dict) -> list[str]:
         lines.append(f"| {_title(p['method'])} vs {_title(p['baseline'])} | {p['metric']} | {p['rank']} | {p['n']} | "
                      f"{cell(a, p['metric'])} | {cell(b, p['metric'])} | {_pair_cols(p)} | "
                      f"{secs(a['train_seconds'])} → {secs(b['train_seconds'])} |")
+    return lines + _per_seed(s["dir"] / "variants" / "runs.csv", summ)
+
+
+def _per_seed(runs_csv: Path, summ: dict) -> list[str]:
+    """Each pair's test metric seed by seed: five pairs are few, and a mean and std hide a collapsed run."""
+    import csv
+
+    if not runs_csv.exists():
+        return []
+    metric = summ.get("test_metric") or summ["primary_metric"]
+    got = {(r["method"], int(r["rank"]), int(r["seed"])): float(r[metric])
+           for r in csv.DictReader(runs_csv.open()) if r.get("status") == "done" and r.get(metric)}
+    lines = ["", f"Per seed, {metric} (X / Flat-X):", ""]
+    for p in summ["pairs"]:
+        if p["metric"] != metric:
+            continue
+        vals = [f"{sd}: {_pct(got.get((p['baseline'], p['rank'], sd)))} / {_pct(got.get((p['method'], p['rank'], sd)))}"
+                for sd in p["seeds"]]
+        lines.append(f"- {_title(p['method'])} vs {_title(p['baseline'])}, r = {p['rank']}: " + "; ".join(vals))
     return lines
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.2f}"
 
 
 def sam_tables(s: dict) -> list[str]:

@@ -136,13 +136,14 @@ def check_extra_stages(cfg: dict, where: Any) -> None:
 
 
 def check_variant_layers(study: "Study") -> None:
-    """Variants whose PEFT initialisation exists for Linear layers only (PiSSA, LoRA-GA) against the layers the
-    study's model adapts, on the CPU before the device is used: an impossible pair stops the study here
-    (flatlora compare refuses it too, but only once a call has started on the device)."""
+    """Variants that cannot work on some layers (PiSSA, LoRA-GA: Linear layers only; DoRA: no zero-norm filter)
+    against the layers the study's model adapts, on the CPU before the device is used: an impossible pair stops
+    the study here (flatlora compare refuses it too, but only once a call has started on the device)."""
     from flatlora.experiments.methods import LINEAR_ONLY, get_method
 
     sc = study.cfg["stages"].get("variants") or {}
-    if not any(get_method(m).adapter in LINEAR_ONLY for pair in sc.get("pairs", []) for m in pair):
+    if not any(get_method(m).adapter in LINEAR_ONLY or get_method(m).adapter == "dora"
+               for pair in sc.get("pairs", []) for m in pair):
         return
     from flatlora.experiments.compare import check_layer_kinds
     from flatlora.experiments.spec import ExperimentSpec

@@ -178,3 +178,35 @@ def test_dora_refuses_a_zero_norm_filter_that_would_make_the_first_forward_nan()
         want = net(x)
         cfg = lora_config(m, r=8, alpha=4, dropout=0.0, targets=targets, modules_to_save=None)
         torch.testing.assert_close(prepare_model(m, net, lora_cfg=cfg)(x), want)
+
+
+def test_compare_refuses_dora_on_a_zero_norm_filter_before_any_run(image_folder, tmp_path, monkeypatch):
+    """EfficientNet-Lite0's pretrained 1x1 convs hold zero filters (38 in 13 of the 32 targeted ones): DoRA must
+    stop the comparison before the first run, not fail in every run (as it did on the H200, 2026-12-02)."""
+    from flatlora.experiments import compare as cmp
+
+    real = cmp.create_task
+
+    def with_a_dead_filter(*a, **k):
+        task = real(*a, **k)
+        build = task.build_model
+
+        def build_model():
+            model = build()
+            conv = next(m for n, m in model.named_modules() if n.endswith("_blocks.1._expand_conv"))
+            with torch.no_grad():
+                conv.weight[1].zero_()  # a pruned output filter, as in the pretrained weights
+            return model
+
+        task.build_model = build_model
+        return task
+
+    monkeypatch.setattr(cmp, "create_task", with_a_dead_filter)
+    spec = load_spec(None, ["task=image-folder", f"task_args.path={image_folder}", "task_args.resolution=32",
+                            "model=tiny-effnet", "train.batch_size=8", "train.max_steps=1", "methods=[dora,flat-dora]",
+                            "seeds=[0]", f"out_dir={tmp_path / 'cmp'}"])
+    with pytest.raises(ValueError, match=r"^method 'dora': DoRA divides each output filter by its norm \|\|W_i\|\|, and 1 "
+                                         r"filter\(s\) of 1 targeted layer\(s\) have norm 0 or non-finite \(first "
+                                         r".*_blocks.1._expand_conv: 1 of "):
+        cmp.compare(spec, progress=False, log=lambda s: None)
+    assert not (tmp_path / "cmp" / "runs").exists()

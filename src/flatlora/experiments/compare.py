@@ -71,11 +71,12 @@ def grid(spec: ExperimentSpec) -> list[tuple[str, int, int]]:
 
 
 def check_layer_kinds(spec: ExperimentSpec, task, methods: list[str] | None = None) -> None:
-    """Methods whose PEFT initialisation handles Linear layers only (PiSSA, LoRA-GA) against the layers that
-    lora.targets selects in the task's model, before any run trains: one line naming the layers and the fix.
-    Builds the bare model once (on CPU), only when such a method is in `methods` (default spec.methods)."""
+    """Methods that cannot work on some layers (PiSSA, LoRA-GA: PEFT initialises Linear layers only; DoRA: no
+    zero-norm filter) against the layers lora.targets selects in the task's model, before any run trains: one
+    line naming the layers and the fix. Builds the bare model once (on CPU), only when such a method is in
+    `methods` (default spec.methods)."""
     methods = [get_method(m) for m in dict.fromkeys(methods if methods is not None else spec.methods)]
-    restricted = [m for m in methods if m.adapter in LINEAR_ONLY]
+    restricted = [m for m in methods if m.adapter in LINEAR_ONLY or m.adapter == "dora"]
     if not restricted:
         return
     model = task.build_model()  # sets the task's default targets, which can depend on the model
