@@ -527,6 +527,9 @@ def test_the_fp16_transfer_keeps_a_tensor_fp16_would_change_beyond_rounding():
     assert (tiny[1].half() == 0).all()
     kept = carry._fp16_for_transfer(tiny)
     assert kept.dtype == torch.float32 and torch.equal(kept, tiny)
+    speck = w.clone()
+    speck[2, 3] = 1e-9  # one entry flushed inside an ordinary row (MiniLM's embeddings have 7): rounding, not a change
+    assert carry._fp16_for_transfer(speck).dtype == torch.float16
     big = w.clone()
     big[0, 0] = 1e6  # beyond fp16's 65504
     assert carry._fp16_for_transfer(big).dtype == torch.float32

@@ -7,7 +7,7 @@
 What travels (the rest of .data is not needed):
     text   pkgs/minilm (model.safetensors cast to fp16: 45 MB instead of 91) + vader/*_GroundTruth.txt
     image  pkgs/effnet (state dict cast to fp16: 9 MB instead of 19) + fashion-mnist (the four IDX files)
-           (a tensor that fp16 would change beyond rounding, a nonzero flushed to 0 or a finite value to inf,
+           (a tensor that fp16 would change beyond rounding, a filter's norm or a finite value turned inf,
            travels in fp32: EfficientNet-Lite0 has filters of norm ~2e-9, below fp16's range)
     llm-*  the SmolLM2 gguf (98 MB) cut in parts that fill the room the other bundles leave in their calls
            (then calls of their own); the last part comes with the part of reasoning-gym the tasks import
@@ -55,15 +55,21 @@ def _sha256(path: Path) -> str:
 
 
 def _fp16_for_transfer(v):
-    """v in fp16 for the trip, unless fp16 changes it beyond rounding: a nonzero value flushed to 0 (fp16's
-    smallest subnormal is 6e-8) or a finite one turned inf. Such a tensor travels in its own dtype: unpack casts
-    the fp16 ones back to fp32, so the rest arrive as they left."""
+    """v in fp16 for the trip, unless fp16 changes it beyond rounding: a finite value turned inf, or a row (an
+    output filter; a 1-D tensor is one row) whose norm moves by more than fp16's rounding, as a filter of norm
+    ~2e-9 does (fp16's smallest subnormal is 6e-8: it arrives as zeros). A few tiny entries flushed inside an
+    ordinary row (MiniLM's embeddings have 7 of 11.7 M) move nothing. Such a tensor travels in its own dtype:
+    unpack casts the fp16 ones back to fp32, so the rest arrive as they left."""
     import torch
 
     if not v.is_floating_point() or v.dtype == torch.float16:
         return v
     h = v.half()
-    if ((h == 0) & (v != 0)).any() or (torch.isinf(h) & torch.isfinite(v)).any():
+    if (torch.isinf(h) & torch.isfinite(v)).any():
+        return v
+    rows = (lambda t: t.double().reshape(t.shape[0] if t.dim() > 1 else 1, -1).norm(dim=1))
+    before, after = rows(v), rows(h)
+    if ((after - before).abs() > 2**-10 * before).any():
         return v
     return h
 
