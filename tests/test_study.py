@@ -215,6 +215,25 @@ def test_tiny_llm_study_runs_every_stage_and_resumes(tmp_path):
     assert any(n.endswith("main/summary.json") for n in names)
     assert not any(n.endswith(".safetensors") for n in names)
     assert sum(n.endswith("split.json") for n in names) == 4  # one per stage that trained
+    # on another machine (the pack left the weights behind), sharpness trains a model again from its config
+    for m in ("lora", "flat-lora"):
+        (d / "main" / "runs" / f"{m}_r2_s101" / "weights.safetensors").unlink()
+        (d / "sharpness" / "per_run" / f"{m}_r2_s101.json").unlink()
+    before = json.loads((d / "sharpness" / "summary.json").read_text())
+    r3 = subprocess.run(cmd + ["--stages", "sharpness"], capture_output=True, text=True,
+                        env={**_env(), "FLATLORA_DATA": str(fetch.data_root())}, timeout=300, cwd=ROOT)
+    assert r3.returncode == 0, r3.stdout[-3000:] + r3.stderr[-3000:]
+    assert "lora_r2_s101 has no weights on this machine; training it again" in r3.stdout
+    rec = json.loads((d / "sharpness" / "per_run" / "flat-lora_r2_s101.json").read_text())
+    assert rec["retrained"] and rec["run_dir"] == "sharpness/retrained/flat-lora_r2_s101"
+    again = json.loads((d / "sharpness" / "retrained" / "flat-lora_r2_s101" / "metrics.json").read_text())
+    main101 = json.loads((d / "main" / "runs" / "flat-lora_r2_s101" / "metrics.json").read_text())
+    assert again["run_key"] == main101["run_key"] and again["seed"] == 101
+    # on CPU the same seed trains the same model: its metrics and sharpness are main's
+    assert again["metrics"] == main101["metrics"] and rec["test_metric"] == rec["main_test_metric"]
+    after = json.loads((d / "sharpness" / "summary.json").read_text())
+    assert after["seeds"] == [100, 101] and after["pairs"]["lambda_max"] == pytest.approx(before["pairs"]["lambda_max"])
+    assert [row[:2] for row in after["retrained"]] == [["flat-lora", 101], ["lora", 101]]
 
 
 # ---------------------------------------------------------------------- report

@@ -428,6 +428,11 @@ def sharpness_table(summ: dict) -> list[str]:
                      f"{num(p['mean_diff'])} [{num(p['ci_low'])}, {num(p['ci_high'])}] | {pval(p['t_pvalue'])} | "
                      f"{pval(p['wilcoxon_pvalue'])} | {num(p['effect_size_dz'], 2)} | {sharpness_word(p)} |")
     lines += ["", "Definitions: " + "; ".join(f"`{k}`: {v}" for k, v in summ.get("definitions", {}).items()) + "."]
+    again = summ.get("retrained") or []
+    if again:
+        lines += ["", f"{len(again)} of these models were trained again from their run's config.yaml (same seed; main's "
+                  "weights had stayed on another machine; not bit-identical on a GPU), test metric retrained / main: "
+                  + "; ".join(f"{m} s{sd} {_pct(a)} / {_pct(b)}" for m, sd, a, b in again) + "."]
     return lines
 
 

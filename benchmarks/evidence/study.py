@@ -45,6 +45,7 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
 import tarfile
 import time
 from dataclasses import dataclass
@@ -826,10 +827,11 @@ def measure_sharpness(study: Study, sc: dict, rank: int, todo: list[tuple[str, i
             log("  sharpness: budget reached, the rest is left for the next call")
             break
         t0 = time.time()
-        run_dir = runs_dir / run_name(m, rank, s)
+        main_dir = run_dir = runs_dir / run_name(m, rank, s)
         if not (run_dir / "weights.safetensors").exists():  # a run packed without its weights (another call)
-            log(f"  sharpness: {run_dir.name} has no weights on this machine; skipped (retrain it to measure it)")
-            continue
+            run_dir = retrained(study, sc, main_dir, m, rank, s, d, device, budget, est, log)
+            if run_dir is None:
+                continue
         # The model is rebuilt from each run's config (its seed may shape frozen parts, e.g. a new pooler or a
         # tiny random base); the task, its tokenised data and the analysis batches are shared.
         loaded = load_run(run_dir, device=device, task=task)
@@ -844,6 +846,8 @@ def measure_sharpness(study: Study, sc: dict, rank: int, todo: list[tuple[str, i
                                      hvp=sc.get("hvp", "auto"))
         rec = json.loads((run_dir / "metrics.json").read_text())
         out = {"method": m, "rank": rank, "seed": s, "run_dir": str(run_dir.relative_to(study.dir)),
+               "retrained": run_dir != main_dir,
+               "main_test_metric": json.loads((main_dir / "metrics.json").read_text())["metrics"].get(study.cfg["test_metric"]),
                "base_loss": exp[0]["loss"] - exp[0]["increase"],
                "expected": [{k: v for k, v in row.items()} for row in exp], "hessian": top,
                "test_metric": rec["metrics"].get(study.cfg["test_metric"]), "seconds": round(time.time() - t0, 1),
@@ -852,6 +856,39 @@ def measure_sharpness(study: Study, sc: dict, rank: int, todo: list[tuple[str, i
         log(f"  sharpness {run_name(m, rank, s)}: loss {out['base_loss']:.4f}, "
             + ", ".join(f"E-sharp σ={r['sigma']:g} {r['increase']:.4g}" for r in exp)
             + f", λ_max {top['eigenvalue']:.4g} ({out['seconds']} s)")
+
+
+def retrained(study: Study, sc: dict, main_dir: Path, method: str, rank: int, seed: int, d: Path, device: str,
+              budget: Budget, est: float, log: Callable[[str], None]) -> Path | None:
+    """A main run whose weights stayed on another machine (packs leave them behind), trained again from its own
+    config.yaml into sharpness/retrained/ (same seed, data order and init; on a GPU not bit-identical, so its own
+    test metric is recorded next to main's), or None when `retrain: false` or the budget does not allow it."""
+    from flatlora.experiments.runner import run_one
+    from flatlora.experiments.spec import load_spec
+
+    again = d / "retrained" / main_dir.name
+    if (again / "weights.safetensors").exists():
+        return again
+    if not sc.get("retrain", True):
+        log(f"  sharpness: {main_dir.name} has no weights on this machine; skipped (stages.sharpness.retrain is off)")
+        return None
+    rec = json.loads((main_dir / "metrics.json").read_text())
+    need = 1.2 * (rec.get("train_seconds", 0) + rec.get("eval_seconds", 0)) + est
+    if time.time() + need > budget.deadline:
+        log(f"  sharpness: {main_dir.name} has no weights on this machine and retraining it (~{need:.0f} s) does not "
+            "fit the budget; left for the next call")
+        return None
+    if (again / "metrics.json").exists():  # finished without weights: an earlier build; train it once more
+        shutil.rmtree(again)
+    log(f"  sharpness: {main_dir.name} has no weights on this machine; training it again from its config.yaml "
+        f"(~{rec.get('train_seconds', 0):.0f} s)")
+    spec = load_spec(str(main_dir / "config.yaml"), [f"train.device={device}"])
+    again.parent.mkdir(parents=True, exist_ok=True)
+    got = run_one(spec, again, method=method, seed=seed, rank=rank, progress=False)
+    if got["status"] != "done":
+        log(f"  sharpness: retraining {main_dir.name} failed ({got['failure']}); skipped")
+        return None
+    return again
 
 
 def summarize_sharpness(d: Path, sc: dict) -> dict | None:
@@ -884,6 +921,10 @@ def summarize_sharpness(d: Path, sc: dict) -> dict | None:
     summary = {"stage": "sharpness", "rank": rows[0]["rank"], "seeds": seeds, "measures": measures,
                "cells": {m: {k: {"mean": v[0], "std": v[1]} for k, v in c.items()} for m, c in cells.items()},
                "pairs": pairs, "settings": rows[0]["settings"],
+               # models trained again because main's weights stayed on another machine: (method, seed, its test
+               # metric, main's), for the report
+               "retrained": [[r["method"], r["seed"], r["test_metric"], r.get("main_test_metric")]
+                             for r in sorted(rows, key=lambda r: (r["seed"], r["method"])) if r.get("retrained")],
                "definitions": {"base_loss": "mean training loss of W' on the analysis batches",
                                "esharp_<sigma>": "E_eps L(W'+eps) - L(W'), eps ~ N(0, sigma^2 ||W'_i||^2 / n) (filter noise)",
                                "lambda_max": "top eigenvalue of the Hessian of L w.r.t. W' (power iteration)"}}
