@@ -223,10 +223,10 @@ def test_tiny_llm_study_runs_every_stage_and_resumes(tmp_path):
     r3 = subprocess.run(cmd + ["--stages", "sharpness"], capture_output=True, text=True,
                         env={**_env(), "FLATLORA_DATA": str(fetch.data_root())}, timeout=300, cwd=ROOT)
     assert r3.returncode == 0, r3.stdout[-3000:] + r3.stderr[-3000:]
-    assert "lora_r2_s101 has no weights on this machine; training it again" in r3.stdout
+    assert "no weights on this machine for lora_r2_s101, flat-lora_r2_s101; training them again" in r3.stdout
     rec = json.loads((d / "sharpness" / "per_run" / "flat-lora_r2_s101.json").read_text())
-    assert rec["retrained"] and rec["run_dir"] == "sharpness/retrained/flat-lora_r2_s101"
-    again = json.loads((d / "sharpness" / "retrained" / "flat-lora_r2_s101" / "metrics.json").read_text())
+    assert rec["retrained"] and rec["run_dir"] == "sharpness/retrained/runs/flat-lora_r2_s101"
+    again = json.loads((d / "sharpness" / "retrained" / "runs" / "flat-lora_r2_s101" / "metrics.json").read_text())
     main101 = json.loads((d / "main" / "runs" / "flat-lora_r2_s101" / "metrics.json").read_text())
     assert again["run_key"] == main101["run_key"] and again["seed"] == 101
     # on CPU the same seed trains the same model: its metrics and sharpness are main's

@@ -821,6 +821,7 @@ def measure_sharpness(study: Study, sc: dict, rank: int, todo: list[tuple[str, i
     (d / "per_run").mkdir(parents=True, exist_ok=True)
     device = study.device if study.device and study.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     sigmas = [float(s) for s in sc.get("sigmas", [0.05, 0.1])]
+    retrain_missing(study, sc, rank, todo, runs_dir, d, device, budget, log)
     task = batches = None
     for m, s in todo:
         if time.time() + est > budget.deadline:
@@ -829,9 +830,9 @@ def measure_sharpness(study: Study, sc: dict, rank: int, todo: list[tuple[str, i
         t0 = time.time()
         main_dir = run_dir = runs_dir / run_name(m, rank, s)
         if not (run_dir / "weights.safetensors").exists():  # a run packed without its weights (another call)
-            run_dir = retrained(study, sc, main_dir, m, rank, s, d, device, budget, est, log)
-            if run_dir is None:
-                continue
+            run_dir = d / "retrained" / "runs" / main_dir.name
+            if not (run_dir / "weights.safetensors").exists():
+                continue  # retrain_missing said why
         # The model is rebuilt from each run's config (its seed may shape frozen parts, e.g. a new pooler or a
         # tiny random base); the task, its tokenised data and the analysis batches are shared.
         loaded = load_run(run_dir, device=device, task=task)
@@ -858,37 +859,38 @@ def measure_sharpness(study: Study, sc: dict, rank: int, todo: list[tuple[str, i
             + f", λ_max {top['eigenvalue']:.4g} ({out['seconds']} s)")
 
 
-def retrained(study: Study, sc: dict, main_dir: Path, method: str, rank: int, seed: int, d: Path, device: str,
-              budget: Budget, est: float, log: Callable[[str], None]) -> Path | None:
-    """A main run whose weights stayed on another machine (packs leave them behind), trained again from its own
-    config.yaml into sharpness/retrained/ (same seed, data order and init; on a GPU not bit-identical, so its own
-    test metric is recorded next to main's), or None when `retrain: false` or the budget does not allow it."""
-    from flatlora.experiments.runner import run_one
+def retrain_missing(study: Study, sc: dict, rank: int, todo: list[tuple[str, int]], runs_dir: Path, d: Path,
+                    device: str, budget: Budget, log: Callable[[str], None]) -> None:
+    """Main runs whose weights stayed on another machine (packs leave them behind), trained again from main's
+    config into sharpness/retrained/runs/, `--jobs` at a time through `flatlora compare` (resumable; same seeds,
+    data order and init; on a GPU not bit-identical, so each keeps its own test metric next to main's). Skipped
+    with `retrain: false`, or when one round of them does not fit the budget."""
+    from flatlora.experiments.compare import compare, run_name
     from flatlora.experiments.spec import load_spec
 
-    again = d / "retrained" / main_dir.name
-    if (again / "weights.safetensors").exists():
-        return again
+    again = d / "retrained"
+    missing = [(m, s) for m, s in todo if not (runs_dir / run_name(m, rank, s) / "weights.safetensors").exists()
+               and not (again / "runs" / run_name(m, rank, s) / "weights.safetensors").exists()]
+    if not missing:
+        return
+    names = ", ".join(run_name(m, rank, s) for m, s in missing)
     if not sc.get("retrain", True):
-        log(f"  sharpness: {main_dir.name} has no weights on this machine; skipped (stages.sharpness.retrain is off)")
-        return None
-    rec = json.loads((main_dir / "metrics.json").read_text())
-    need = 1.2 * (rec.get("train_seconds", 0) + rec.get("eval_seconds", 0)) + est
+        log(f"  sharpness: no weights on this machine for {names}; skipped (stages.sharpness.retrain is off)")
+        return
+    recs = [json.loads((runs_dir / run_name(m, rank, s) / "metrics.json").read_text()) for m, s in missing]
+    need = budget.wall(len(recs), max(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in recs),
+                       budget.jobs) + budget.call_overhead_s
     if time.time() + need > budget.deadline:
-        log(f"  sharpness: {main_dir.name} has no weights on this machine and retraining it (~{need:.0f} s) does not "
-            "fit the budget; left for the next call")
-        return None
-    if (again / "metrics.json").exists():  # finished without weights: an earlier build; train it once more
-        shutil.rmtree(again)
-    log(f"  sharpness: {main_dir.name} has no weights on this machine; training it again from its config.yaml "
-        f"(~{rec.get('train_seconds', 0):.0f} s)")
-    spec = load_spec(str(main_dir / "config.yaml"), [f"train.device={device}"])
-    again.parent.mkdir(parents=True, exist_ok=True)
-    got = run_one(spec, again, method=method, seed=seed, rank=rank, progress=False)
-    if got["status"] != "done":
-        log(f"  sharpness: retraining {main_dir.name} failed ({got['failure']}); skipped")
-        return None
-    return again
+        log(f"  sharpness: no weights on this machine for {names}; training them again (~{need:.0f} s) does not "
+            "fit the budget: left for the next call")
+        return
+    log(f"  sharpness: no weights on this machine for {names}; training them again from main's config (~{need:.0f} s)")
+    methods = sorted({m for m, _ in missing})
+    seeds = sorted({s for _, s in missing})
+    spec = load_spec(str(runs_dir / run_name(missing[0][0], rank, missing[0][1]) / "config.yaml"),
+                     [f"methods=[{','.join(methods)}]", f"seeds=[{','.join(map(str, seeds))}]", f"ranks=[{rank}]",
+                      f"out_dir={again}", f"train.device={device}", f"train.threads={budget.threads_per_run()}"])
+    compare(spec, jobs=min(budget.jobs, len(methods) * len(seeds)), progress=False, log=lambda line: None)
 
 
 def summarize_sharpness(d: Path, sc: dict) -> dict | None:
@@ -955,8 +957,16 @@ def plan(study: Study, stages: list[str], budget: Budget, can_jobs: bool) -> tup
             n = 2 * n_seeds
             done = len(list((study.dir / "sharpness" / "per_run").glob("*.json")))
             s = float(sc.get("seconds_per_run", 10))
-            wall = (n - done) * s + (budget.call_overhead_s if n > done else 0)
-            lines.append(f"{stage:10s} {n:5d} {done:5d} {s:9.1f} {'-':>6s} {wall:9.0f}   in-process, one model at a time")
+            # main runs finished here without their weights (another machine's): trained again, one at a time
+            again = [json.loads(f.read_text()) for f in (study.dir / "main" / "runs").glob(f"*_r{int(sc.get('rank', 8))}_s*/metrics.json")
+                     if not (f.parent / "weights.safetensors").exists()
+                     and not (study.dir / "sharpness" / "per_run" / f"{f.parent.name}.json").exists()
+                     and not (study.dir / "sharpness" / "retrained" / "runs" / f.parent.name / "weights.safetensors").exists()]
+            retrain = (budget.wall(len(again), max(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in again),
+                                   budget.jobs) + budget.call_overhead_s) if again and sc.get("retrain", True) else 0
+            wall = (n - done) * s + retrain + (budget.call_overhead_s if n > done else 0)
+            lines.append(f"{stage:10s} {n:5d} {done:5d} {s:9.1f} {'-':>6s} {wall:9.0f}   in-process, one model at a time"
+                         + (f"; {len(again)} trained again first, {budget.jobs} at a time (~{retrain:.0f} s)" if retrain else ""))
             total += wall
             continue
         calls, pending = study.calls(stage, block_runs=2 * budget.jobs)
