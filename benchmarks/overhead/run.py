@@ -14,8 +14,8 @@ bit-identical after 1000 steps, both modes). `qlora` (only when asked for): the 
 q, k, v, o, gate, up, down in bitsandbytes NF4 (double quant, bf16 compute) through
 prepare_model_for_kbit_training, plain QLoRA (`lora` rows) against Flat-QLoRA (`flatlora-forward`; in-place
 is refused on a quantized base, and the refusal is recorded), micro 4x512 and 2x1024 (accumulation 16).
-Median of CUDA-synchronised step times after warm-up; peak memory per variant. Writes
-overhead-<device>.json (rows + provenance) and prints a table.
+Median of CUDA-synchronised step times after warm-up, the variants of a setting interleaved over `--rounds`
+rounds; peak memory per variant. Writes overhead-<device>.json (rows + provenance) and prints a table.
 """
 
 from __future__ import annotations
