@@ -234,6 +234,14 @@ def test_tiny_llm_study_runs_every_stage_and_resumes(tmp_path):
     after = json.loads((d / "sharpness" / "summary.json").read_text())
     assert after["seeds"] == [100, 101] and after["pairs"]["lambda_max"] == pytest.approx(before["pairs"]["lambda_max"])
     assert [row[:2] for row in after["retrained"]] == [["flat-lora", 101], ["lora", 101]]
+    # packed again (the retrained weights left behind too) and not measured yet: trained once more, alone
+    (d / "sharpness" / "retrained" / "runs" / "flat-lora_r2_s101" / "weights.safetensors").unlink()
+    (d / "sharpness" / "per_run" / "flat-lora_r2_s101.json").unlink()
+    r4 = subprocess.run(cmd + ["--stages", "sharpness"], capture_output=True, text=True,
+                        env={**_env(), "FLATLORA_DATA": str(fetch.data_root())}, timeout=300, cwd=ROOT)
+    assert r4.returncode == 0, r4.stdout[-3000:] + r4.stderr[-3000:]
+    assert "no weights on this machine for flat-lora_r2_s101; training them again" in r4.stdout
+    assert (d / "sharpness" / "per_run" / "flat-lora_r2_s101.json").exists()
 
 
 # ---------------------------------------------------------------------- report

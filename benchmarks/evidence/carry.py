@@ -58,8 +58,8 @@ def _fp16_for_transfer(v):
     """v in fp16 for the trip, unless fp16 changes it beyond rounding: a finite value turned inf, or a row (an
     output filter; a 1-D tensor is one row) whose norm moves by more than fp16's rounding, as a filter of norm
     ~2e-9 does (fp16's smallest subnormal is 6e-8: it arrives as zeros). A few tiny entries flushed inside an
-    ordinary row (MiniLM's embeddings have 7 of 11.7 M) move nothing. Such a tensor travels in its own dtype:
-    unpack casts the fp16 ones back to fp32, so the rest arrive as they left."""
+    ordinary row (MiniLM's embeddings have 7 of 11.7 M) move nothing. Such a tensor travels in its own dtype
+    (fp32 for the models carried here; unpack casts every floating tensor to fp32)."""
     import torch
 
     if not v.is_floating_point() or v.dtype == torch.float16:
@@ -67,6 +67,8 @@ def _fp16_for_transfer(v):
     h = v.half()
     if (torch.isinf(h) & torch.isfinite(v)).any():
         return v
+    if v.numel() == 0:
+        return h
     rows = (lambda t: t.double().reshape(t.shape[0] if t.dim() > 1 else 1, -1).norm(dim=1))
     before, after = rows(v), rows(h)
     if ((after - before).abs() > 2**-10 * before).any():

@@ -360,26 +360,29 @@ def variants_table(s: dict) -> list[str]:
 
 
 def _per_seed(runs_csv: Path, summ: dict) -> list[str]:
-    """Each pair's test metric seed by seed: five pairs are few, and a mean and std hide a collapsed run."""
+    """Each pair's test metric seed by seed, every seed either side ran (a failed run shows as "failed"): five
+    pairs are few, and a mean and std hide a collapsed run."""
     import csv
 
     if not runs_csv.exists():
         return []
     metric = summ.get("test_metric") or summ["primary_metric"]
-    got = {(r["method"], int(r["rank"]), int(r["seed"])): float(r[metric])
-           for r in csv.DictReader(runs_csv.open()) if r.get("status") == "done" and r.get(metric)}
+    rows = {(r["method"], int(r["rank"]), int(r["seed"])): r for r in csv.DictReader(runs_csv.open())}
+
+    def value(method: str, rank: int, seed: int) -> str:
+        r = rows.get((method, rank, seed))
+        if r is None:
+            return "–"
+        return pct(float(r[metric])) if r.get("status") == "done" and r.get(metric) else "failed"
+
     lines = ["", f"Per seed, {metric} (X / Flat-X):", ""]
     for p in summ["pairs"]:
         if p["metric"] != metric:
             continue
-        vals = [f"{sd}: {_pct(got.get((p['baseline'], p['rank'], sd)))} / {_pct(got.get((p['method'], p['rank'], sd)))}"
-                for sd in p["seeds"]]
+        seeds = sorted({sd for (m, rk, sd) in rows if rk == p["rank"] and m in (p["method"], p["baseline"])})
+        vals = [f"{sd}: {value(p['baseline'], p['rank'], sd)} / {value(p['method'], p['rank'], sd)}" for sd in seeds]
         lines.append(f"- {_title(p['method'])} vs {_title(p['baseline'])}, r = {p['rank']}: " + "; ".join(vals))
     return lines
-
-
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.2f}"
 
 
 def sam_tables(s: dict) -> list[str]:
@@ -432,7 +435,7 @@ def sharpness_table(summ: dict) -> list[str]:
     if again:
         lines += ["", f"{len(again)} of these models were trained again from their run's config.yaml (same seed; main's "
                   "weights had stayed on another machine; not bit-identical on a GPU), test metric retrained / main: "
-                  + "; ".join(f"{m} s{sd} {_pct(a)} / {_pct(b)}" for m, sd, a, b in again) + "."]
+                  + "; ".join(f"{m} s{sd} {pct(a)} / {pct(b)}" for m, sd, a, b in again) + "."]
     return lines
 
 

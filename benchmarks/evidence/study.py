@@ -821,7 +821,7 @@ def measure_sharpness(study: Study, sc: dict, rank: int, todo: list[tuple[str, i
     (d / "per_run").mkdir(parents=True, exist_ok=True)
     device = study.device if study.device and study.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     sigmas = [float(s) for s in sc.get("sigmas", [0.05, 0.1])]
-    retrain_missing(study, sc, rank, todo, runs_dir, d, device, budget, log)
+    retrain_missing(study, sc, rank, todo, runs_dir, d, device, budget, est, log)
     task = batches = None
     for m, s in todo:
         if time.time() + est > budget.deadline:
@@ -832,7 +832,7 @@ def measure_sharpness(study: Study, sc: dict, rank: int, todo: list[tuple[str, i
         if not (run_dir / "weights.safetensors").exists():  # a run packed without its weights (another call)
             run_dir = d / "retrained" / "runs" / main_dir.name
             if not (run_dir / "weights.safetensors").exists():
-                continue  # retrain_missing said why
+                continue  # retrain_missing logged why (off, over budget, or the retrain failed)
         # The model is rebuilt from each run's config (its seed may shape frozen parts, e.g. a new pooler or a
         # tiny random base); the task, its tokenised data and the analysis batches are shared.
         loaded = load_run(run_dir, device=device, task=task)
@@ -860,11 +860,12 @@ def measure_sharpness(study: Study, sc: dict, rank: int, todo: list[tuple[str, i
 
 
 def retrain_missing(study: Study, sc: dict, rank: int, todo: list[tuple[str, int]], runs_dir: Path, d: Path,
-                    device: str, budget: Budget, log: Callable[[str], None]) -> None:
+                    device: str, budget: Budget, est: float, log: Callable[[str], None]) -> None:
     """Main runs whose weights stayed on another machine (packs leave them behind), trained again from main's
-    config into sharpness/retrained/runs/, `--jobs` at a time through `flatlora compare` (resumable; same seeds,
-    data order and init; on a GPU not bit-identical, so each keeps its own test metric next to main's). Skipped
-    with `retrain: false`, or when one round of them does not fit the budget."""
+    config into sharpness/retrained/runs/, `--jobs` at a time through `flatlora compare` (same seeds, data order
+    and init; on a GPU not bit-identical, so each keeps its own test metric next to main's). A retrained run that
+    lost its weights the same way (packed in an earlier call) is trained once more. Skipped with `retrain: false`,
+    or when retraining and measuring them does not fit the budget."""
     from flatlora.experiments.compare import compare, run_name
     from flatlora.experiments.spec import load_spec
 
@@ -877,20 +878,32 @@ def retrain_missing(study: Study, sc: dict, rank: int, todo: list[tuple[str, int
     if not sc.get("retrain", True):
         log(f"  sharpness: no weights on this machine for {names}; skipped (stages.sharpness.retrain is off)")
         return
-    recs = [json.loads((runs_dir / run_name(m, rank, s) / "metrics.json").read_text()) for m, s in missing]
-    need = budget.wall(len(recs), max(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in recs),
-                       budget.jobs) + budget.call_overhead_s
-    if time.time() + need > budget.deadline:
-        log(f"  sharpness: no weights on this machine for {names}; training them again (~{need:.0f} s) does not "
-            "fit the budget: left for the next call")
-        return
-    log(f"  sharpness: no weights on this machine for {names}; training them again from main's config (~{need:.0f} s)")
     methods = sorted({m for m, _ in missing})
     seeds = sorted({s for _, s in missing})
-    spec = load_spec(str(runs_dir / run_name(missing[0][0], rank, missing[0][1]) / "config.yaml"),
-                     [f"methods=[{','.join(methods)}]", f"seeds=[{','.join(map(str, seeds))}]", f"ranks=[{rank}]",
-                      f"out_dir={again}", f"train.device={device}", f"train.threads={budget.threads_per_run()}"])
-    compare(spec, jobs=min(budget.jobs, len(methods) * len(seeds)), progress=False, log=lambda line: None)
+    grid_runs = len(methods) * len(seeds)  # compare trains the whole grid (a run already measured included)
+    jobs = min(budget.jobs, grid_runs)
+    recs = [json.loads((runs_dir / run_name(m, rank, s) / "metrics.json").read_text()) for m, s in missing]
+    need = budget.wall(grid_runs, max(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in recs), jobs) \
+        + len(missing) * est
+    if time.time() + need > budget.deadline:
+        log(f"  sharpness: no weights on this machine for {names}; training them again and measuring them "
+            f"(~{need:.0f} s) does not fit the budget: left for the next call")
+        return
+    log(f"  sharpness: no weights on this machine for {names}; training them again from main's config, {jobs} at a "
+        f"time (~{need:.0f} s with measuring)")
+    for m, s in missing:  # finished without weights: compare would take it as done
+        shutil.rmtree(again / "runs" / run_name(m, rank, s), ignore_errors=True)
+    config = str(runs_dir / run_name(missing[0][0], rank, missing[0][1]) / "config.yaml")
+    sets = [f"methods=[{','.join(methods)}]", f"seeds=[{','.join(map(str, seeds))}]", f"ranks=[{rank}]",
+            f"out_dir={again}", f"train.device={device}"]
+    spec = load_spec(config, sets)
+    if not spec.train.threads:  # a spec's own threads win, as in every other call of the study
+        spec = load_spec(config, sets + [f"train.threads={budget.threads_per_run()}"])
+    result = compare(spec, jobs=jobs, progress=False, log=lambda line: None)
+    for e in result.errors:
+        log(f"  sharpness: retraining {e['run']} raised: {e['error']}; not measured")
+    for f in result.failed:
+        log(f"  sharpness: retraining {run_name(f['method'], f['rank'], f['seed'])} failed ({f['reason']}); not measured")
 
 
 def summarize_sharpness(d: Path, sc: dict) -> dict | None:
@@ -952,21 +965,30 @@ def plan(study: Study, stages: list[str], budget: Budget, can_jobs: bool) -> tup
     lines, total = [], 0.0
     for stage in stages:
         if stage == "sharpness":
+            from flatlora.experiments.compare import run_name
+
             sc = study.stage_cfg("sharpness")
-            n_seeds = len(seed_list(sc["seeds"])) if sc.get("seeds") is not None else len(seed_list(study.stage_cfg("main")["seeds"]))
-            n = 2 * n_seeds
+            sd = seed_list(sc["seeds"]) if sc.get("seeds") is not None else seed_list(study.stage_cfg("main")["seeds"])
+            n = 2 * len(sd)
             done = len(list((study.dir / "sharpness" / "per_run").glob("*.json")))
             s = float(sc.get("seconds_per_run", 10))
-            # main runs finished here without their weights (another machine's): trained again, one at a time
-            again = [json.loads(f.read_text()) for f in (study.dir / "main" / "runs").glob(f"*_r{int(sc.get('rank', 8))}_s*/metrics.json")
-                     if not (f.parent / "weights.safetensors").exists()
-                     and not (study.dir / "sharpness" / "per_run" / f"{f.parent.name}.json").exists()
-                     and not (study.dir / "sharpness" / "retrained" / "runs" / f.parent.name / "weights.safetensors").exists()]
-            retrain = (budget.wall(len(again), max(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in again),
-                                   budget.jobs) + budget.call_overhead_s) if again and sc.get("retrain", True) else 0
+            # main runs finished here without their weights (another machine's): trained again first, --jobs at a time
+            rank = int(sc.get("rank", 8))
+            main_runs = study.dir / "main" / "runs"
+            again = [(m, x) for x in sd for m in ("lora", "flat-lora")
+                     if (main_runs / run_name(m, rank, x) / "metrics.json").exists()
+                     and not (main_runs / run_name(m, rank, x) / "weights.safetensors").exists()
+                     and not (study.dir / "sharpness" / "per_run" / f"{run_name(m, rank, x)}.json").exists()
+                     and not (study.dir / "sharpness" / "retrained" / "runs" / run_name(m, rank, x) / "weights.safetensors").exists()]
+            retrain = 0.0
+            if again and sc.get("retrain", True):
+                grid = len({m for m, _ in again}) * len({x for _, x in again})
+                longest = max(sum(json.loads((main_runs / run_name(m, rank, x) / "metrics.json").read_text()).get(k, 0)
+                                  for k in ("train_seconds", "eval_seconds")) for m, x in again)
+                retrain = budget.wall(grid, longest, min(budget.jobs, grid))
             wall = (n - done) * s + retrain + (budget.call_overhead_s if n > done else 0)
             lines.append(f"{stage:10s} {n:5d} {done:5d} {s:9.1f} {'-':>6s} {wall:9.0f}   in-process, one model at a time"
-                         + (f"; {len(again)} trained again first, {budget.jobs} at a time (~{retrain:.0f} s)" if retrain else ""))
+                         + (f"; {len(again)} trained again first (~{retrain:.0f} s)" if retrain else ""))
             total += wall
             continue
         calls, pending = study.calls(stage, block_runs=2 * budget.jobs)

@@ -354,6 +354,8 @@ def profile(fn, args, label, steps=2, baseline=None):
     from torch.profiler import profile as prof
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.dev == "cuda" else [])
+    fn()  # untimed: the variant's engine may have to be built again (the rounds end on another variant)
+    sync(args.dev)
     with prof(activities=acts) as p:
         for _ in range(steps):
             fn()

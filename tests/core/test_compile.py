@@ -325,6 +325,8 @@ out = torch.zeros(1, dtype=torch.int32)
 try:
     _loop_bound_from_memory[(1,)](torch.tensor([3], dtype=torch.int32), out)
 except Exception as e:  # Triton 3.6's interpreter: 'only 0-dimensional arrays can be converted to Python scalars'
+    if "0-dimensional" not in str(e):
+        raise  # anything else is a broken install or a defect: the test fails with it
     print(f"SKIP Triton {triton.__version__}'s interpreter cannot loop to a loaded bound ({e})")
     raise SystemExit(0)
 assert int(out) == 3, out
@@ -348,8 +350,9 @@ def test_triton_backend_compiled_under_the_interpreter(tmp_path):
     script = tmp_path / "triton_compiled.py"  # a file, not -c: triton.jit reads its kernel's source
     script.write_text(_TRITON_SCRIPT)
     r = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if r.returncode == 0 and r.stdout.startswith("SKIP "):  # the GPU tests run the compiled kernels instead
-        pytest.skip(r.stdout.strip()[5:])
+    skip = [line for line in r.stdout.splitlines() if line.startswith("SKIP ")]
+    if r.returncode == 0 and skip:  # the GPU tests run the compiled kernels instead
+        pytest.skip(skip[0][5:])
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-3000:] + r.stderr[-3000:]
 
 

@@ -181,8 +181,9 @@ def test_dora_refuses_a_zero_norm_filter_that_would_make_the_first_forward_nan()
 
 
 def test_compare_refuses_dora_on_a_zero_norm_filter_before_any_run(image_folder, tmp_path, monkeypatch):
-    """EfficientNet-Lite0's pretrained 1x1 convs hold zero filters (38 in 13 of the 32 targeted ones): DoRA must
-    stop the comparison before the first run, not fail in every run (as it did on the H200, 2026-12-02)."""
+    """A targeted conv with a zero filter (EfficientNet-Lite0's 38 filters of norm ~2e-9 became zeros in an fp16
+    transfer): DoRA must stop the comparison before the first run, not fail in every run (as it did on the H200,
+    2026-12-02)."""
     from flatlora.experiments import compare as cmp
 
     real = cmp.create_task
@@ -210,3 +211,22 @@ def test_compare_refuses_dora_on_a_zero_norm_filter_before_any_run(image_folder,
                                          r".*_blocks.1._expand_conv: 1 of "):
         cmp.compare(spec, progress=False, log=lambda s: None)
     assert not (tmp_path / "cmp" / "runs").exists()
+
+
+def test_dora_norms_of_gpt2_conv1d_are_taken_over_its_output_columns():
+    """GPT-2's Conv1D stores its weight as (in, out): an output filter is a column. A dead output column is
+    refused; a dead input row (every filter keeps a nonzero norm) is not."""
+    from transformers.pytorch_utils import Conv1D
+
+    from flatlora.experiments.methods import check_targets, get_method
+
+    def net(kill):
+        m = torch.nn.Sequential(Conv1D(4, 3))  # nf = 4 outputs, nx = 3 inputs: weight (3, 4)
+        with torch.no_grad():
+            kill(m[0].weight)
+        return m
+
+    dora = get_method("dora")
+    with pytest.raises(ValueError, match=r"1 filter\(s\) of 1 targeted layer\(s\) have norm 0 or non-finite \(first 0: 1 of 4\)"):
+        check_targets(dora, net(lambda w: w[:, 1].zero_()), ["0"])
+    check_targets(dora, net(lambda w: w[0].zero_()), ["0"])

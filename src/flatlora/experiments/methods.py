@@ -125,6 +125,8 @@ def _check_dora_norms(method: Method, targeted: list[tuple[str, nn.Module]]) -> 
         w = getattr(m, "weight", None)
         if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() < 2 or w.device.type == "meta":
             continue  # quantized (packed) or absent weights: PEFT dequantizes them, nothing to check here
+        if type(m).__name__ == "Conv1D":  # GPT-2's Conv1D stores (in, out): its output filters are the columns
+            w = w.t()
         with torch.no_grad():
             norms = w.flatten(1).norm(p=2, dim=1) if w.dim() > 2 else torch.linalg.norm(w, dim=1)
             n = int((~(norms > 0) | ~torch.isfinite(norms)).sum())  # 0, nan or inf
