@@ -192,14 +192,23 @@ def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05):
             loss = model(**b).loss
         loss.backward()
 
+    engines = {}
+
+    def bare():
+        """The variants without an engine run on the bare model: the interleaved rounds leave the last Flat-LoRA
+        variant's engine (and its hooks) on it, which would charge the baselines its host time."""
+        for other in engines.values():
+            other.close()
+        engines.clear()
+
     def lora():
+        bare()
         opt.zero_grad(set_to_none=True)
         for b in batches:
             fwd_bwd(b)
         opt.step()
 
     out = {"lora": (lora, None)}
-    engines = {}
     # flatlora-inplace-checked: in-place with the record checked right after each perturb (a host sync before
     # the forward, as before the deferred perturb), side by side with the default.
     for variant, mode in (("flatlora-inplace", "inplace"), ("flatlora-inplace-checked", "inplace"),
@@ -207,9 +216,7 @@ def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05):
         def flat_step(variant=variant, mode=mode):
             flat = engines.get(variant)
             if flat is None:  # one engine on the model at a time: a second live engine on its weights is refused
-                for other in engines.values():
-                    other.close()
-                engines.clear()
+                bare()
                 flat = engines[variant] = FlatLoRA(model, FlatLoRAConfig(sigma=sigma, schedule="constant", mode=mode, seed=0))
             opt.zero_grad(set_to_none=True)
             with _record_checked(variant.endswith("-checked")):
@@ -227,6 +234,7 @@ def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05):
         perturb_official, restore_official = ref
 
         def reference():
+            bare()
             opt.zero_grad(set_to_none=True)
             perturb_official()
             for b in batches:
@@ -237,6 +245,7 @@ def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05):
         out["reference"] = (reference, None)
 
     def sam(rho=0.05):
+        bare()
         opt.zero_grad(set_to_none=True)
         for b in batches:
             fwd_bwd(b)

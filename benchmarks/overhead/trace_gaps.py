@@ -25,7 +25,8 @@ def _load(path: str) -> list[dict]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         data = json.load(f)
-    return [e for e in data.get("traceEvents", data) if e.get("ph") == "X" and "dur" in e]
+    events = data.get("traceEvents", []) if isinstance(data, dict) else data  # object or array form
+    return [e for e in events if e.get("ph") == "X" and "dur" in e]
 
 
 def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
