@@ -44,8 +44,8 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import shutil
+import sys
 import tarfile
 import time
 from dataclasses import dataclass
@@ -140,11 +140,10 @@ def check_variant_layers(study: "Study") -> None:
     """Variants that cannot work on some layers (PiSSA, LoRA-GA: Linear layers only; DoRA: no zero-norm filter)
     against the layers the study's model adapts, on the CPU before the device is used: an impossible pair stops
     the study here (flatlora compare refuses it too, but only once a call has started on the device)."""
-    from flatlora.experiments.methods import LINEAR_ONLY, get_method
+    from flatlora.experiments.methods import LAYER_CHECKED, get_method
 
     sc = study.cfg["stages"].get("variants") or {}
-    if not any(get_method(m).adapter in LINEAR_ONLY or get_method(m).adapter == "dora"
-               for pair in sc.get("pairs", []) for m in pair):
+    if not any(get_method(m).adapter in LAYER_CHECKED for pair in sc.get("pairs", []) for m in pair):
         return
     from flatlora.experiments.compare import check_layer_kinds
     from flatlora.experiments.spec import ExperimentSpec
@@ -859,6 +858,25 @@ def measure_sharpness(study: Study, sc: dict, rank: int, todo: list[tuple[str, i
             + f", λ_max {top['eigenvalue']:.4g} ({out['seconds']} s)")
 
 
+def _retrain_grid(study: Study, rank: int, pairs: list[tuple[str, int]], budget: Budget) -> tuple[list, list, list, int, float]:
+    """Of `pairs` (method, seed), the main runs that have no weights here, neither main's nor a retrained copy
+    (packs leave weights behind): (missing, methods, seeds, jobs, seconds to retrain them). `flatlora compare`
+    trains the whole methods x seeds grid, `jobs` at a time, so the seconds are the grid's."""
+    from flatlora.experiments.compare import run_name
+
+    runs, again = study.dir / "main" / "runs", study.dir / "sharpness" / "retrained" / "runs"
+    missing = [(m, s) for m, s in pairs if (runs / run_name(m, rank, s) / "metrics.json").exists()
+               and not (runs / run_name(m, rank, s) / "weights.safetensors").exists()
+               and not (again / run_name(m, rank, s) / "weights.safetensors").exists()]
+    if not missing:
+        return [], [], [], 0, 0.0
+    methods, seeds = sorted({m for m, _ in missing}), sorted({s for _, s in missing})
+    jobs = min(budget.jobs, len(methods) * len(seeds))
+    longest = max(sum(json.loads((runs / run_name(m, rank, s) / "metrics.json").read_text()).get(k, 0)
+                      for k in ("train_seconds", "eval_seconds")) for m, s in missing)
+    return missing, methods, seeds, jobs, budget.wall(len(methods) * len(seeds), longest, jobs)
+
+
 def retrain_missing(study: Study, sc: dict, rank: int, todo: list[tuple[str, int]], runs_dir: Path, d: Path,
                     device: str, budget: Budget, est: float, log: Callable[[str], None]) -> None:
     """Main runs whose weights stayed on another machine (packs leave them behind), trained again from main's
@@ -869,28 +887,21 @@ def retrain_missing(study: Study, sc: dict, rank: int, todo: list[tuple[str, int
     from flatlora.experiments.compare import compare, run_name
     from flatlora.experiments.spec import load_spec
 
-    again = d / "retrained"
-    missing = [(m, s) for m, s in todo if not (runs_dir / run_name(m, rank, s) / "weights.safetensors").exists()
-               and not (again / "runs" / run_name(m, rank, s) / "weights.safetensors").exists()]
+    missing, methods, seeds, jobs, seconds = _retrain_grid(study, rank, todo, budget)
     if not missing:
         return
     names = ", ".join(run_name(m, rank, s) for m, s in missing)
     if not sc.get("retrain", True):
         log(f"  sharpness: no weights on this machine for {names}; skipped (stages.sharpness.retrain is off)")
         return
-    methods = sorted({m for m, _ in missing})
-    seeds = sorted({s for _, s in missing})
-    grid_runs = len(methods) * len(seeds)  # compare trains the whole grid (a run already measured included)
-    jobs = min(budget.jobs, grid_runs)
-    recs = [json.loads((runs_dir / run_name(m, rank, s) / "metrics.json").read_text()) for m, s in missing]
-    need = budget.wall(grid_runs, max(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in recs), jobs) \
-        + len(missing) * est
+    need = seconds + len(missing) * est
     if time.time() + need > budget.deadline:
         log(f"  sharpness: no weights on this machine for {names}; training them again and measuring them "
             f"(~{need:.0f} s) does not fit the budget: left for the next call")
         return
     log(f"  sharpness: no weights on this machine for {names}; training them again from main's config, {jobs} at a "
         f"time (~{need:.0f} s with measuring)")
+    again = d / "retrained"
     for m, s in missing:  # finished without weights: compare would take it as done
         shutil.rmtree(again / "runs" / run_name(m, rank, s), ignore_errors=True)
     config = str(runs_dir / run_name(missing[0][0], rank, missing[0][1]) / "config.yaml")
@@ -972,20 +983,12 @@ def plan(study: Study, stages: list[str], budget: Budget, can_jobs: bool) -> tup
             n = 2 * len(sd)
             done = len(list((study.dir / "sharpness" / "per_run").glob("*.json")))
             s = float(sc.get("seconds_per_run", 10))
-            # main runs finished here without their weights (another machine's): trained again first, --jobs at a time
+            # main runs finished here without their weights (another machine's): trained again first
             rank = int(sc.get("rank", 8))
-            main_runs = study.dir / "main" / "runs"
-            again = [(m, x) for x in sd for m in ("lora", "flat-lora")
-                     if (main_runs / run_name(m, rank, x) / "metrics.json").exists()
-                     and not (main_runs / run_name(m, rank, x) / "weights.safetensors").exists()
-                     and not (study.dir / "sharpness" / "per_run" / f"{run_name(m, rank, x)}.json").exists()
-                     and not (study.dir / "sharpness" / "retrained" / "runs" / run_name(m, rank, x) / "weights.safetensors").exists()]
-            retrain = 0.0
-            if again and sc.get("retrain", True):
-                grid = len({m for m, _ in again}) * len({x for _, x in again})
-                longest = max(sum(json.loads((main_runs / run_name(m, rank, x) / "metrics.json").read_text()).get(k, 0)
-                                  for k in ("train_seconds", "eval_seconds")) for m, x in again)
-                retrain = budget.wall(grid, longest, min(budget.jobs, grid))
+            pending = [(m, x) for x in sd for m in ("lora", "flat-lora")
+                       if not (study.dir / "sharpness" / "per_run" / f"{run_name(m, rank, x)}.json").exists()]
+            again, *_, retrain = _retrain_grid(study, rank, pending, budget)
+            retrain = retrain if sc.get("retrain", True) else 0.0
             wall = (n - done) * s + retrain + (budget.call_overhead_s if n > done else 0)
             lines.append(f"{stage:10s} {n:5d} {done:5d} {s:9.1f} {'-':>6s} {wall:9.0f}   in-process, one model at a time"
                          + (f"; {len(again)} trained again first (~{retrain:.0f} s)" if retrain else ""))

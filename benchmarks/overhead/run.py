@@ -291,7 +291,7 @@ def run_setting(name, model, batch_fn, ga, args, rows, variants=None, extra=None
     rounds = max(1, min(args.rounds, n))
     times: dict[str, list[float]] = {v: [] for v in order}
     peaks = dict.fromkeys(order, 0.0)
-    engines = {}
+    described: dict[str, dict] = {}
     for r in range(rounds):
         for v in order:
             fn, flat = fns[v]
@@ -301,14 +301,13 @@ def run_setting(name, model, batch_fn, ga, args, rows, variants=None, extra=None
             times[v] += ts
             peaks[v] = max(peaks[v], peak)
             if flat is not None and r == rounds - 1:
-                engines[v] = {}
-                _describe(flat(), fn, args, engines[v])  # the engine the last timed steps used, still open
+                described[v] = _describe(flat(), fn, args)  # the engine the last timed steps used, still open
     base = lora_ops = None
     for v in order:
         fn = fns[v][0]
         r = {"median_ms": statistics.median(times[v]), "min_ms": min(times[v]), "peak_mem_gib": peaks[v],
              "n_steps": len(times[v]), "rounds": rounds}
-        row = {"setting": name, "variant": v, **r, **(extra or {}), **engines.get(v, {})}
+        row = {"setting": name, "variant": v, **r, **(extra or {}), **described.get(v, {})}
         if v == "lora":
             base = r["median_ms"]
         row["ratio_vs_lora"] = r["median_ms"] / base if base else None
@@ -322,14 +321,15 @@ def run_setting(name, model, batch_fn, ga, args, rows, variants=None, extra=None
         gc.collect()
 
 
-def _describe(flat, fn, args, into: dict) -> None:
+def _describe(flat, fn, args) -> dict:
     """The row fields a Flat-LoRA variant adds (read while its engine is the live one)."""
+    out = {"generator": flat.config.generator}
     if flat.mode == "inplace":
-        into["restore_record_bytes"] = flat.metrics().get("flatlora/restore_record_bytes", 0.0)
-        into["base_weight_bytes"] = sum(t.weight.numel() * t.weight.element_size() for t in flat.targets)
-    into["generator"] = flat.config.generator
+        out["restore_record_bytes"] = flat.metrics().get("flatlora/restore_record_bytes", 0.0)
+        out["base_weight_bytes"] = sum(t.weight.numel() * t.weight.element_size() for t in flat.targets)
     if flat.mode == "forward" and args.dev == "cuda":
-        into["ordinary_launches_per_step"] = _ordinary_launches(fn)
+        out["ordinary_launches_per_step"] = _ordinary_launches(fn)
+    return out
 
 
 def _op_totals(ka) -> dict[str, tuple[int, float, float]]:

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .methods import LINEAR_ONLY, check_targets, get_method
+from .methods import LAYER_CHECKED, check_targets, get_method
 from .provenance import diff_inputs, task_inputs
 from .quant import check_quantization
 from .results import plot_summary, summarize, write_summary, to_markdown
@@ -76,7 +76,7 @@ def check_layer_kinds(spec: ExperimentSpec, task, methods: list[str] | None = No
     line naming the layers and the fix. Builds the bare model once (on CPU), only when such a method is in
     `methods` (default spec.methods)."""
     methods = [get_method(m) for m in dict.fromkeys(methods if methods is not None else spec.methods)]
-    restricted = [m for m in methods if m.adapter in LINEAR_ONLY or m.adapter == "dora"]
+    restricted = [m for m in methods if m.adapter in LAYER_CHECKED]
     if not restricted:
         return
     model = task.build_model()  # sets the task's default targets, which can depend on the model

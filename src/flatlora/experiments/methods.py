@@ -101,6 +101,8 @@ def lora_config(method: Method, *, r: int, alpha: float, dropout: float, targets
 # ("Unknown initialization init_lora_weights='pissa'") and silently falls back to the plain LoRA init for
 # LoRA-GA, so a LoRA-GA run on a conv net would be plain LoRA under another name: both are refused up front.
 LINEAR_ONLY = {"pissa": "PiSSA's SVD initialisation", "lora-ga": "LoRA-GA's gradient-SVD initialisation"}
+# Adapters that cannot work on some layers, checked against the targeted ones by `check_targets`.
+LAYER_CHECKED = frozenset({*LINEAR_ONLY, "dora"})
 
 
 def _linear_like(module: nn.Module) -> bool:
@@ -144,7 +146,7 @@ def check_targets(method: Method, model: nn.Module, targets: Any) -> None:
     """Refuse, in one line naming the layers and the fix, a method that cannot work on the layers `targets`
     (PEFT target_modules) selects in `model`: PiSSA/LoRA-GA on a non-Linear layer (their PEFT initialisation
     is Linear-only), DoRA on a layer with a zero-norm filter. Call it on the bare model."""
-    if method.full or targets is None or method.adapter not in (*LINEAR_ONLY, "dora"):
+    if method.full or targets is None or method.adapter not in LAYER_CHECKED:
         return
     targeted = _targeted(model, targets)
     if method.adapter == "dora":
