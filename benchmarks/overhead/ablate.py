@@ -50,6 +50,8 @@ RESTORE_CHECKSUM = ("good = _checksum(bits, q) == tl.load(hdr_ptr + t * 3 + 2)",
 RESTORE_PATCHES = ("for s in range(0, count, PB):", "for s in range(0, count * 0, PB):")
 RESTORE_BARRIER = ("        tl.debug_barrier()  # the patches below overwrite some of the values just stored\n", "")
 
+EIGHT_WARPS = ("NUM_WARPS = {PERTURB: 4, RESTORE: 4, COPY: 4}", "NUM_WARPS = {PERTURB: 8, RESTORE: 8, COPY: 4}")
+
 # A perturb variant whose record entries are not all written leaves garbage in-tile offsets behind, and the
 # restore's patches would write through them out of bounds: those variants drop the patches too (their restore
 # time is then "no-patches"' one).
@@ -65,8 +67,10 @@ VARIANTS = {
     "no-patches": NO_PATCHES,
     # Launch geometry (real designs, exact): 16 elements a thread hold the perturb at 124-128 registers (4 blocks of
     # 4 warps an SM); 8 a thread, 64-80 (ptxas for sm_90, compiled on CPU).
-    "perturb-restore-8-warps": [("NUM_WARPS = {PERTURB: 4, RESTORE: 4, COPY: 4}", "NUM_WARPS = {PERTURB: 8, RESTORE: 8, COPY: 4}")],
+    "perturb-restore-8-warps": [EIGHT_WARPS],
     "tiles-1024": [("BLOCK = 2048  #", "BLOCK = 1024  #")],
+    "tiles-4096-8-warps": [("BLOCK = 2048  #", "BLOCK = 4096  #"), EIGHT_WARPS],
+    "regions-8-warps": REGIONS + [EIGHT_WARPS],
     "perturb-bare": [PERTURB_ATOMIC, PERTURB_SCAN, PERTURB_STORES, PERTURB_CHECKSUM, PERTURB_WAIT] + NO_PATCHES,
 }
 
@@ -78,7 +82,8 @@ STD_LAUNCH = "PREC=_STD_PREC, num_warps=4)"
 ROWSTD_CONFIGS = [(32, 128, 4, None, "tf32x3"), (16, 128, 4, None, "tf32x3"), (16, 256, 4, None, "tf32x3"),
                   (32, 128, 4, 4, "tf32x3"), (32, 128, 4, 2, "tf32x3"), (32, 256, 8, 3, "tf32x3"),
                   (64, 128, 8, 3, "tf32x3"), (32, 64, 4, 4, "tf32x3"), (32, 128, 4, None, "tf32"),
-                  (16, 256, 4, 4, "tf32")]
+                  (16, 256, 4, 4, "tf32"), (64, 128, 8, 3, "tf32"), (64, 64, 4, 4, "tf32"),
+                  (128, 64, 8, 3, "tf32x3"), (64, 256, 8, 3, "tf32x3"), (32, 256, 4, 3, "tf32x3")]
 
 
 def rowstd_name(cfg) -> str:
