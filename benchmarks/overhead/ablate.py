@@ -77,11 +77,11 @@ VARIANTS = {
 
 # Row std (both modes, once a window; 27 % of copy on the 7B group): tile shape, warps, pipelining stages and
 # the dot's precision of the shipped kernel, as (BM, BK, num_warps, num_stages or None for Triton's default, PREC).
-STD_CONSTANTS = '_STD_BM, _STD_BK, _STD_PREC = 32, 128, "tf32x3"'
-STD_LAUNCH = "PREC=_STD_PREC, num_warps=4)"
-ROWSTD_CONFIGS = [(32, 128, 4, None, "tf32x3"), (16, 128, 4, None, "tf32x3"), (16, 256, 4, None, "tf32x3"),
+STD_CONSTANTS = '_STD_BM, _STD_BK, _STD_PREC = 32, 64, "tf32x3"'
+STD_LAUNCH = "PREC=_STD_PREC, num_warps=4, num_stages=4)"
+ROWSTD_CONFIGS = [(32, 64, 4, 4, "tf32x3"), (32, 128, 4, None, "tf32x3"), (16, 128, 4, None, "tf32x3"), (16, 256, 4, None, "tf32x3"),
                   (32, 128, 4, 4, "tf32x3"), (32, 128, 4, 2, "tf32x3"), (32, 256, 8, 3, "tf32x3"),
-                  (64, 128, 8, 3, "tf32x3"), (32, 64, 4, 4, "tf32x3"), (32, 128, 4, None, "tf32"),
+                  (64, 128, 8, 3, "tf32x3"), (32, 64, 4, 3, "tf32x3"), (32, 128, 4, None, "tf32"),
                   (16, 256, 4, 4, "tf32"), (64, 128, 8, 3, "tf32"), (64, 64, 4, 4, "tf32"),
                   (128, 64, 8, 3, "tf32x3"), (64, 256, 8, 3, "tf32x3"), (32, 256, 4, 3, "tf32x3")]
 
