@@ -47,7 +47,7 @@ class _NoLaunch:
             if kwargs.get("MODE") == 0:  # PERTURB: (tab, map, counter, header, ...)
                 args[3].zero_()
             elif kwargs.get("MODE") == 2 and kwargs.get("LAYER_ARGS"):  # a one-layer COPY: out <- W, no noise
-                args[9].copy_(args[8])  # (uninitialised outputs could hold denormals and slow the matmuls down)
+                args[8].copy_(args[7])  # (uninitialised outputs could hold denormals and slow the matmuls down)
 
         return launch
 

@@ -39,7 +39,7 @@ def compile_tile(K, mode: int, arch: int, block: int | None = None, warps: int |
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig = {"tab_ptr": "*i64", "map_ptr": "*i32", "cnt_ptr": "*i32", "hdr_ptr": "*i32", "rent_ptr": "*i32", "near_ptr": "*u8", "CAP": "i32",
+    sig = {"tab_ptr": "*i64", "map_ptr": "*i32", "cnt_ptr": "*i32", "hdr_ptr": "*i32", "rent_ptr": "*i32", "CAP": "i32",
            "bad_ptr": "*i32", "warg_ptr": "*i16", "oarg_ptr": "*i16", "sarg_ptr": "*fp32", "key_hi": "i32",
            "key_lo": "i32"}
     params = list(K._noise_kernel.arg_names)

@@ -17,13 +17,9 @@ Every launch is grouped: a table holds one row per layer (pointers, sizes, strid
 below), and a per-tile map says which layer a program serves (one load, not a search through the table).
 One launch per dtype covers every layer, so small models stay launch-bound on nothing.
 
-The record is per tile: a header (slot, count, checksum), a near map and a list of exceptions. Where the replay
-round(W' - eps) misses W, the value y = W' - eps lies between the two, so W is mostly the replay's neighbour
-toward y (for float32 weights, where y is itself rounded, toward the sign of the subtraction's rounding error):
-one bit per entry says "take that neighbour" (a byte per octet; ~4/5 of the misses of a bf16 weight at
-sigma 0.05, ~3/5 at 0.25), written densely with the weight. Each other off entry (an exception) takes one
-packed word holding its in-tile offset above its original bits (int32 = offset << 16 | bits for bf16/fp16,
-int64 = offset << 32 | bits for fp32): 4 bytes per entry for 16-bit weights, written with one store (two arrays, offsets and values, took
+The record is per tile: a header (slot, count, checksum) and, for each off entry, one packed word holding its
+in-tile offset above its original bits (int32 = offset << 16 | bits for bf16/fp16, int64 = offset << 32 | bits
+for fp32): 4 bytes per entry for 16-bit weights, written with one store (two arrays, offsets and values, took
 two 64-bit addresses per element: the perturb's 128 registers a thread, against 96 with one). Tiles
 append with one atomic add on a shared counter; a tile whose entries would not fit leaves W untouched and
 marks its slot -1, and the host reruns just those tiles into a larger buffer (RETRY). The checksum is a
@@ -112,39 +108,6 @@ def _round_bits(x, KIND: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def _toward(r, y, noisy, eps, KIND: tl.constexpr):
-    """Bits of the storage-dtype value next to r (bits) in the direction of y = W' - eps (float32): where a
-    restore's round(y) misses W, y lies between the two (it rounded to r, not W), so W is mostly this
-    neighbour (the perturb checks it; the rest go to the record). float32 weights: y is itself rounded (r is
-    y), so the direction is the sign of the subtraction's rounding error (Knuth's TwoSum, exact without
-    fused multiply-adds, which the launch turns off). Unsigned arithmetic: NaN bits wrap, and the check
-    rejects what they give."""
-    if KIND < 2:
-        up = y > _to_f32(r, KIND)
-    else:
-        bb = y - noisy
-        err = (noisy - (y - bb)) + (-eps - bb)  # y + err = noisy - eps exactly
-        up = err > 0
-    if KIND < 2:
-        u = r.to(tl.uint16, bitcast=True).to(tl.uint32)
-        sign = u >> 15
-        mag = u & 0x7FFF
-        zero_next = tl.where(up, 1, 0x8001).to(tl.uint32)
-    else:
-        u = r.to(tl.uint32, bitcast=True)
-        sign = u >> 31
-        mag = u & 0x7FFFFFFF
-        zero_next = tl.where(up, 1, 0x80000001).to(tl.uint32)
-    # away from zero when y lies farther out on r's side; +0 and -0 step to the smallest value of y's sign
-    nxt = tl.where(up == (sign == 0), u + 1, u - 1)
-    nxt = tl.where(mag == 0, zero_next, nxt)
-    if KIND < 2:
-        return nxt.to(tl.uint16).to(tl.int16, bitcast=True)
-    else:
-        return nxt.to(tl.int32, bitcast=True)
-
-
-@triton.jit
 def _approx(x, OP: tl.constexpr):
     """The GPU's special-function unit (one MUFU instruction each): lg2, sin, cos, sqrt."""
     if OP == 0:
@@ -225,7 +188,7 @@ def _checksum(bits, q):
 @triton.jit(do_not_specialize=["key_hi", "key_lo"])
 def _noise_kernel(
     tab_ptr, map_ptr,  # layer table and tile -> layer map
-    cnt_ptr, hdr_ptr, rent_ptr, near_ptr, CAP, bad_ptr,  # record (PERTURB / RESTORE)
+    cnt_ptr, hdr_ptr, rent_ptr, CAP, bad_ptr,  # record (PERTURB / RESTORE)
     # COPY with LAYER_ARGS (one layer): its weight, output, std and key as arguments instead of the table's C_W,
     # C_OUT, C_STD and C_KEY, so the table holds only the layer's shape, strides and first row, which never change
     # between windows, nor between the fresh tensors a quantized base dequantizes into or a sharded one is
@@ -294,17 +257,12 @@ def _noise_kernel(
         tl.store(optrs, _round_bits(x + eps, KIND, FAST), mask=mask)
     elif MODE == 0:  # PERTURB
         noisy = _round_bits(x + eps, KIND, FAST)
-        y = _to_f32(noisy, KIND) - eps
-        replay = _round_bits(y, KIND, FAST)
-        # An entry the replay misses by one step toward y (most of them) is one bit of the near map; only the
-        # rest (~1/5 of the misses at sigma 0.05) is appended to the record, below.
-        off = (replay != bits) & mask
-        near = off & (_toward(replay, y, _to_f32(noisy, KIND), eps, KIND) == bits)
+        replay = _round_bits(_to_f32(noisy, KIND) - eps, KIND, FAST)
         # The record by a two-level scan: entries before an octet (a scan over the BLOCK/8 octet counts), then
         # before the entry in its octet (8 lanes a thread holds). A scan over the flat tile instead cost twice
         # the whole perturb (perturb_sweep.py, with the 4-lane quads of the randn4x stream: 12.2 against 6.6 ms
         # on a quarter of the 7B group).
-        offi = (off & (near == 0)).to(tl.int32)
+        offi = ((replay != bits) & mask).to(tl.int32)
         qc = tl.sum(offi, axis=1)
         count = tl.sum(qc, axis=0)
         if RETRY:
@@ -322,9 +280,6 @@ def _noise_kernel(
         else:
             ent = (offs.to(tl.int64) << 32) | (bits.to(tl.int64) & 0xFFFFFFFF)
         tl.store(rent_ptr + pos, ent, mask=sel)
-        lane = tl.arange(0, 8)[None, :]
-        tl.store(near_ptr + t.to(tl.int64) * (BLOCK_ // 8) + q, tl.sum(near.to(tl.int32) << lane, axis=1).to(tl.uint8),
-                 mask=(q * 0 + ok_i) != 0)
         chk = _checksum(tl.where(mask, noisy, 0), q)
         tl.store(hdr_ptr + t * 3, tl.where(ok, slot, -1), mask=active)
         tl.store(hdr_ptr + t * 3 + 1, count, mask=active)
@@ -337,11 +292,7 @@ def _noise_kernel(
         good = _checksum(bits, q) == tl.load(hdr_ptr + t * 3 + 2)
         good_i = (good & live).to(tl.int32)
         bad_i = (live & (good == 0)).to(tl.int32)
-        y = x - eps
-        replay = _round_bits(y, KIND, FAST)
-        octet = tl.load(near_ptr + t.to(tl.int64) * (BLOCK_ // 8) + q).to(tl.int32)
-        use = ((octet[:, None] >> tl.arange(0, 8)[None, :]) & 1) != 0
-        tl.store(ptrs, tl.where(use, _toward(replay, y, x, eps, KIND), replay), mask=mask & ((offs * 0 + good_i) != 0))
+        tl.store(ptrs, _round_bits(x - eps, KIND, FAST), mask=mask & ((offs * 0 + good_i) != 0))
         tl.atomic_add(bad_ptr + layer, bad_i, mask=bad_i != 0)
         tl.debug_barrier()  # the patches below overwrite some of the values just stored
         count = tl.load(hdr_ptr + t * 3 + 1) * good_i
@@ -459,7 +410,6 @@ class Record:
     counter: torch.Tensor  # int32 [1]: entries used (holes of failed tiles included)
     header: torch.Tensor  # int32 [tiles, 3]: slot (-1: not perturbed yet), count, checksum of the noisy bits
     ent: torch.Tensor  # int32 [cap] (16-bit weights) / int64 (float32): offset << 16 (32) | original bits
-    near: torch.Tensor  # uint8 [tiles * BLOCK / 8]: bit l of byte o: entry 8 o + l is the replay's neighbour toward y
     used: int | None = 0  # entries of ent in use; None until the restore's Outcome is read (deferred)
     skipped: int = 0  # tiles a deferred perturb left without noise (its record overflowed); known likewise
     table: torch.Tensor | None = None  # the launch's layer table (restore reuses it)
@@ -473,7 +423,6 @@ class Record:
         """Drop the entry buffers once the restore is queued (the caching allocator reuses their memory only
         for work queued after it), so a restore whose outcome is read later holds no weight-sized memory."""
         self.ent = self.ent.new_empty(0)  # (a [:0] view would keep the whole storage alive)
-        self.near = self.near.new_empty(0)
 
     @property
     def hslot(self) -> torch.Tensor:
@@ -489,11 +438,11 @@ class Record:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held for the restore: the counter, the headers, the near map and the used entries (allocated
-        ones while a deferred record's size is unread)."""
+        """Bytes held for the restore: the counter, the headers and the used entries (allocated ones while a
+        deferred record's size is unread)."""
         per = self.ent.element_size()
         entries = self.ent.numel() if self.used is None else self.used  # unsettled: what is allocated
-        return self.counter.numel() * 4 + self.header.numel() * 4 + self.header.shape[0] * (BLOCK // 8) + entries * per
+        return self.counter.numel() * 4 + self.header.numel() * 4 + entries * per
 
 
 _MAPS: dict[tuple, torch.Tensor] = {}  # tile -> layer maps by (device, per-layer tile counts)
@@ -566,14 +515,14 @@ def _launch(tab, tile_map, tiles, dtype, flags, mode, rec: Record | None, bad=No
     layer: (weight, output, std, key) of a one-layer COPY whose table holds none of them (LAYER_ARGS)."""
     dummy = tab
     if rec is None:
-        cnt = hdr = ent = near = dummy
+        cnt = hdr = ent = dummy
         cap = 0
     else:
-        cnt, hdr, ent, near, cap = rec.counter, rec.header, rec.ent, rec.near, rec.ent.numel()
+        cnt, hdr, ent, cap = rec.counter, rec.header, rec.ent, rec.ent.numel()
     w, out, std, (hi, lo) = ((dummy, dummy, dummy, (0, 0)) if layer is None
                              else (layer[0], layer[1], layer[2], _key_halves(layer[3])))
     return _noise_kernel[(tiles,)](
-        tab, tile_map, cnt, hdr, ent, near, cap, bad if bad is not None else dummy, w, out, std, hi, lo,
+        tab, tile_map, cnt, hdr, ent, cap, bad if bad is not None else dummy, w, out, std, hi, lo,
         MODE=mode, KIND=_KIND[dtype], ALIGNED=flags[0], CONTIG=flags[1], RETRY=retry, FAST=_fast(), BLOCK_=BLOCK,
         PB=256, LAYER_ARGS=layer is not None, num_warps=NUM_WARPS[mode],
         # No fused multiply-add: x + std * z must round the product and then the sum in every specialization
@@ -729,7 +678,7 @@ def noisy_copy_(w: torch.Tensor, std: torch.Tensor, key: int, row0: int, out: to
                 # _plain_launch found none to call.
                 hi, lo = _key_halves(key)
                 pre[0](tiles, 1, 1, stream(dev), pre[1], pre[2], None, None, None,
-                       tab_ptr, map_ptr, tab_ptr, tab_ptr, tab_ptr, tab_ptr, 0, tab_ptr, wptr, optr, sptr, hi, lo,
+                       tab_ptr, map_ptr, tab_ptr, tab_ptr, tab_ptr, 0, tab_ptr, wptr, optr, sptr, hi, lo,
                        COPY, kind, aligned, contig, False, True, BLOCK, 256, True)
                 return
     compiled = _launch(tab, tile_map, tiles, dtype, (aligned, contig), COPY, None,
@@ -778,10 +727,10 @@ def perturb_group(layers: list[Layer], capacity: float | None = None, sigma: flo
         grow = sigma / was if sigma is not None and was else 1.0
         cap = max(int(used * max(grow, 1.0) * 9 / 8), numel // 512)
     else:
-        cap = numel // 32  # exceptions only (the near map holds most misses): ~1 % of the entries at sigma 0.05
+        cap = numel // 8
     cap = max(1024, cap)
     rec = Record(torch.zeros(1, dtype=torch.int32, device=dev), torch.empty((tiles, 3), dtype=torch.int32, device=dev),
-                 torch.empty(cap, dtype=_ENT[dtype], device=dev), torch.empty(tiles * (BLOCK // 8), dtype=torch.uint8, device=dev),
+                 torch.empty(cap, dtype=_ENT[dtype], device=dev),
                  table=tab, tile_map=tile_map, dtype=dtype, flags=_flags(layers), group_key=group_key, sigma=sigma)
     flags = rec.flags
     _launch(tab, tile_map, tiles, dtype, flags, PERTURB, rec)
@@ -865,8 +814,8 @@ class StdItem:
     scale: float = 1.0
 
 
-# 32 x 64 tiles, 4 stages: ablate.py on the H100, 8.9 against 10.8 ms for 32 x 128 with Triton's default stages
-# (which perturb_sweep.py had found 2x the FMA kernel on the H200); "tf32" was faster still but is not float32-exact
+# 32 x 64 tiles, 4 stages (ablate.py): 8.9 against 10.8 ms for 32 x 128 with Triton's default stages on the H100,
+# 8.2 against 8.6 ms on the H200 (kernel_bench.py); "tf32" was faster still but is not float32-exact
 _STD_BM, _STD_BK, _STD_PREC = 32, 64, "tf32x3"
 
 
