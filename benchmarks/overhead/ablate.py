@@ -86,6 +86,28 @@ ROWSTD_CONFIGS = [(32, 64, 4, 4, "tf32x3"), (32, 128, 4, None, "tf32x3"), (16, 1
                   (128, 64, 8, 3, "tf32x3"), (64, 256, 8, 3, "tf32x3"), (32, 256, 4, 3, "tf32x3")]
 
 
+# The row std's pieces, on the shipped configuration: what the merged row's B @ A costs (no-adapter: ||W_i|| alone,
+# the floor of this kernel's loop), the dot accumulating into the W tile (one layout conversion fewer, if Triton
+# finds it), and B @ A as float32 FMAs over the rank instead of tl.dot (no tensor cores, no layout conversion).
+STD_DOT = ("            merged += tl.dot(b, a, input_precision=PREC)\n", )
+STD_A_LOAD = "            a = tl.load(a_ptr + rk[:, None] * N + cols64[None, :], mask=(rk[:, None] < R) & cm[None, :], other=0.0)\n"
+STD_FMA = """            for kk in tl.static_range(RP):
+                bk_ = tl.load(b_ptr + rows64 * R + kk, mask=rmask & (kk < R), other=0.0) * bscale
+                ak_ = tl.load(a_ptr + kk * N + cols64, mask=cm & (kk < R), other=0.0)
+                merged += bk_[:, None] * ak_[None, :]
+"""
+STD_RP = ("rp = min(64, max(16, triton.next_power_of_2(r_max)))", "rp = min(64, triton.next_power_of_2(max(r_max, 1)))")
+ROWSTD_VARIANTS = {
+    "rowstd-no-adapter": [(STD_A_LOAD + STD_DOT[0], "            pass\n")],
+    "rowstd-dot-acc": [(STD_DOT[0], "            merged = tl.dot(b, a, acc=merged, input_precision=PREC)\n")],
+    "rowstd-fma": [(STD_A_LOAD + STD_DOT[0], STD_FMA), STD_RP],
+    "rowstd-fma-32x128": [(STD_A_LOAD + STD_DOT[0], STD_FMA), STD_RP,
+                          (STD_CONSTANTS, '_STD_BM, _STD_BK, _STD_PREC = 32, 128, "tf32x3"')],
+    "rowstd-fma-16x256": [(STD_A_LOAD + STD_DOT[0], STD_FMA), STD_RP,
+                          (STD_CONSTANTS, '_STD_BM, _STD_BK, _STD_PREC = 16, 256, "tf32x3"')],
+}
+
+
 def rowstd_name(cfg) -> str:
     bm, bk, warps, stages, prec = cfg
     return f"rowstd-{bm}x{bk}-w{warps}-s{stages or 'default'}-{prec}"
@@ -98,7 +120,8 @@ def rowstd_subs(cfg) -> list[tuple[str, str]]:
 
 
 def variant_source(name: str, text: str) -> str:
-    subs = VARIANTS[name] if name in VARIANTS else rowstd_subs(next(c for c in ROWSTD_CONFIGS if rowstd_name(c) == name))
+    named = {**VARIANTS, **ROWSTD_VARIANTS}
+    subs = named[name] if name in named else rowstd_subs(next(c for c in ROWSTD_CONFIGS if rowstd_name(c) == name))
     for old, new, *times in subs:
         n, want = text.count(old), (times or [1])[0]
         if n != want:
@@ -161,14 +184,17 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--only", default="group", choices=["layer", "group"])
     ap.add_argument("--variants", default=",".join(VARIANTS) + ",rowstd",
-                    help="comma list of perturb/restore variants, and 'rowstd' for the row-std configurations")
+                    help="comma list of perturb/restore variants, 'rowstd' for the row-std configurations, and row-std "
+                         f"variants ({', '.join(ROWSTD_VARIANTS)})")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--sigma", type=float, default=0.05)
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args(argv)
     names = args.variants.split(",")
     std_names = [rowstd_name(c) for c in ROWSTD_CONFIGS] if "rowstd" in names else []
-    names = [n for n in names if n != "rowstd"]
+    if any(n in ROWSTD_VARIANTS for n in names):  # compared against the shipped configuration, timed first
+        std_names = (std_names or [rowstd_name(ROWSTD_CONFIGS[0])]) + [n for n in names if n in ROWSTD_VARIANTS]
+    names = [n for n in names if n != "rowstd" and n not in ROWSTD_VARIANTS]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
