@@ -40,6 +40,17 @@ def test_every_row_std_configuration_fits_the_shipped_kernel():
     assert len({ablate.variant_source(n, text) for n in names}) == len(names)
 
 
+def test_every_row_std_variant_fits_the_shipped_kernel():
+    text = ablate.KERNELS.read_text()
+    sources = {name: ablate.variant_source(name, text) for name in ablate.ROWSTD_VARIANTS}
+    assert text not in sources.values() and len(set(sources.values())) == len(sources)
+    # the FMA variant sizes the rank chunk to the rank (tl.dot's K >= 16 does not bind it): r = 8 -> 8, not 16
+    assert "max(16," not in sources["rowstd-fma"].split("def row_std_group")[1]
+    # the accumulating dot changes only the dot line; no-adapter drops A's load with it
+    assert "acc=merged" in sources["rowstd-dot-acc"] and "acc=merged" not in text
+    assert sources["rowstd-no-adapter"].count("a = tl.load(a_ptr") == text.count("a = tl.load(a_ptr") - 1
+
+
 def test_sass_stats_compiles_the_shipped_kernel_for_sm90():
     """benchmarks/overhead/sass_stats.py: the kernel compiled for the H200's architecture on this CPU machine,
     registers and SASS counted (ptxas and cuobjdump come with Triton's wheel). In a fresh process: a test
