@@ -10,6 +10,11 @@ but restore's patch loop). On the H200 the kernels are instruction-bound (the no
 element, 44 % of copy bandwidth), so these two numbers are a CPU-side proxy for the time `ablate.py` and
 `kernel_bench.py` measure on the GPU. The Triton here may differ from the GPU machine's (3.6 there): the numbers
 are for comparing variants compiled by the same Triton, not for quoting as the GPU's. Writes sass-sm<arch>.json.
+To compile with the GPU machine's Triton (3.6; `make setup` here brings 3.9 with torch 2.13):
+`pip install --no-deps --target /tmp/triton36 triton==3.6.0` and put /tmp/triton36 first on PYTHONPATH. The two
+differ: Triton 3.9 re-lays the perturb's record store out through 16 KB of shared memory (72.0 against 61.5
+instructions an element, sass-sm90-triton3.9.json), which ablate.py's `record-stores-asm` avoids (60.5 on 3.9, the
+same code as shipped on 3.6).
 """
 
 from __future__ import annotations
