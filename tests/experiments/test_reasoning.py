@@ -108,6 +108,25 @@ def test_evaluate_scores_oracle_and_wrong_completions(monkeypatch):
 
 
 @needs_math_data
+def test_humaneval_is_an_extra_out_of_domain_metric(monkeypatch):
+    from flatlora.experiments.tasks import humaneval
+
+    problems = [{"prompt": "def add(a, b):\n", "test": "def check(f):\n    assert f(2, 3) == 5\n", "entry_point": "add"},
+                {"prompt": "def neg(a):\n", "test": "def check(f):\n    assert f(2) == -2\n", "entry_point": "neg"}]
+    monkeypatch.setattr(humaneval, "load_problems", lambda limit=None: problems[:limit])
+    t = create_task("reasoning-arith", model="tiny-llama", humaneval=2, **SMALL)
+    code = {problems[0]["prompt"]: "    return a + b\n", problems[1]["prompt"]: "    return a\n"}  # one right
+    lengths = []
+    monkeypatch.setattr(t, "generate", lambda model, prompts, bs, n: lengths.append(n) or [code.get(p, " 0") for p in prompts])
+    m = t.evaluate(None, 8)
+    assert m["humaneval/pass@1"] == 0.5 and "test/exact_match" in m
+    assert max(lengths) == 384  # code-sized completions, not the arithmetic's few tokens
+    assert create_task("reasoning-arith", model="tiny-llama", **SMALL).humaneval_metrics(None, 8) == {}  # 0: none
+    with pytest.raises(ValueError, match="humaneval must be how many HumanEval problems"):
+        create_task("reasoning-arith", model="tiny-llama", humaneval=-1, **SMALL)
+
+
+@needs_math_data
 def test_bad_options_name_the_fix():
     with pytest.raises(ValueError, match="level must be one of"):
         create_task("reasoning-arith", model="tiny-llama", level=9)

@@ -65,6 +65,32 @@ def load_tokenizer_and_model(ref: ModelRef, with_model: bool = True):
     return tok, model
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` without special tokens (a real tokenizer, or the tiny models' HashTokenizer)."""
+    if isinstance(tokenizer, HashTokenizer):
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def generate_greedy(tokenizer, model: nn.Module, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy completions of `prompts` (left-padded batches), decoded without the prompt."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id or 0
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        enc = [encode_text(tokenizer, p) for p in prompts[i:i + batch_size]]
+        n = max(len(e) for e in enc)
+        ids = torch.full((len(enc), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(enc), n), dtype=torch.long)
+        for j, e in enumerate(enc):
+            ids[j, n - len(e):], mask[j, n - len(e):] = torch.tensor(e), 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        out += [tokenizer.decode(g[n:].tolist(), skip_special_tokens=True) for g in gen.cpu()]
+    return out
+
+
 class CausalLMTask(Task):
     """Prompt -> target fine-tuning of a causal LM; evaluated by greedy generation (exact match of the number)."""
 
@@ -84,9 +110,7 @@ class CausalLMTask(Task):
         self._train = [self._encode(r[1], r[2]) for r in train]
 
     def _ids(self, text: str) -> list[int]:
-        if isinstance(self.tokenizer, HashTokenizer):
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_text(self.tokenizer, text)
 
     def _encode(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
         p, t = self._ids(prompt), self._ids(target) + [self.tokenizer.eos_token_id]
@@ -115,23 +139,9 @@ class CausalLMTask(Task):
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return model(**batch).loss
 
-    @torch.no_grad()
     def generate(self, model: nn.Module, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[str]:
         """Greedy completions (left-padded batches)."""
-        device = next(model.parameters()).device
-        pad = self.tokenizer.pad_token_id or 0
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            enc = [self._ids(p) for p in prompts[i:i + batch_size]]
-            n = max(len(e) for e in enc)
-            ids = torch.full((len(enc), n), pad, dtype=torch.long)
-            mask = torch.zeros((len(enc), n), dtype=torch.long)
-            for j, e in enumerate(enc):
-                ids[j, n - len(e):], mask[j, n - len(e):] = torch.tensor(e), 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id)
-            out += [self.tokenizer.decode(g[n:].tolist(), skip_special_tokens=True) for g in gen.cpu()]
-        return out
+        return generate_greedy(self.tokenizer, model, prompts, batch_size, max_new_tokens)
 
     def evaluate(self, model: nn.Module, batch_size: int) -> dict[str, float]:
         metrics = {}
@@ -139,10 +149,16 @@ class CausalLMTask(Task):
             completions = self.generate(model, [r[1] for r in rows], batch_size, self.max_new_tokens)
             hits = [_same(extract_number(c), r[3]) for c, r in zip(completions, rows)]
             metrics[f"{split}/exact_match"] = sum(hits) / len(hits)
-        if self.humaneval:
-            metrics["humaneval/pass@1"] = evaluate_humaneval(self, model, limit=self.humaneval, batch_size=batch_size,
-                                                             max_new_tokens=max(self.max_new_tokens, 384) if self.eval_rows else self.max_new_tokens)
-        return metrics
+        return {**metrics, **self.humaneval_metrics(model, batch_size)}
+
+    def humaneval_metrics(self, model: nn.Module, batch_size: int) -> dict[str, float]:
+        """HumanEval pass@1 on the first `humaneval` problems (none when 0): an out-of-domain check of a task
+        trained on something else, given code-sized completions (384 new tokens at least)."""
+        if not self.humaneval:
+            return {}
+        new_tokens = max(self.max_new_tokens, 384) if self.eval_rows else self.max_new_tokens
+        return {"humaneval/pass@1": evaluate_humaneval(self, model, limit=self.humaneval, batch_size=batch_size,
+                                                       max_new_tokens=new_tokens)}
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.ref.name, "max_length": self.max_length, "max_new_tokens": self.max_new_tokens,

@@ -200,7 +200,7 @@ class ReasoningTask(CausalLMTask):
                 for fam in fams:
                     h = [x for x, r in zip(hits, rows) if r[4] == fam]
                     metrics[f"{split}/{fam}"] = sum(h) / len(h)
-        return metrics
+        return {**metrics, **self.humaneval_metrics(model, batch_size)}
 
 
 def _range(name: str, v: Any) -> tuple[int, int]:
@@ -218,11 +218,14 @@ def _range(name: str, v: Any) -> tuple[int, int]:
 def reasoning_arith(*, model: str, level: int = 2, terms: Any = None, digits: Any = None, sort_count: Any = None,
                     families: Any = FAMILIES, train_size: int = 3000, dev_size: int = 300, test_size: int = 600,
                     ood_size: int = 300, split_seed: int = 0, dev: bool = True, ood: bool = True,
-                    max_length: int = 256, max_new_tokens: int = 64) -> Task:
+                    max_length: int = 256, max_new_tokens: int = 64, humaneval: int = 0) -> Task:
     from ..paths import fetch_hint
 
     if level not in LEVELS:
         raise ValueError(f"task_args.level must be one of {sorted(LEVELS)}, got {level!r}")
+    if isinstance(humaneval, bool) or not isinstance(humaneval, int) or humaneval < 0:
+        raise ValueError(f"task_args.humaneval must be how many HumanEval problems to score (0 = none, 164 = all), "
+                         f"got {humaneval!r}")
     fams = [families] if isinstance(families, str) else list(families)
     bad = [f for f in fams if f not in FAMILIES]
     if not fams or bad:
@@ -261,4 +264,4 @@ def reasoning_arith(*, model: str, level: int = 2, terms: Any = None, digits: An
             "ood_longer": {"terms": harder["terms"], "sort_count": harder["sort_count"]},
             "ood_template": "basic_arithmetic (+, -; 'Calculate a - b.'), training terms and digits",
             "scoring": "exact match of the numbers on the first line of the greedy completion"}
-    return ReasoningTask("reasoning-arith", train, evals, model, max_length, max_new_tokens, info)
+    return ReasoningTask("reasoning-arith", train, evals, model, max_length, max_new_tokens, info, humaneval=humaneval)
