@@ -1,0 +1,83 @@
+"""HumanEval pass@1 of a causal LM, alone or with PEFT adapters: the LLM study's out-of-domain code check.
+
+    python benchmarks/evidence/humaneval_check.py [--model smollm2-135m] [--adapter RUN/adapter ...] \
+        [--limit N] [--out benchmarks/results/evidence/llm/humaneval_base.json]
+
+Issue 11 asks for HumanEval pass@1 of the LLM study's trained models "if it is above zero". The study trains
+SmolLM2-135M on arithmetic, so the first question is whether the base model writes any passing code at all:
+without adapters this scores the base. With `--adapter` (the `adapter/` folder of a run, which
+`PeftModel.from_pretrained` loads) it scores each adapted model on the same problems. Greedy decoding, 384 new
+tokens, completions cut at the first new top-level statement and run with the problem's tests in the sandbox
+(`flatlora.experiments.tasks.humaneval`). Writes rows (model, adapter, pass@1, passed, problems, seconds) with
+the provenance; on a CPU the 164 problems take minutes for a 135M model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src"))
+
+from flatlora.experiments.models import resolve_model  # noqa: E402
+from flatlora.experiments.tasks.causal_lm import generate_greedy, load_tokenizer_and_model  # noqa: E402
+from flatlora.experiments.tasks.humaneval import load_problems, pass_at_1  # noqa: E402
+
+
+def score(model, tokenizer, problems, batch_size: int, max_new_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    completions = generate_greedy(tokenizer, model, [p["prompt"] for p in problems], batch_size, max_new_tokens)
+    rate = pass_at_1(problems, completions)
+    return {"pass@1": rate, "passed": round(rate * len(problems)), "problems": len(problems),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="registry name or local folder (flatlora tasks)")
+    ap.add_argument("--adapter", action="append", default=[], help="a PEFT adapter folder (repeatable)")
+    ap.add_argument("--limit", type=int, default=None, help="the first N problems (default: all 164)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=384)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/evidence/llm/humaneval_base.json"))
+    args = ap.parse_args(argv)
+    missing = [a for a in args.adapter if not (Path(a) / "adapter_config.json").is_file()]
+    if missing:
+        raise SystemExit(f"--adapter {missing[0]}: no adapter_config.json there; pass a run's adapter/ folder")
+    problems = load_problems(args.limit)
+    ref = resolve_model(args.model)
+    tokenizer, base = load_tokenizer_and_model(ref)
+    base = base.to(args.device).eval()
+    rows = [{"model": ref.name, "adapter": None, **score(base, tokenizer, problems, args.batch_size, args.max_new_tokens)}]
+    print(f"{ref.name}: pass@1 {rows[-1]['pass@1']:.4f} ({rows[-1]['passed']}/{len(problems)}, {rows[-1]['seconds']} s)")
+    for path in args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, path).eval()
+        rows.append({"model": ref.name, "adapter": path, **score(model, tokenizer, problems, args.batch_size,
+                                                                 args.max_new_tokens)})
+        print(f"{path}: pass@1 {rows[-1]['pass@1']:.4f} ({rows[-1]['passed']}/{len(problems)})")
+        base = model.unload()  # the bare base again for the next adapter
+    import transformers
+
+    info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": args.device,
+            "host": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "command": " ".join(["python", *sys.argv]),
+            "decoding": f"greedy, {args.max_new_tokens} new tokens, batch {args.batch_size}"}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"provenance": info, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
