@@ -9,7 +9,9 @@ without adapters this scores the base. With `--adapter` (the `adapter/` folder o
 `PeftModel.from_pretrained` loads) it scores each adapted model on the same problems. Greedy decoding, 384 new
 tokens, completions cut at the first new top-level statement and run with the problem's tests in the sandbox
 (`flatlora.experiments.tasks.humaneval`). Writes rows (model, adapter, pass@1, passed, problems, seconds) with
-the provenance; on a CPU the 164 problems take minutes for a 135M model.
+the provenance; on a CPU the 164 problems take ~25 min for a 135M model. Adapters are applied to the plain base:
+right for LoRA / Flat-LoRA adapters (what the LLM study trains), not for a PiSSA adapter saved without its weight
+conversion nor for one trained on a 4-bit base (score that on the same quantized base instead).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+BASE_OUT = ROOT / "benchmarks/results/evidence/llm/humaneval_base.json"
 sys.path.insert(0, str(ROOT / "src"))
 
 from flatlora.experiments.models import resolve_model  # noqa: E402
@@ -48,12 +51,20 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=384)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/evidence/llm/humaneval_base.json"))
+    ap.add_argument("--out", default=None,
+                    help=f"JSON to write (without --adapter: {BASE_OUT.relative_to(ROOT)}; with --adapter: required)")
     args = ap.parse_args(argv)
     missing = [a for a in args.adapter if not (Path(a) / "adapter_config.json").is_file()]
     if missing:
         raise SystemExit(f"--adapter {missing[0]}: no adapter_config.json there; pass a run's adapter/ folder")
-    problems = load_problems(args.limit)
+    if args.adapter and args.out is None:
+        raise SystemExit("--adapter needs --out: the default file holds the base model's score alone")
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"--limit must be at least 1 (leave it out for all 164 problems), got {args.limit}")
+    try:
+        problems = load_problems(args.limit)
+    except ValueError as e:  # the problems were not fetched: the error names the fetch command
+        raise SystemExit(str(e)) from None
     ref = resolve_model(args.model)
     tokenizer, base = load_tokenizer_and_model(ref)
     base = base.to(args.device).eval()
@@ -71,9 +82,11 @@ def main(argv=None) -> None:
 
     info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": args.device,
             "host": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "command": " ".join(["python", *sys.argv]),
+            "transformers": transformers.__version__,
+            "command": " ".join(["python", "benchmarks/evidence/humaneval_check.py",
+                                 *(sys.argv[1:] if argv is None else argv)]),
             "decoding": f"greedy, {args.max_new_tokens} new tokens, batch {args.batch_size}"}
-    out = Path(args.out)
+    out = Path(args.out) if args.out else BASE_OUT
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"provenance": info, "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")

@@ -52,12 +52,12 @@ RESTORE_BARRIER = ("        tl.debug_barrier()  # the patches below overwrite so
 
 EIGHT_WARPS = ("NUM_WARPS = {PERTURB: 4, RESTORE: 4, COPY: 4}", "NUM_WARPS = {PERTURB: 8, RESTORE: 8, COPY: 4}")
 
-# A perturb variant whose record entries are not all written leaves garbage in-tile offsets behind, and the
 # The record's scattered store as one predicated st.global per element, in the layout the entries already have:
-# tl.store of pointers with unknown contiguity makes Triton's coalescing pass re-lay the [Q, 8] tile out one element
-# a thread, moving pointers, entries and mask through shared memory (sass_stats.py on sm_90: perturb 72.0 -> 60.5
-# instructions an element, 16 KB -> 32 B of shared memory, 15 -> 7 barriers). Exact by construction (the same
-# stores); the interpreter has no PTX, so only compiled kernels take the asm (FAST).
+# with Triton 3.9, tl.store of pointers with unknown contiguity makes the coalescing pass re-lay the [Q, 8] tile out
+# one element a thread, moving pointers, entries and mask through shared memory (sass_stats.py on sm_90: perturb
+# 72.0 -> 60.5 instructions an element, 16 KB -> 32 B of shared memory, 15 -> 7 barriers; Triton 3.6 compiles the
+# shipped store without that, and this variant to the same SASS). Exact by construction (the same stores); the
+# interpreter has no PTX, so only compiled kernels take the asm (FAST).
 SCATTER_FN = '''@triton.jit
 def _scatter(ptrs, vals, sel, FAST: tl.constexpr):
     if FAST:
@@ -81,6 +81,7 @@ def _noise_kernel('''
 RECORD_STORES_ASM = [(KERNEL_DEF, SCATTER_FN + KERNEL_DEF),
                      ("        tl.store(rent_ptr + pos, ent, mask=sel)\n", "        _scatter(rent_ptr + pos, ent, sel, FAST)\n")]
 
+# A perturb variant whose record entries are not all written leaves garbage in-tile offsets behind, and the
 # restore's patches would write through them out of bounds: those variants drop the patches too (their restore
 # time is then "no-patches"' one).
 NO_PATCHES = [RESTORE_PATCHES, RESTORE_BARRIER]
@@ -226,7 +227,8 @@ def main(argv=None):
     names = [n for n in names if n != "rowstd" and n not in ROWSTD_VARIANTS]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
-        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}, 'rowstd' (every row-std "
+                         f"configuration) or {list(ROWSTD_VARIANTS)}")
     text = KERNELS.read_text()
     sources = {name: variant_source(name, text) for name in names + std_names}  # all checked before any GPU work
     if not torch.cuda.is_available():

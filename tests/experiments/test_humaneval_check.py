@@ -24,8 +24,12 @@ def test_scores_the_base_then_each_adapter_on_the_same_problems(tmp_path, monkey
 
     monkeypatch.setattr(humaneval_check, "load_problems", lambda limit=None: PROBLEMS[:limit])
     # the random tiny model writes no passing code; the scoring itself is pinned with canned completions
+    from peft import PeftModel
+
     canned = iter([["    return a + b\n", "    return a\n"], ["    return a + b\n", "    return -a\n"]])
-    monkeypatch.setattr(humaneval_check, "generate_greedy", lambda tok, model, prompts, bs, n: next(canned))
+    adapted = []  # which model each scoring generated with: the bare base first, then the adapter on it
+    monkeypatch.setattr(humaneval_check, "generate_greedy",
+                        lambda tok, model, prompts, bs, n: adapted.append(isinstance(model, PeftModel)) or next(canned))
     _, model = load_tokenizer_and_model(resolve_model("tiny-llama"))
     get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
     out = tmp_path / "he.json"
@@ -34,6 +38,16 @@ def test_scores_the_base_then_each_adapter_on_the_same_problems(tmp_path, monkey
     rows = json.loads(out.read_text())["rows"]
     assert [(r["adapter"] is None, r["pass@1"], r["passed"], r["problems"]) for r in rows] == [(True, 0.5, 1, 2),
                                                                                             (False, 1.0, 2, 2)]
+    assert adapted == [False, True]
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="--adapter needs --out"):
+        humaneval_check.main(["--model", "tiny-llama", "--adapter", str(tmp_path / "adapter")])
+    with pytest.raises(SystemExit, match="--limit must be at least 1"):
+        humaneval_check.main(["--model", "tiny-llama", "--limit", "0", "--out", str(tmp_path / "x.json")])
 
 
 def test_a_folder_without_an_adapter_is_a_one_line_error(tmp_path):

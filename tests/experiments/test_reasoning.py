@@ -124,6 +124,9 @@ def test_humaneval_is_an_extra_out_of_domain_metric(monkeypatch):
     assert create_task("reasoning-arith", model="tiny-llama", **SMALL).humaneval_metrics(None, 8) == {}  # 0: none
     with pytest.raises(ValueError, match="humaneval must be how many HumanEval problems"):
         create_task("reasoning-arith", model="tiny-llama", humaneval=-1, **SMALL)
+    monkeypatch.setattr(fetch, "humaneval_file", lambda root=None: None)  # not fetched: said before any training
+    with pytest.raises(ValueError, match="needs the HumanEval problems: run `python -m flatlora.experiments.fetch code`"):
+        create_task("reasoning-arith", model="tiny-llama", humaneval=2, **SMALL)
 
 
 @needs_math_data

@@ -226,6 +226,11 @@ def reasoning_arith(*, model: str, level: int = 2, terms: Any = None, digits: An
     if isinstance(humaneval, bool) or not isinstance(humaneval, int) or humaneval < 0:
         raise ValueError(f"task_args.humaneval must be how many HumanEval problems to score (0 = none, 164 = all), "
                          f"got {humaneval!r}")
+    if humaneval:
+        from ..fetch import humaneval_file
+
+        if humaneval_file() is None:  # found before training, not after it
+            raise ValueError(f"task_args.humaneval needs the HumanEval problems: {fetch_hint('code')}")
     fams = [families] if isinstance(families, str) else list(families)
     bad = [f for f in fams if f not in FAMILIES]
     if not fams or bad:
