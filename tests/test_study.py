@@ -300,6 +300,21 @@ def test_report_flags_a_task_without_headroom(tmp_path):
     assert "outside the 20.00–80.00 % headroom range" in text and "not counted (no headroom)" in text
 
 
+def test_report_shows_the_humaneval_check_and_whether_it_applies(tmp_path):
+    d = _fixture(tmp_path, "llm", [0.5, 0.55, 0.6], [0.52, 0.56, 0.6], test_metric="test/exact_match")
+    prov = {"device": "cpu", "date": "2026-12-03", "command": "python benchmarks/evidence/humaneval_check.py",
+            "decoding": "greedy, 384 new tokens, batch 8"}
+    base = {"model": "smollm2-135m", "adapter": None, "pass@1": 0.0, "passed": 0, "problems": 164, "seconds": 1}
+    (d / "humaneval_base.json").write_text(json.dumps({"provenance": prov, "rows": [base]}))
+    text = report.render(tmp_path, tmp_path / "R.md", figures=False)
+    assert "### HumanEval (out-of-domain code check)" in text and "| smollm2-135m | (base) | 0.00 % | 0 / 164 |" in text
+    assert "- llm, HumanEval pass@1: the base model passes none of 164 problems" in text
+    (d / "humaneval_base.json").write_text(json.dumps({"provenance": prov, "rows": [{**base, "pass@1": 3 / 164,
+                                                                                      "passed": 3}]}))
+    text = report.render(tmp_path, tmp_path / "R.md", figures=False)
+    assert "- llm, HumanEval pass@1: the base model passes 3 of 164, so the check applies" in text
+
+
 def test_verdict_rules():
     assert report.verdict({"mean_diff": -0.01, "ci_low": -0.02, "ci_high": -0.001, "n": 5, "t_pvalue": 0.03}).startswith("Flat-LoRA is lower")
     assert report.verdict({"mean_diff": 0.0, "ci_low": float("nan"), "ci_high": float("nan"), "n": 1}).startswith("not enough")

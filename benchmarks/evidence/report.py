@@ -49,6 +49,8 @@ def load_results(results: Path) -> dict[str, dict]:
             if (sd / "summary.json").exists():
                 s[stage] = {"summary": json.loads((sd / "summary.json").read_text()),
                             "choice": json.loads((sd / "choice.json").read_text()) if (sd / "choice.json").exists() else None}
+        if (d / "humaneval_base.json").exists():  # benchmarks/evidence/humaneval_check.py
+            s["humaneval"] = json.loads((d / "humaneval_base.json").read_text())
         out[name] = s
     return out
 
@@ -490,7 +492,30 @@ def extra_conclusions(name: str, s: dict) -> list[str]:
             if p["metric"] == metric and p["method"] != "flat-lora":
                 out.append(f"- {name}, {_title(p['method'])} at {p['budget'].replace('_', ' ')} vs {_title(p['baseline'])}, "
                            f"r = {ss['rank']}, {metric}: {verdict(p, what=_title(p['method']))}.")
+    if "humaneval" in s:
+        out.append(f"- {name}, HumanEval pass@1: {humaneval_lines(s['humaneval'])[1]}.")
     return out
+
+
+def humaneval_lines(he: dict) -> tuple[list[str], str]:
+    """The out-of-domain code check (humaneval_check.py): its table, and the conclusion it allows. The check counts
+    only where the base model passes some problems; trained models' rows, where present, are listed with it."""
+    prov = he["provenance"]
+    lines = [f"HumanEval pass@1, greedy ({prov.get('decoding', '')}), completions run with the problems' tests in the "
+             f"sandbox; {prov.get('device', '')}, {prov.get('date', '')}: `{prov.get('command', '')}`.", "",
+             "| model | adapter | pass@1 | passed |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['adapter'] or '(base)'} | {pct(r['pass@1'])} % | {r['passed']} / {r['problems']} |"
+              for r in he["rows"]]
+    base = next(r for r in he["rows"] if r["adapter"] is None)
+    if base["passed"] == 0:
+        verdict_ = (f"the base model passes none of {base['problems']} problems, so the trained models' pass@1 cannot "
+                    f"show a difference and the code check does not apply to this task")
+    elif len(he["rows"]) > 1:
+        verdict_ = f"the base model passes {base['passed']} of {base['problems']}; the trained models' rows are above"
+    else:
+        verdict_ = (f"the base model passes {base['passed']} of {base['problems']}, so the check applies; the trained "
+                    f"models are not scored yet")
+    return lines + ["", verdict_[0].upper() + verdict_[1:] + "."], verdict_
 
 
 # ---------------------------------------------------------------------- figures
@@ -633,6 +658,8 @@ def render(results: Path, out: Path, figures: bool = True) -> str:
             lines += ["### SAM baselines at equal steps and at equal wall-clock", ""] + sam_tables(s) + [""]
         if "sharpness" in s:
             lines += ["### Sharpness of the merged weights (paired across seeds)", ""] + sharpness_table(s["sharpness"]["summary"]) + [""]
+        if "humaneval" in s:
+            lines += ["### HumanEval (out-of-domain code check)", ""] + humaneval_lines(s["humaneval"])[0] + [""]
     text = "\n".join(lines) + "\n"
     out.write_text(text)
     return text
