@@ -80,7 +80,9 @@ def _noisy_copy(weight, std, key, m, row0, transposed, generator, backend):
             from ..kernels import triton_noise
 
             _kernels = triton_noise
-        _kernels.noisy_copy_(mat, std.float().contiguous(), key, row0, out_mat)
+        # (the window's std is float32 and contiguous already: no dispatch for a no-op conversion, twice a layer a step)
+        s = std if std.dtype is torch.float32 and std.is_contiguous() else std.float().contiguous()
+        _kernels.noisy_copy_(mat, s, key, row0, out_mat)
     elif backend == "torch":
         # The stream function Draw uses (eps of in-place mode), looked up there so one definition serves both.
         part = None if row0 == 0 and rows == m else slice(row0, row0 + rows)
@@ -145,7 +147,9 @@ def linear_grads(grad_out: torch.Tensor, w: Optional[torch.Tensor], x: Optional[
     gx = gw = gb = None
     if w is not None:
         w_oi = w.t() if transposed else w  # (out, in)
-        gx = (grad_out @ w_oi.to(grad_out.dtype)).to(x_dtype)
+        # dtype checks before .to(): a no-op conversion still costs a dispatch, and this runs for every layer a step
+        gx = grad_out @ (w_oi if w_oi.dtype == grad_out.dtype else w_oi.to(grad_out.dtype))
+        gx = gx if gx.dtype == x_dtype else gx.to(x_dtype)
     if need_w:
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         gw = (g2.t().to(x.dtype) @ x.reshape(-1, x.shape[-1])).to(w_dtype)
