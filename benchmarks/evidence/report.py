@@ -501,15 +501,15 @@ def humaneval_lines(he: dict) -> tuple[list[str], str]:
     """The out-of-domain code check (humaneval_check.py): its table, and the conclusion it allows. The check counts
     only where the base model passes some problems; trained models' rows, where present, are listed with it."""
     prov = he["provenance"]
-    lines = [f"HumanEval pass@1, greedy ({prov.get('decoding', '')}), completions run with the problems' tests in the "
+    lines = [f"HumanEval pass@1 ({prov.get('decoding', '')}), completions run with the problems' tests in the "
              f"sandbox; {prov.get('device', '')}, {prov.get('date', '')}: `{prov.get('command', '')}`.", "",
              "| model | adapter | pass@1 | passed |", "|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['adapter'] or '(base)'} | {pct(r['pass@1'])} % | {r['passed']} / {r['problems']} |"
               for r in he["rows"]]
     base = next(r for r in he["rows"] if r["adapter"] is None)
     if base["passed"] == 0:
-        verdict_ = (f"the base model passes none of {base['problems']} problems, so the trained models' pass@1 cannot "
-                    f"show a difference and the code check does not apply to this task")
+        verdict_ = (f"the base model passes none of {base['problems']} problems, so the code check (which counts only "
+                    f"above zero) does not apply to this task and the trained models are not scored")
     elif len(he["rows"]) > 1:
         verdict_ = f"the base model passes {base['passed']} of {base['problems']}; the trained models' rows are above"
     else:
