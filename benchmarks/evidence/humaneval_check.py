@@ -17,10 +17,11 @@ conversion nor for one trained on a 4-bit base (score that on the same quantized
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import platform
 import sys
 import time
+import types
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,15 +32,20 @@ BASE_OUT = ROOT / "benchmarks/results/evidence/llm/humaneval_base.json"
 sys.path.insert(0, str(ROOT / "src"))
 
 from flatlora.experiments.models import resolve_model  # noqa: E402
+from flatlora.experiments.runner import versions  # noqa: E402
+from flatlora.experiments.tasks import humaneval  # noqa: E402
 from flatlora.experiments.tasks.causal_lm import generate_greedy, load_tokenizer_and_model  # noqa: E402
-from flatlora.experiments.tasks.humaneval import load_problems, pass_at_1  # noqa: E402
+from flatlora.experiments.tasks.humaneval import evaluate_humaneval  # noqa: E402
 
 
-def score(model, tokenizer, problems, batch_size: int, max_new_tokens: int) -> dict:
+def score(model, tokenizer, problems: int, args) -> dict:
+    """The task runner's own scoring (evaluate_humaneval: problems, truncation, sandbox) with greedy generation by
+    this tokenizer in place of a task's."""
     t0 = time.perf_counter()
-    completions = generate_greedy(tokenizer, model, [p["prompt"] for p in problems], batch_size, max_new_tokens)
-    rate = pass_at_1(problems, completions)
-    return {"pass@1": rate, "passed": round(rate * len(problems)), "problems": len(problems),
+    generator = types.SimpleNamespace(generate=functools.partial(generate_greedy, tokenizer))
+    rate = evaluate_humaneval(generator, model, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size)
+    return {"pass@1": rate, "passed": round(rate * problems), "problems": problems,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -62,30 +68,25 @@ def main(argv=None) -> None:
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be at least 1 (leave it out for all 164 problems), got {args.limit}")
     try:
-        problems = load_problems(args.limit)
+        problems = len(humaneval.load_problems(args.limit))
     except ValueError as e:  # the problems were not fetched: the error names the fetch command
         raise SystemExit(str(e)) from None
     ref = resolve_model(args.model)
     tokenizer, base = load_tokenizer_and_model(ref)
     base = base.to(args.device).eval()
-    rows = [{"model": ref.name, "adapter": None, **score(base, tokenizer, problems, args.batch_size, args.max_new_tokens)}]
-    print(f"{ref.name}: pass@1 {rows[-1]['pass@1']:.4f} ({rows[-1]['passed']}/{len(problems)}, {rows[-1]['seconds']} s)")
+    rows = [{"model": ref.name, "adapter": None, **score(base, tokenizer, problems, args)}]
+    print(f"{ref.name}: pass@1 {rows[-1]['pass@1']:.4f} ({rows[-1]['passed']}/{problems}, {rows[-1]['seconds']} s)")
     for path in args.adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(base, path).eval()
-        rows.append({"model": ref.name, "adapter": path, **score(model, tokenizer, problems, args.batch_size,
-                                                                 args.max_new_tokens)})
-        print(f"{path}: pass@1 {rows[-1]['pass@1']:.4f} ({rows[-1]['passed']}/{len(problems)})")
+        rows.append({"model": ref.name, "adapter": path, **score(model, tokenizer, problems, args)})
+        print(f"{path}: pass@1 {rows[-1]['pass@1']:.4f} ({rows[-1]['passed']}/{problems})")
         base = model.unload()  # the bare base again for the next adapter
-    import transformers
-
     info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": args.device,
-            "host": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__,
             "command": " ".join(["python", "benchmarks/evidence/humaneval_check.py",
                                  *(sys.argv[1:] if argv is None else argv)]),
-            "decoding": f"greedy, {args.max_new_tokens} new tokens, batch {args.batch_size}"}
+            "decoding": f"greedy, {args.max_new_tokens} new tokens, batch {args.batch_size}", **versions()}
     out = Path(args.out) if args.out else BASE_OUT
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"provenance": info, "rows": rows}, indent=1) + "\n")

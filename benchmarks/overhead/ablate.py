@@ -119,7 +119,7 @@ ROWSTD_CONFIGS = [(32, 64, 4, 4, "tf32x3"), (32, 128, 4, None, "tf32x3"), (16, 1
 # The row std's pieces, on the shipped configuration: what the merged row's B @ A costs (no-adapter: ||W_i|| alone,
 # the floor of this kernel's loop), the dot accumulating into the W tile (one layout conversion fewer, if Triton
 # finds it), and B @ A as float32 FMAs over the rank instead of tl.dot (no tensor cores, no layout conversion).
-STD_DOT = ("            merged += tl.dot(b, a, input_precision=PREC)\n", )
+STD_DOT = "            merged += tl.dot(b, a, input_precision=PREC)\n"
 STD_A_LOAD = "            a = tl.load(a_ptr + rk[:, None] * N + cols64[None, :], mask=(rk[:, None] < R) & cm[None, :], other=0.0)\n"
 STD_FMA = """            for kk in tl.static_range(RP):
                 bk_ = tl.load(b_ptr + rows64 * R + kk, mask=rmask & (kk < R), other=0.0) * bscale
@@ -128,12 +128,12 @@ STD_FMA = """            for kk in tl.static_range(RP):
 """
 STD_RP = ("rp = min(64, max(16, triton.next_power_of_2(r_max)))", "rp = min(64, triton.next_power_of_2(max(r_max, 1)))")
 ROWSTD_VARIANTS = {
-    "rowstd-no-adapter": [(STD_A_LOAD + STD_DOT[0], "            pass\n")],
-    "rowstd-dot-acc": [(STD_DOT[0], "            merged = tl.dot(b, a, acc=merged, input_precision=PREC)\n")],
-    "rowstd-fma": [(STD_A_LOAD + STD_DOT[0], STD_FMA), STD_RP],
-    "rowstd-fma-32x128": [(STD_A_LOAD + STD_DOT[0], STD_FMA), STD_RP,
+    "rowstd-no-adapter": [(STD_A_LOAD + STD_DOT, "            pass\n")],
+    "rowstd-dot-acc": [(STD_DOT, "            merged = tl.dot(b, a, acc=merged, input_precision=PREC)\n")],
+    "rowstd-fma": [(STD_A_LOAD + STD_DOT, STD_FMA), STD_RP],
+    "rowstd-fma-32x128": [(STD_A_LOAD + STD_DOT, STD_FMA), STD_RP,
                           (STD_CONSTANTS, '_STD_BM, _STD_BK, _STD_PREC = 32, 128, "tf32x3"')],
-    "rowstd-fma-16x256": [(STD_A_LOAD + STD_DOT[0], STD_FMA), STD_RP,
+    "rowstd-fma-16x256": [(STD_A_LOAD + STD_DOT, STD_FMA), STD_RP,
                           (STD_CONSTANTS, '_STD_BM, _STD_BK, _STD_PREC = 16, 256, "tf32x3"')],
 }
 

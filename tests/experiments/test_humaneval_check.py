@@ -22,7 +22,7 @@ def test_scores_the_base_then_each_adapter_on_the_same_problems(tmp_path, monkey
     from flatlora.experiments.models import resolve_model
     from flatlora.experiments.tasks.causal_lm import load_tokenizer_and_model
 
-    monkeypatch.setattr(humaneval_check, "load_problems", lambda limit=None: PROBLEMS[:limit])
+    monkeypatch.setattr(humaneval, "load_problems", lambda limit=None: PROBLEMS[:limit])
     # the random tiny model writes no passing code; the scoring itself is pinned with canned completions
     from peft import PeftModel
 
@@ -35,7 +35,9 @@ def test_scores_the_base_then_each_adapter_on_the_same_problems(tmp_path, monkey
     out = tmp_path / "he.json"
     humaneval_check.main(["--model", "tiny-llama", "--adapter", str(tmp_path / "adapter"), "--out", str(out),
                           "--max-new-tokens", "4"])
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    assert {"torch", "flatlora_source_sha256", "command", "date"} <= set(result["provenance"])
+    rows = result["rows"]
     assert [(r["adapter"] is None, r["pass@1"], r["passed"], r["problems"]) for r in rows] == [(True, 0.5, 1, 2),
                                                                                             (False, 1.0, 2, 2)]
     assert adapted == [False, True]

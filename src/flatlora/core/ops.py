@@ -80,9 +80,7 @@ def _noisy_copy(weight, std, key, m, row0, transposed, generator, backend):
             from ..kernels import triton_noise
 
             _kernels = triton_noise
-        # (the window's std is float32 and contiguous already: no dispatch for a no-op conversion, twice a layer a step)
-        s = std if std.dtype is torch.float32 and std.is_contiguous() else std.float().contiguous()
-        _kernels.noisy_copy_(mat, s, key, row0, out_mat)
+        _kernels.noisy_copy_(mat, std, key, row0, out_mat)  # a Draw's std: float32, contiguous (noisy_copy_ checks)
     elif backend == "torch":
         # The stream function Draw uses (eps of in-place mode), looked up there so one definition serves both.
         part = None if row0 == 0 and rows == m else slice(row0, row0 + rows)
