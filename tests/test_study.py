@@ -214,6 +214,13 @@ def test_tiny_llm_study_runs_every_stage_and_resumes(tmp_path):
     names = tarfile.open(tar).getnames()
     assert any(n.endswith("main/summary.json") for n in names)
     assert not any(n.endswith(".safetensors") for n in names)
+    curves = [n for n in names if "curve.csv" in n]
+    assert curves and all(n.endswith("curve.csv.gz") for n in curves)  # gzipped: the tree travels every call
+    import gzip as _gzip
+
+    run_curve = d / "main" / "runs" / "lora_r2_s100" / "curve.csv"
+    member = next(n for n in curves if n.endswith("main/runs/lora_r2_s100/curve.csv.gz"))
+    assert _gzip.decompress(tarfile.open(tar).extractfile(member).read()) == run_curve.read_bytes()
     assert sum(n.endswith("split.json") for n in names) == 4  # one per stage that trained
     # on another machine (the pack left the weights behind), sharpness trains a model again from its config
     for m in ("lora", "flat-lora"):

@@ -39,6 +39,8 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import gzip
+import io
 import json
 import math
 import os
@@ -1020,8 +1022,8 @@ def plan(study: Study, stages: list[str], budget: Budget, can_jobs: bool) -> tup
 
 def pack(out_root: Path, studies: list[str], target: Path) -> Path:
     """tar.gz of the studies' results without the trained weights and TensorBoard events (large; they stay on
-    the device: curve.csv holds the same scalars) and with one split.json per stage (every run of a stage has
-    the same split)."""
+    the device: curve.csv holds the same scalars), with each curve.csv gzipped (curve.csv.gz; `read_curves`
+    reads either) and with one split.json per stage (every run of a stage has the same split)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     seen_split: set[Path] = set()
     with tarfile.open(target, "w:gz") as tar:
@@ -1035,7 +1037,14 @@ def pack(out_root: Path, studies: list[str], target: Path) -> Path:
                     if key in seen_split:
                         continue
                     seen_split.add(key)
-                tar.add(p, arcname=str(p.relative_to(out_root.parent)))
+                arcname = str(p.relative_to(out_root.parent))
+                if p.name == "curve.csv":  # the per-step curves are most of a study's bytes, and every device
+                    data = gzip.compress(p.read_bytes(), mtime=0)  # call carries the committed results
+                    info = tarfile.TarInfo(arcname + ".gz")
+                    info.size, info.mtime = len(data), int(p.stat().st_mtime)
+                    tar.addfile(info, io.BytesIO(data))
+                    continue
+                tar.add(p, arcname=arcname)
     return target
 
 

@@ -357,16 +357,19 @@ def plot_compare(records: list[dict], summary: Mapping, path: str | Path) -> Pat
 
 
 def read_curves(run_dirs: Sequence[str | Path]) -> dict[tuple[str, int], dict[int, list[dict[str, float]]]]:
-    """{(method, rank): {seed: [curve.csv rows as floats]}} of finished run folders (metrics.json names the run)."""
+    """{(method, rank): {seed: [curve.csv rows as floats]}} of finished run folders (metrics.json names the run);
+    a run's curve may be gzipped (curve.csv.gz: the committed evidence keeps its curves that way)."""
     import csv
+    import gzip
     import json
 
     out: dict[tuple[str, int], dict[int, list[dict[str, float]]]] = {}
     for d in map(Path, run_dirs):
-        if not (d / "curve.csv").exists() or not (d / "metrics.json").exists():
+        curve = next((c for c in (d / "curve.csv", d / "curve.csv.gz") if c.exists()), None)
+        if curve is None or not (d / "metrics.json").exists():
             continue
         rec = json.loads((d / "metrics.json").read_text())
-        with open(d / "curve.csv", newline="") as f:
+        with (gzip.open if curve.suffix == ".gz" else open)(curve, "rt", newline="") as f:
             rows = [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
         out.setdefault((rec["method"], int(rec["rank"])), {})[int(rec["seed"])] = rows
     return out
@@ -380,7 +383,7 @@ def plot_training_curves(run_dirs: Sequence[str | Path], path: str | Path, *, ti
 
     curves = read_curves(run_dirs)
     if not curves:
-        raise ValueError("plot_training_curves found no finished runs (a folder with curve.csv and metrics.json)")
+        raise ValueError("plot_training_curves found no finished runs (a folder with curve.csv or curve.csv.gz and metrics.json)")
     fig, (ax_l, ax_s) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1.6, 1]})
     for k, ((method, rank), by_seed) in enumerate(sorted(curves.items(), key=lambda kv: kv[0][1])):  # run order per rank
         n = min(len(rows) for rows in by_seed.values())
