@@ -413,7 +413,7 @@ def test_a_comparison_stage_whose_runs_all_failed_is_still_summarised(tmp_path):
 
 def test_sam_timing_reads_main_and_is_frozen_once_measured(tmp_path):
     cfg = study.load_study("text")
-    cfg["stages"]["sam"]["seeds"] = [200, 201]
+    cfg["stages"]["sam"].update(seeds=[200, 201], time_reference="main")
     s = study.Study(cfg, tmp_path)
     d = tmp_path / "text"
     _run_record(d / "sam" / "equal_steps", "lora-sam", 8, 200, 190.0)
