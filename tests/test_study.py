@@ -442,6 +442,14 @@ def test_sam_timing_reads_main_and_is_frozen_once_measured(tmp_path):
     (d / "sam" / "timing.json").unlink()
     _run_record(d / "sam" / "equal_steps", "flat-lora", 8, 201, 140.0)
     assert study.Study(cfg2, tmp_path).sam_timing("lora-sam")["flat_seconds"] == 130.0
+    # main's seconds from other GPU load than the stage's are refused, not divided by: main's mean is now
+    # (96 + 100 + 400) / 3 = 199 s (seed 102 above), the stage's Flat-LoRA (120 + 140) / 2 = 130 s
+    (d / "sam" / "timing.json").unlink()
+    with pytest.raises(SystemExit, match=r"study_text.yaml: stages.sam: Flat-LoRA trained 199 s/run in main but 130 "
+                                         r"s/run beside the SAM runs of this stage \(more than 25% apart: different "
+                                         r"GPU load\), so main's seconds cannot set SAM's budget; set time_reference: stage"):
+        s.sam_timing("lora-sam")
+    assert not (d / "sam" / "timing.json").exists()
 
 
 @pytest.mark.parametrize("change, message", [

@@ -1,7 +1,7 @@
 """Bring the fetched data to the GPU machine in calls that carry at most 64 MiB each.
 
     python benchmarks/evidence/carry.py pack                  # here: .carry/<bundle>/ and the carry of each call
-    python benchmarks/evidence/carry.py pack --studies llm    # only the LLM's data (two calls)
+    python benchmarks/evidence/carry.py pack --studies llm    # only the LLM's data
     python benchmarks/evidence/carry.py unpack .carry/text .carry/llm-a --to /root/fldata     # there, every call
 
 What travels (the rest of .data is not needed):
@@ -14,7 +14,8 @@ What travels (the rest of .data is not needed):
            (arithmetic/, algorithmic/, coaching/, top-level modules: <1 MB) and the `gguf` wheel (pure
            Python; not installed on the GPU machine)
 
-All three studies: (1) text + llm-a, (2) image + llm-b, (3) llm-c; `pack` prints the carry of each call.
+All three studies: (1) text + llm-a, (2) image + llm-b, then the other llm- parts (their number follows the size of the
+working tree, which travels with each call); `pack` prints the carry of each call.
 `unpack` copies bundles into a folder outside the working tree (kept while the machine stays warm between
 back-to-back calls), casts the fp16 weights back to fp32, joins the gguf once every part is there (checked
 against the sha256 in manifest.json), and installs the wheel into --site (add it to PYTHONPATH). Set

@@ -400,7 +400,9 @@ def sam_tables(s: dict) -> list[str]:
             got = next((c for c in summ["cells"] if c["method"] == m and c["budget"] == "equal_time"), None)
             lines.append(f"| {_title(m)} | {secs(t['sam_seconds'])} ({t['sam_steps']:.0f}) | {secs(t['flat_seconds'])} "
                          f"({t['flat_source']}) | {t['scale']:.3f} | {t['max_steps']} | {secs(got['train_seconds']) if got else '–'} |")
-        lines.append("")
+        lines += ["", "Seconds per run depend on how many runs share the GPU, so the scale is taken from runs that "
+                  "shared it alike, and the step budget it fixes is what equalises time. The last column was measured "
+                  "in the call that ran those steps, under that call's load; it is not comparable to the reference.", ""]
     for m in summ.get("methods", []):
         if m not in timing:
             lines += [f"{_title(m)} at equal wall-clock: not run yet (waits for Flat-LoRA's seconds in main and every "

@@ -59,6 +59,7 @@ CONFIGS = Path(__file__).resolve().parent  # study_<name>.yaml live here: every 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "evidence"
 STAGES = ("headroom", "recipe", "sigma", "main", "sharpness", "ranks", "variants", "sam")
 OPTIONAL = ("ranks", "variants", "sam")  # run only when named in --stages
+SAM_TIME_TOLERANCE = 0.25  # main's Flat-LoRA seconds may set SAM's budget only within this of the stage's own
 COMPARISONS = ("main", "ranks", "variants")  # stages summarised as flatlora compare does (each flat-X vs X)
 
 
@@ -524,6 +525,15 @@ class Study:
         t = equal_time_budget([r["train_seconds"] for r in flat], [r["train_seconds"] for r in mine],
                               [r["steps"] for r in mine], float(get_dotted(self.tuned_spec("sam")[0], "train.epochs", 1)))
         stage_flat = [r["train_seconds"] for r in _finished(steps_dir) if r["method"] == "flat-lora" and r["rank"] == rank]
+        if ref == "main" and stage_flat:
+            # Seconds per run scale with how many runs share the GPU: main's Flat-LoRA timed under other load than
+            # the SAM runs it is divided by gives SAM the wrong share of steps (2026-12-03: 94 vs 185 s/run).
+            here, there = sum(stage_flat) / len(stage_flat), t["flat_seconds"]
+            if abs(here - there) > SAM_TIME_TOLERANCE * there:
+                raise SystemExit(f"{Path(self.cfg['config_path']).name}: stages.sam: Flat-LoRA trained {there:.0f} s/run in main but "
+                                 f"{here:.0f} s/run beside the SAM runs of this stage (more than "
+                                 f"{SAM_TIME_TOLERANCE:.0%} apart: different GPU load), so main's seconds cannot "
+                                 "set SAM's budget; set time_reference: stage")
         t.update(method=method, rank=rank, time_reference=ref,
                  flat_source=f"{flat_dir.relative_to(self.dir)}: flat-lora r{rank}, seeds {sorted(r['seed'] for r in flat)}",
                  sam_source=f"{steps_dir.relative_to(self.dir)}: {method} r{rank}, seeds {sorted(r['seed'] for r in mine)}",
