@@ -74,8 +74,9 @@ class Target:
         lora = self.lora
         if lora is None or getattr(lora, "disable_adapters", False):
             return []
-        merged = set(getattr(lora, "merged_adapters", []))
-        return [a for a in lora.active_adapters if a in lora.lora_A and a not in merged]
+        merged = getattr(lora, "merged_adapters", ())
+        lora_a = _submodule(lora, "lora_A")
+        return [a for a in lora.active_adapters if a in lora_a and a not in merged]
 
     def terms(self) -> tuple[tuple[torch.Tensor, torch.Tensor, float] | None, torch.Tensor | None]:
         """The active adapters' update in one pass: `(B [m, R], A [R, n], s)` with s * B @ A the sum of the
@@ -96,16 +97,37 @@ class Target:
         return (torch.cat([b.float() * s for b, _, s in facs], 1), torch.cat([a.float() for _, a, _ in facs], 0), 1.0), dense
 
 
+# This module's per-step functions run for every layer at every step (the host time of a launch-bound model), so
+# they look submodules and parameters up where nn.Module keeps them: `module.name` goes through Module.__getattr__
+# after a failed instance lookup, and hasattr on a plain tensor raises and catches an AttributeError.
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def _submodule(module: nn.Module, name: str):
+    sub = module._modules.get(name)
+    return sub if sub is not None else getattr(module, name)
+
+
 def _param(x) -> torch.Tensor:
-    p = x.weight if isinstance(x, nn.Module) else x
+    p = x
+    if isinstance(x, nn.Module):
+        # where attribute lookup finds it: the instance dict (a plain tensor set there, as FSDP1's unsharded
+        # views are), else the registered parameter, else whatever the class provides
+        p = x.__dict__.get("weight")
+        if p is None:
+            p = x._parameters.get("weight")
+        if p is None:
+            p = x.weight
+    if type(p) in _PLAIN:
+        return p
     # Sharded adapters (FSDP2 DTensors) are tiny: gather them whole.
     return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def _factors(lora: nn.Module, adapter: str, t: Target):
     """(B [m, r], A [r, n], scale) of one adapter, or None if it is not a plain low-rank product."""
-    A = _param(lora.lora_A[adapter])
-    B = _param(lora.lora_B[adapter])
+    A = _param(_submodule(lora, "lora_A")[adapter])
+    B = _param(_submodule(lora, "lora_B")[adapter])
     scale = lora.scaling[adapter]
     # AdaLoRA's ParameterDict, looked up where nn.Module keeps submodules: getattr on a plain LoRA layer would
     # go through Module.__getattr__'s AttributeError (this runs for every layer at every step)

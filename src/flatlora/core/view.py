@@ -9,6 +9,7 @@ modes, the engine, analysis) asks this module for the view and for the way back 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,9 +19,12 @@ if TYPE_CHECKING:
     from .targets import Target
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def local(w: torch.Tensor) -> torch.Tensor:
     """The tensor this process holds: an FSDP2 DTensor's local shard, else `w` itself."""
-    return w.to_local() if hasattr(w, "to_local") else w
+    return w if type(w) in _PLAIN or not hasattr(w, "to_local") else w.to_local()
 
 
 def is_sharded(w: torch.Tensor) -> bool:
@@ -72,16 +76,20 @@ class View:
         """The weight the layer computes with: the stored one (its local rows under FSDP2), dequantized for
         quantized bases; inside an FSDP1/ZeRO-3 forward, the gathered weight."""
         w = t.weight
-        dense = t.dense_weight()
-        return cls(t, local(dense), local_rows(w) if dense is w else None)
+        if t.dequantize is not None:
+            return cls(t, local(t.dequantize()))
+        if type(w) in _PLAIN:  # the common case, without the sharding probes (this runs per layer every step)
+            return cls(t, w)
+        return cls(t, local(w), local_rows(w))
 
     @property
     def name(self) -> str:
         return self.target.name
 
-    @property
+    @functools.cached_property
     def mat(self) -> torch.Tensor:
-        """The logical (rows, n) view of `tensor` (shares its storage: writes go to the weight)."""
+        """The logical (rows, n) view of `tensor` (shares its storage: writes go to the weight); made once, as
+        the row std and the perturb both ask for it."""
         return matrix(self.target, self.tensor)
 
     @property
@@ -94,7 +102,10 @@ class View:
         dev = self.tensor.device
         if fac is not None:
             b, a, s = fac
-            fac = ((b if self.rows is None else b[self.rows]).to(dev), a.to(dev), s)
+            if self.rows is not None:
+                b = b[self.rows]
+            # (a no-op .to() still costs a dispatch, per layer every step)
+            fac = (b if b.device == dev else b.to(dev), a if a.device == dev else a.to(dev), s)
         if dense is not None:
             dense = (dense if self.rows is None else dense[self.rows]).to(dev)
         return fac, dense

@@ -819,6 +819,13 @@ class StdItem:
 _STD_BM, _STD_BK, _STD_PREC = 32, 64, "tf32x3"
 
 
+def _f32(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """`x` as a contiguous float32 tensor on `dev`: itself when it is one already (checked without a dispatch)."""
+    if x.dtype == torch.float32 and x.device == dev and x.is_contiguous():
+        return x
+    return x.to(dev, torch.float32).contiguous()
+
+
 def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor]:
     """Filter-noise std of every layer, sigma_scale * ||(W + s B A)_i|| / sqrt(n) as float32 [m] vectors,
     in one launch per (device, weight dtype) (one in practice): the rows of all layers form one grid, and
@@ -832,14 +839,13 @@ def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor
     for (dev, dtype), idx in groups.items():
         out = torch.empty(sum(items[i].w.shape[0] for i in idx), dtype=torch.float32, device=dev)
         keep = []  # the float32 factors the table points to must outlive the launch
-        rows, counts, blk, row0 = [], [], 0, 0
+        rows, counts, sizes, blk, row0 = [], [], [], 0, 0
         for i in idx:
             it = items[i]
             m, n = it.w.shape
             r = 0 if it.a is None else it.a.shape[0]
             if r:
-                a = it.a.to(dev, torch.float32).contiguous()  # themselves for float32 A, B (no copy)
-                b = it.b.to(dev, torch.float32).contiguous()
+                a, b = _f32(it.a, dev), _f32(it.b, dev)  # themselves for float32 A, B on the device (no copy)
                 if a.shape != (r, n) or b.shape != (m, r):
                     raise ValueError(f"A must be [R, n] and B [m, R]; got {tuple(a.shape)}, {tuple(b.shape)} for W {m}x{n}")
                 keep += [a, b]
@@ -849,7 +855,7 @@ def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor
             w = it.w  # the kernel reads its bits: same address and strides as the bits' view
             rows.append([w.data_ptr(), pa, pb, m, n, w.stride(0), w.stride(1), r, blk, row0,
                          struct.unpack("<q", struct.pack("<d", float(it.scale)))[0]])
-            result[i] = out[row0:row0 + m]
+            sizes.append(m)
             blocks = _cdiv(m, _STD_BM)
             counts.append(blocks)
             blk += blocks
@@ -859,6 +865,8 @@ def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor
         vec = _fast() and all(_contiguous(items[i].w) and items[i].w.shape[1] % 8 == 0 for i in idx)
         r_max = max(row[7] for row in rows)
         rp = min(64, max(16, triton.next_power_of_2(r_max)))  # tl.dot needs K >= 16; chunks keep tiles small
+        for i, part in zip(idx, out.split(sizes)):  # one call for every layer's view of `out`
+            result[i] = part
         tab = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
         _rowstd_kernel[(blk,)](tab, _tile_map(dev, tuple(counts)), out, float(sigma_scale),
                                KIND=_KIND[dtype], VEC=vec, BM_=_STD_BM, BK=_STD_BK, RP=rp,
