@@ -163,6 +163,29 @@ def test_merged_adapter_is_not_counted_twice():
     pm.base_model.unmerge_adapter()
 
 
+def test_adapter_weights_are_read_where_attribute_lookup_finds_them():
+    """Target.terms reads the adapters' parameters without nn.Module.__getattr__ (host time), but must still find
+    what `lora_A[a].weight` finds: a replaced parameter, and a plain tensor set as an attribute in its place (as
+    FSDP1 does with its unsharded views)."""
+    from flatlora.core.norms import merged_row_sq_norms
+    from tests.conftest import make_lora_mlp
+
+    pm = make_lora_mlp()
+    flat = FlatLoRA(pm, FlatLoRAConfig(sigma=0.1, total_steps=2))
+    t = flat.targets[0]
+    lora_a, lora_b = t.lora.lora_A["default"], t.lora.lora_B["default"]
+    g = torch.Generator().manual_seed(3)
+    lora_a.weight = nn.Parameter(torch.randn(lora_a.weight.shape, generator=g))
+    with torch.no_grad():
+        lora_b.weight.normal_(generator=g)
+    torch.testing.assert_close(merged_row_sq_norms(t), merged_rows(t.lora).pow(2).sum(1))
+    plain = torch.randn(lora_a.weight.shape, generator=g)
+    del lora_a.weight
+    lora_a.weight = plain  # not a Parameter: nn.Module keeps it in the instance dict
+    assert "weight" in lora_a.__dict__ and "weight" not in lora_a._parameters
+    torch.testing.assert_close(merged_row_sq_norms(t), merged_rows(t.lora).pow(2).sum(1))
+
+
 def test_include_exclude_and_skipped_kinds():
     from tests.conftest import make_lora_mlp
 
