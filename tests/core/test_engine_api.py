@@ -1,5 +1,7 @@
 """The engine's public contract for trainer callbacks: set_total_steps, resume, close_window."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -148,3 +150,22 @@ def test_load_state_dict_rejects_a_malformed_last_step_at_load(last):
     assert flat.last_step is None
     flat.begin_step()  # nothing half-loaded: the engine still works
     flat.end_step()
+
+
+def test_windows_are_named_ranges_in_a_torch_profile():
+    """Under torch.profiler, begin_step and end_step each show as one range a step (the engine's host time apart
+    from the model's); with no profiler recording they record nothing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pm = make_lora_mlp()
+    flat = FlatLoRA(pm, FlatLoRAConfig(sigma=0.1, total_steps=4, mode="inplace", schedule="constant"))
+    x = torch.randn(2, 16)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for t in range(3):
+            with flat.step(t):
+                pm(x).sum().backward()
+    counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("flatlora.")}
+    assert counts == {"flatlora.begin_step": 3, "flatlora.end_step": 3}
+    from flatlora.core import engine
+
+    assert not engine._profiler_on() and isinstance(engine._profiled("x"), contextlib.nullcontext)
