@@ -1,7 +1,8 @@
 """Where a profiled step leaves the GPU idle: reads the timelines `run.py --profile --trace` writes
 (trace-*.json.gz) and prints, per trace, the device's busy and idle time over the profiled window, the largest
-idle gaps with the host op running when each began, and the host calls that blocked (launches held by a full
-queue, synchronizations, copies).
+idle gaps with the host op running when each began, the host calls that blocked (launches held by a full
+queue, synchronizations, copies), and the host time inside the engine's own ranges (`flatlora.begin_step`,
+`flatlora.end_step`: the engine marks its windows in traces recorded since 2026-12-03).
 
     python benchmarks/overhead/trace_gaps.py TRACE.json.gz [...] [--gaps 12] [--json OUT.json]
 """
@@ -68,7 +69,14 @@ def analyse(path: str, n_gaps: int = 12) -> dict:
     blocked = {name: {"calls": len(d), "total_ms": sum(d) / 1e3, "over_100us": sum(x > 100 for x in d),
                       "over_100us_ms": sum(x for x in d if x > 100) / 1e3, "max_ms": max(d) / 1e3}
                for name, d in waits.items()}
+    engine: dict[str, list[float]] = {}
+    for e in host:
+        if e.get("cat") == "user_annotation" and e["name"].startswith("flatlora."):
+            engine.setdefault(e["name"], []).append(e["dur"])
+    ranges = {name: {"calls": len(d), "total_ms": sum(d) / 1e3, "mean_ms": sum(d) / len(d) / 1e3}
+              for name, d in sorted(engine.items())}
     return {"trace": Path(path).name, "window_ms": (t1 - t0) / 1e3, "device_busy_ms": busy_us / 1e3,
+            "engine_ranges": ranges,
             "device_idle_ms": (t1 - t0 - busy_us) / 1e3,
             "idle_in_gaps_over_50us_ms": sum(g for g, _ in gaps if g > 50) / 1e3,
             "gaps": [{"ms": g / 1e3, "at_ms": (s - t0) / 1e3, "host": doing(s)} for g, s in gaps[:n_gaps]],
@@ -92,6 +100,8 @@ def main(argv=None):
               f"{r['device_idle_ms']:.1f} ({r['idle_in_gaps_over_50us_ms']:.1f} in gaps > 50 us)")
         for g in r["gaps"]:
             print(f"    gap {g['ms']:8.3f} ms at {g['at_ms']:9.2f} ms   host in {g['host'][:70]}")
+        for name, g in r["engine_ranges"].items():
+            print(f"    host in {name:<22} {g['calls']:4d} ranges {g['total_ms']:9.2f} ms ({g['mean_ms']:.3f} ms each)")
         for name, b in r["blocking_calls"].items():
             if b["over_100us"]:
                 print(f"    {name:<24} {b['calls']:6d} calls {b['total_ms']:9.2f} ms; {b['over_100us']:5d} over 100 us "
