@@ -186,6 +186,33 @@ def test_adapter_weights_are_read_where_attribute_lookup_finds_them():
     torch.testing.assert_close(merged_row_sq_norms(t), merged_rows(t.lora).pow(2).sum(1))
 
 
+def test_adapter_weights_are_indexed_so_a_gathering_parameter_dict_gathers():
+    """DeepSpeed ZeRO-3 replaces a module's _parameters by a dict whose __getitem__ all-gathers a partitioned
+    parameter (inside forward, where forward mode reads the adapters); reading it with dict.get would see the
+    empty partition. A stand-in with that __getitem__ (DeepSpeed is not installed here)."""
+    import collections
+
+    from flatlora.core.norms import merged_row_sq_norms
+    from tests.conftest import make_lora_mlp
+
+    class Gathering(collections.OrderedDict):
+        def __getitem__(self, key):
+            p = super().__getitem__(key)
+            if getattr(p, "partitioned", False):
+                p.data, p.partitioned = p.full, False  # what ZeRO-3's all_gather does to a partitioned param
+            return p
+
+    pm = make_lora_mlp()
+    flat = FlatLoRA(pm, FlatLoRAConfig(sigma=0.1, total_steps=2, mode="forward"))
+    t = flat.targets[0]
+    expected = merged_rows(t.lora).pow(2).sum(1)
+    for mod in (t.lora.lora_A["default"], t.lora.lora_B["default"]):
+        mod._parameters = Gathering(mod._parameters)
+        w = mod._parameters["weight"]
+        w.full, w.data, w.partitioned = w.data, torch.empty(0), True
+    torch.testing.assert_close(merged_row_sq_norms(t), expected)
+
+
 def test_include_exclude_and_skipped_kinds():
     from tests.conftest import make_lora_mlp
 

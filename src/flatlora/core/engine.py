@@ -45,9 +45,14 @@ from .view import View, is_sharded, unmaterialised
 
 log = logging.getLogger("flatlora")
 
-# Whether a torch.profiler session records (torch's own test, ~0.05 us; a record_function costs ~15 us even when
-# none does, per window that is a few % of a small model's in-place host time).
-_profiler_on = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)
+# Whether a torch.profiler session records (torch's own tests, ~0.1 us; a record_function costs ~15 us even when
+# none does, per window that is a few % of a small model's in-place host time). The flag catches what the first
+# misses (profile_all_threads sessions).
+_profiler_enabled = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)
+
+
+def _profiler_on() -> bool:
+    return _profiler_enabled() or bool(getattr(torch.autograd.profiler, "_is_profiler_enabled", False))
 
 
 def _profiled(name: str):

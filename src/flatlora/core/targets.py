@@ -115,7 +115,9 @@ def _param(x) -> torch.Tensor:
         # views are), else the registered parameter, else whatever the class provides
         p = x.__dict__.get("weight")
         if p is None:
-            p = x._parameters.get("weight")
+            # indexed, not .get(): DeepSpeed ZeRO-3's _parameters gathers a partitioned parameter in __getitem__
+            ps = x._parameters
+            p = ps["weight"] if "weight" in ps else None
         if p is None:
             p = x.weight
     if type(p) in _PLAIN:
