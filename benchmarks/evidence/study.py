@@ -525,10 +525,11 @@ class Study:
         t = equal_time_budget([r["train_seconds"] for r in flat], [r["train_seconds"] for r in mine],
                               [r["steps"] for r in mine], float(get_dotted(self.tuned_spec("sam")[0], "train.epochs", 1)))
         stage_flat = [r["train_seconds"] for r in _finished(steps_dir) if r["method"] == "flat-lora" and r["rank"] == rank]
-        if ref == "main" and stage_flat:
+        here = sum(stage_flat) / len(stage_flat) if stage_flat else None
+        if ref == "main" and here is not None:
             # Seconds per run scale with how many runs share the GPU: main's Flat-LoRA timed under other load than
             # the SAM runs it is divided by gives SAM the wrong share of steps (2026-12-03: 94 vs 185 s/run).
-            here, there = sum(stage_flat) / len(stage_flat), t["flat_seconds"]
+            there = t["flat_seconds"]
             if abs(here - there) > SAM_TIME_TOLERANCE * there:
                 raise SystemExit(f"{Path(self.cfg['config_path']).name}: stages.sam: Flat-LoRA trained {there:.0f} s/run in main but "
                                  f"{here:.0f} s/run beside the SAM runs of this stage (more than "
@@ -537,7 +538,7 @@ class Study:
         t.update(method=method, rank=rank, time_reference=ref,
                  flat_source=f"{flat_dir.relative_to(self.dir)}: flat-lora r{rank}, seeds {sorted(r['seed'] for r in flat)}",
                  sam_source=f"{steps_dir.relative_to(self.dir)}: {method} r{rank}, seeds {sorted(r['seed'] for r in mine)}",
-                 flat_seconds_this_stage=sum(stage_flat) / len(stage_flat) if stage_flat else None,
+                 flat_seconds_this_stage=here,
                  measured=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
         if not self.planning:
             f.parent.mkdir(parents=True, exist_ok=True)

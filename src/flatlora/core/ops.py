@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import noise_draw
+from .view import PLAIN
 
 MASK64 = (1 << 64) - 1
 
@@ -50,7 +51,6 @@ def _matrix(w: torch.Tensor, transposed: bool) -> torch.Tensor:
     return w if w.dim() == 2 else w.reshape(w.shape[0], -1)  # a linear weight is its own (rows, n) view
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _kernels = None  # flatlora.kernels.triton_noise, imported at the first Triton call (Triton is optional)
 
 
@@ -70,7 +70,7 @@ def _noisy_copy(weight, std, key, m, row0, transposed, generator, backend):
     global _kernels
     mat = _matrix(weight, transposed)
     rows, n = mat.shape
-    if type(weight) in _PLAIN:  # the same tensor as torch.empty(shape, dtype, device), for half the host time
+    if type(weight) in PLAIN:  # the same tensor as torch.empty(shape, dtype, device), for half the host time
         out = torch.empty_like(weight, memory_format=torch.contiguous_format)
     else:  # a tensor subclass keeps the plain dense output it always got
         out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)

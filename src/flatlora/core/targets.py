@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..rng import layer_id
-from .view import matrix, storage
+from .view import PLAIN, matrix, storage
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # LoRA layer types whose base is not a matrix map; reported as skipped, never silently dropped.
@@ -100,7 +100,6 @@ class Target:
 # This module's per-step functions run for every layer at every step (the host time of a launch-bound model), so
 # they look submodules and parameters up where nn.Module keeps them: `module.name` goes through Module.__getattr__
 # after a failed instance lookup, and hasattr on a plain tensor raises and catches an AttributeError.
-_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def _submodule(module: nn.Module, name: str):
@@ -120,7 +119,7 @@ def _param(x) -> torch.Tensor:
             p = ps["weight"] if "weight" in ps else None
         if p is None:
             p = x.weight
-    if type(p) in _PLAIN:
+    if type(p) in PLAIN:
         return p
     # Sharded adapters (FSDP2 DTensors) are tiny: gather them whole.
     return p.full_tensor() if hasattr(p, "full_tensor") else p
