@@ -359,6 +359,52 @@ def test_row_std_group_loops_over_large_ranks():
     torch.testing.assert_close(std2, w2.norm(dim=1) * (0.5 / n**0.5), rtol=1e-5, atol=1e-7)
 
 
+def test_row_std_reuses_its_table_only_for_the_same_weights_and_factors():
+    """The launch table is cached by what it holds: factors updated in place are read live, a replaced factor or
+    a new scale gets a table of its own (a stale one would read the old tensor, or scale by the old s)."""
+    g = torch.Generator().manual_seed(10)
+    m, n, r = 20, 96, 4
+    w = torch.randn(m, n, generator=g).to(DEV)
+    a, b = torch.randn(r, n, generator=g).to(DEV), torch.randn(m, r, generator=g).to(DEV)
+
+    def ref(a, b, s):
+        return (w.double() + s * b.double() @ a.double()).norm(dim=1).float() * (0.3 / n**0.5)
+
+    K._STD_PLANS.clear()
+    (std,) = K.row_std_group([K.StdItem(w, a, b, 2.0)], 0.3)
+    torch.testing.assert_close(std, ref(a, b, 2.0), rtol=1e-5, atol=1e-7)
+    a.mul_(3.0)  # an optimizer step: same tensor, new values
+    (std,) = K.row_std_group([K.StdItem(w, a, b, 2.0)], 0.3)
+    torch.testing.assert_close(std, ref(a, b, 2.0), rtol=1e-5, atol=1e-7)
+    assert len(K._STD_PLANS) == 1  # the same table
+    a2 = torch.randn(r, n, generator=g).to(DEV)  # a replaced adapter
+    (std,) = K.row_std_group([K.StdItem(w, a2, b, 0.5)], 0.3)
+    torch.testing.assert_close(std, ref(a2, b, 0.5), rtol=1e-5, atol=1e-7)
+    (std,) = K.row_std_group([K.StdItem(w, a2, b, 1.5)], 0.3)  # a new scaling (set_adapter, scale_layer)
+    torch.testing.assert_close(std, ref(a2, b, 1.5), rtol=1e-5, atol=1e-7)
+    assert len(K._STD_PLANS) == 3
+
+
+def test_perturbs_of_the_same_weights_take_each_steps_std_and_key():
+    """The perturb table is cached per group of weights; each step writes its own std pointers and keys into it.
+    Every perturb must be the noisy copy of its own (std, key), and every restore exact."""
+    m, n = 24, 1024
+    w, w0 = _bf16_weight(m, n, seed=12)
+    v, v0 = _bf16_weight(8, 512, seed=13)
+    K._CAPACITY.clear()
+    K._PERTURB_TABLES.clear()
+    for step, scale in enumerate((0.01, 0.04, 0.02)):
+        std_w = torch.linspace(0.5, 1.5, m, device=DEV) * scale  # fresh tensors: new addresses every step
+        std_v = torch.full((8,), scale, device=DEV)
+        keys = (2**64 - 1 - step, 100 + step)  # one key >= 2^63 (two's complement in the table)
+        want_w, want_v = K.noisy_copy(w0, std_w, keys[0], 0), K.noisy_copy(v0, std_v, keys[1], 0)
+        rec = K.perturb_group([K.Layer(w, std_w, keys[0]), K.Layer(v, std_v, keys[1])], sigma=scale)
+        assert torch.equal(bits(w), bits(want_w)) and torch.equal(bits(v), bits(want_v)), step
+        assert K.Outcome(rec, K.restore_group(rec)).counts() == [0, 0]
+        assert torch.equal(bits(w), bits(w0)) and torch.equal(bits(v), bits(v0)), step
+    assert len(K._PERTURB_TABLES) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_thousand_round_trips_are_exact(dtype):

@@ -54,7 +54,11 @@ def unmaterialised(w: torch.Tensor) -> bool:
 
 def matrix(t: Target, w: torch.Tensor) -> torch.Tensor:
     """A tensor in `t`'s storage layout (all rows, or a row shard) -> its logical (rows, n) view (no copy)."""
-    return w.t() if t.transposed else w.reshape(-1, t.n)
+    if t.transposed:
+        return w.t()
+    # an (m, n) weight is its own view (reshape would return an alias of it at the cost of a dispatch, per layer
+    # every step)
+    return w if w.dim() == 2 and w.shape[1] == t.n else w.reshape(-1, t.n)
 
 
 def storage(t: Target, mat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -476,21 +476,30 @@ def _check(layers: list[Layer]) -> torch.dtype:
     return dtype
 
 
-def _table(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _signed(key: int) -> int:
+    """A 64-bit key as the int64 the tables hold (>= 2^63 as its two's complement: the kernel's Philox reads the bits)."""
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
+def _rows(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple[list[list[int]], tuple[int, ...]]:
+    """The layer table's rows (columns C_*) and each layer's tile count."""
     rows, counts, tile0 = [], [], 0
     for i, ly in enumerate(layers):
         m, n = ly.w.shape
         o = ly.w if outs is None else outs[i]
         tiles = _tiles(m, n)
-        # The table is int64: a key >= 2^63 travels as its two's complement (the kernel's Philox reads the bits).
-        key = ly.key - (1 << 64) if ly.key >= 1 << 63 else ly.key
-        rows.append([ly.w.data_ptr(), o.data_ptr(), ly.std.data_ptr(), m, n, ly.row0, key,
+        rows.append([ly.w.data_ptr(), o.data_ptr(), ly.std.data_ptr(), m, n, ly.row0, _signed(ly.key),
                      ly.w.stride(0), ly.w.stride(1), o.stride(0), o.stride(1), tile0])
         counts.append(tiles)
         tile0 += tiles
+    return rows, tuple(counts)
+
+
+def _table(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    rows, counts = _rows(layers, outs)
     dev = layers[0].w.device
     tab = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
-    return tab, _tile_map(dev, tuple(counts)), tile0
+    return tab, _tile_map(dev, counts), rows[-1][C_TILE0] + counts[-1]
 
 
 def _contiguous(w: torch.Tensor) -> bool:
@@ -701,6 +710,32 @@ _CAPACITY: dict[tuple, tuple[int, float | None]] = {}
 DEFERRED = True  # False: every perturb checks its record at once (one more host sync a step; benchmarks compare)
 
 
+# A perturb group's launch table by its static part (device, dtype, per layer: address, shape, strides, first row;
+# the group's key): the same weights every step, so a step only writes its std pointers and keys into the host
+# rows and uploads them into the same device table (one copy; pageable memory, so the host rows may change as soon
+# as the copy is queued). Restore reads the table of its own perturb: the next step's upload is queued after it.
+_PERTURB_TABLES: dict[tuple, tuple[list[list[int]], torch.Tensor, torch.Tensor, int, tuple[bool, bool]]] = {}
+
+
+def _perturb_table(layers: list[Layer], group_key: tuple) -> tuple[torch.Tensor, torch.Tensor, int, tuple[bool, bool]]:
+    """(table, tile map, tiles, flags) of a perturb of `layers`, holding this step's std pointers and keys."""
+    hit = _PERTURB_TABLES.get(group_key)
+    if hit is None:
+        rows, counts = _rows(layers)
+        tab = torch.tensor(rows, dtype=torch.int64).to(layers[0].w.device, non_blocking=True)
+        if len(_PERTURB_TABLES) >= 64:  # models come and go: start over rather than grow
+            _PERTURB_TABLES.clear()
+        _PERTURB_TABLES[group_key] = (rows, tab, _tile_map(tab.device, counts), rows[-1][C_TILE0] + counts[-1],
+                                      _flags(layers))
+        return _PERTURB_TABLES[group_key][1:]
+    rows, tab, tile_map, tiles, flags = hit
+    for row, ly in zip(rows, layers):
+        row[C_STD] = ly.std.data_ptr()
+        row[C_KEY] = _signed(ly.key)
+    tab.copy_(torch.tensor(rows, dtype=torch.int64), non_blocking=True)
+    return tab, tile_map, tiles, flags
+
+
 def perturb_group(layers: list[Layer], capacity: float | None = None, sigma: float | None = None) -> Record:
     """W <- round(W + eps) for every layer in one launch, with the record that makes `restore_group` exact.
 
@@ -714,10 +749,11 @@ def perturb_group(layers: list[Layer], capacity: float | None = None, sigma: flo
     once: one sync, and the tiles that did not fit are rerun into a larger record (RETRY)."""
     dtype = _check(layers)
     dev = layers[0].w.device
-    tab, tile_map, tiles = _table(layers)
+    # the group's weights, not just its shapes: another model of the same shapes has its own off fraction; with
+    # the strides and first rows, everything the launch table holds but the step's std pointers and keys
+    group_key = (str(dev), dtype, tuple((ly.w.data_ptr(), *ly.w.shape, *ly.w.stride(), ly.row0) for ly in layers))
+    tab, tile_map, tiles, flags = _perturb_table(layers, group_key)
     numel = sum(ly.w.numel() for ly in layers)
-    # the group's weights, not just its shapes: another model of the same shapes has its own off fraction
-    group_key = (str(dev), dtype, tuple((ly.w.data_ptr(), tuple(ly.w.shape)) for ly in layers))
     last = _CAPACITY.get(group_key)
     deferred = DEFERRED and capacity is None and last is not None
     if capacity is not None:
@@ -731,8 +767,7 @@ def perturb_group(layers: list[Layer], capacity: float | None = None, sigma: flo
     cap = max(1024, cap)
     rec = Record(torch.zeros(1, dtype=torch.int32, device=dev), torch.empty((tiles, 3), dtype=torch.int32, device=dev),
                  torch.empty(cap, dtype=_ENT[dtype], device=dev),
-                 table=tab, tile_map=tile_map, dtype=dtype, flags=_flags(layers), group_key=group_key, sigma=sigma)
-    flags = rec.flags
+                 table=tab, tile_map=tile_map, dtype=dtype, flags=flags, group_key=group_key, sigma=sigma)
     _launch(tab, tile_map, tiles, dtype, flags, PERTURB, rec)
     if deferred:
         rec.used = None
@@ -826,6 +861,31 @@ def _f32(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
     return x.to(dev, torch.float32).contiguous()
 
 
+# Row-std launches by what their table holds (device, dtype, per layer: weight address, factor addresses, shape,
+# strides, rank, scale): a training step asks for the same weights and factors every time (an optimizer updates
+# A and B in place), so the table is built and uploaded once.
+_STD_PLANS: dict[tuple, tuple] = {}
+
+
+def _std_plan(layers: tuple[tuple, ...], dev: torch.device, contiguous: bool) -> tuple:
+    """(table, row-block map, row blocks, rows per layer, VEC, RP, ONE) of a row-std launch over `layers`."""
+    rows, counts, sizes, blk, row0 = [], [], [], 0, 0
+    for w_ptr, pa, pb, m, n, s0, s1, r, scale in layers:
+        rows.append([w_ptr, pa, pb, m, n, s0, s1, r, blk, row0, struct.unpack("<q", struct.pack("<d", scale))[0]])
+        sizes.append(m)
+        blocks = _cdiv(m, _STD_BM)
+        counts.append(blocks)
+        blk += blocks
+        row0 += m
+    # (only compiled: the interpreter's tl.multiple_of turns the scalar N into an array that range() refuses,
+    # and hints are all VEC adds)
+    vec = _fast() and contiguous and all(ly[4] % 8 == 0 for ly in layers)
+    r_max = max(ly[7] for ly in layers)
+    rp = min(64, max(16, triton.next_power_of_2(r_max)))  # tl.dot needs K >= 16; chunks keep tiles small
+    tab = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
+    return tab, _tile_map(dev, tuple(counts)), blk, sizes, vec, rp, r_max <= rp
+
+
 def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor]:
     """Filter-noise std of every layer, sigma_scale * ||(W + s B A)_i|| / sqrt(n) as float32 [m] vectors,
     in one launch per (device, weight dtype) (one in practice): the rows of all layers form one grid, and
@@ -839,10 +899,11 @@ def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor
     for (dev, dtype), idx in groups.items():
         out = torch.empty(sum(items[i].w.shape[0] for i in idx), dtype=torch.float32, device=dev)
         keep = []  # the float32 factors the table points to must outlive the launch
-        rows, counts, sizes, blk, row0 = [], [], [], 0, 0
+        key = [str(dev), dtype]  # everything the launch table holds: the table of an earlier step is reused
         for i in idx:
             it = items[i]
-            m, n = it.w.shape
+            w = it.w  # the kernel reads its bits: same address and strides as the bits' view
+            m, n = w.shape
             r = 0 if it.a is None else it.a.shape[0]
             if r:
                 a, b = _f32(it.a, dev), _f32(it.b, dev)  # themselves for float32 A, B on the device (no copy)
@@ -851,24 +912,19 @@ def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor
                 keep += [a, b]
                 pa, pb = a.data_ptr(), b.data_ptr()
             else:
-                pa = pb = out.data_ptr()  # never read (R = 0)
-            w = it.w  # the kernel reads its bits: same address and strides as the bits' view
-            rows.append([w.data_ptr(), pa, pb, m, n, w.stride(0), w.stride(1), r, blk, row0,
-                         struct.unpack("<q", struct.pack("<d", float(it.scale)))[0]])
-            sizes.append(m)
-            blocks = _cdiv(m, _STD_BM)
-            counts.append(blocks)
-            blk += blocks
-            row0 += m
-        # (only compiled: the interpreter's tl.multiple_of turns the scalar N into an array that range() refuses,
-        # and hints are all VEC adds)
-        vec = _fast() and all(_contiguous(items[i].w) and items[i].w.shape[1] % 8 == 0 for i in idx)
-        r_max = max(row[7] for row in rows)
-        rp = min(64, max(16, triton.next_power_of_2(r_max)))  # tl.dot needs K >= 16; chunks keep tiles small
+                pa = pb = w.data_ptr()  # never read (R = 0)
+            key.append((w.data_ptr(), pa, pb, m, n, w.stride(0), w.stride(1), r, float(it.scale)))
+        key = tuple(key)
+        plan = _STD_PLANS.get(key)
+        if plan is None:
+            plan = _STD_PLANS[key] = _std_plan(key[2:], dev, all(_contiguous(items[i].w) for i in idx))
+            if len(_STD_PLANS) > 64:  # models come and go (and copied factors move): start over rather than grow
+                _STD_PLANS.clear()
+                _STD_PLANS[key] = plan
+        tab, tile_map, blk, sizes, vec, rp, one = plan
         for i, part in zip(idx, out.split(sizes)):  # one call for every layer's view of `out`
             result[i] = part
-        tab = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
-        _rowstd_kernel[(blk,)](tab, _tile_map(dev, tuple(counts)), out, float(sigma_scale),
+        _rowstd_kernel[(blk,)](tab, tile_map, out, float(sigma_scale),
                                KIND=_KIND[dtype], VEC=vec, BM_=_STD_BM, BK=_STD_BK, RP=rp,
-                               ONE=r_max <= rp, PREC=_STD_PREC, num_warps=4, num_stages=4)
+                               ONE=one, PREC=_STD_PREC, num_warps=4, num_stages=4)
     return result
