@@ -15,7 +15,8 @@ q, k, v, o, gate, up, down in bitsandbytes NF4 (double quant, bf16 compute) thro
 prepare_model_for_kbit_training, plain QLoRA (`lora` rows) against Flat-QLoRA (`flatlora-forward`; in-place
 is refused on a quantized base, and the refusal is recorded), micro 4x512 and 2x1024 (accumulation 16).
 Median of CUDA-synchronised step times after warm-up, the variants of a setting interleaved over `--rounds`
-rounds; peak memory per variant. Writes overhead-<device>.json (rows + provenance) and prints a table.
+rounds; peak memory per variant. `--control` adds `lora-again`, the LoRA step under a second name, interleaved
+like the rest: its ratio to `lora` is the run's own noise floor for every ratio. Writes overhead-<device>.json (rows + provenance) and prints a table.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def _record_checked(on: bool):
         K.DEFERRED = True
 
 
-def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05):
+def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05, control=False):
     """{variant: (step closure, None or a thunk giving the engine its steps built)}; each closure runs one
     optimizer step."""
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -209,6 +210,10 @@ def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05):
         opt.step()
 
     out = {"lora": (lora, None)}
+    if control:
+        # the same LoRA step under a second name, timed interleaved like any variant: its ratio to `lora` is what
+        # the machine's drift alone makes of a ratio in this run (an A/A control)
+        out["lora-again"] = (lora, None)
     # flatlora-inplace-checked: in-place with the record checked right after each perturb (a host sync before
     # the forward, as before the deferred perturb), side by side with the default.
     for variant, mode in (("flatlora-inplace", "inplace"), ("flatlora-inplace-checked", "inplace"),
@@ -285,8 +290,8 @@ def run_setting(name, model, batch_fn, ga, args, rows, variants=None, extra=None
     steps (after one untimed step: a variant's first step after another builds its engine). Drift of the
     machine over the run (clocks, a busy host) then falls on every variant alike; timed one after another,
     two runs of the same build gave the same variant 1.41x and 1.71x."""
-    fns = step_fns(model, batch_fn, ga, args.dev, args.anchor)
-    order = [v for v in fns if not variants or v in variants]
+    fns = step_fns(model, batch_fn, ga, args.dev, args.anchor, control=args.control)
+    order = [v for v in fns if not variants or v in variants or v == "lora-again"]
     n = args.steps if ga == 1 else args.steps_ga
     rounds = max(1, min(args.rounds, n))
     times: dict[str, list[float]] = {v: [] for v in order}
@@ -531,6 +536,8 @@ def main(argv=None):
     ap.add_argument("--steps-ga", type=int, default=4, help="timed steps (accumulation 16; each is 16 micro-batches)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5, help="interleave the variants over this many rounds of their steps")
+    ap.add_argument("--control", action="store_true",
+                    help="add `lora-again`, the LoRA step timed a second time interleaved: the ratio drift alone gives")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device (checks the script, not speed)")
     ap.add_argument("--profile", action="store_true", help="also write a torch.profiler table of 2 steps per Flat-LoRA variant")
     ap.add_argument("--trace", action="store_true", help="with --profile: also its timeline (trace-*.json.gz, chrome://tracing)")
