@@ -294,6 +294,7 @@ def _noise_kernel(
         bad_i = (live & (good == 0)).to(tl.int32)
         tl.store(ptrs, _round_bits(x - eps, KIND, FAST), mask=mask & ((offs * 0 + good_i) != 0))
         tl.atomic_add(bad_ptr + layer, bad_i, mask=bad_i != 0)
+        tl.atomic_add(cnt_ptr + 1, 1, mask=slot < 0)  # a tile the perturb left clean (stats[1])
         tl.debug_barrier()  # the patches below overwrite some of the values just stored
         count = tl.load(hdr_ptr + t * 3 + 1) * good_i
         for s in range(0, count, PB):
@@ -407,7 +408,7 @@ class Layer:
 class Record:
     """What an in-place perturb of one launch needs to be undone exactly (see the module docstring)."""
 
-    counter: torch.Tensor  # int32 [1]: entries used (holes of failed tiles included)
+    counter: torch.Tensor  # int32 [1]: entries used (holes of failed tiles included); stats[0] when stats is set
     header: torch.Tensor  # int32 [tiles, 3]: slot (-1: not perturbed yet), count, checksum of the noisy bits
     ent: torch.Tensor  # int32 [cap] (16-bit weights) / int64 (float32): offset << 16 (32) | original bits
     used: int | None = 0  # entries of ent in use; None until the restore's Outcome is read (deferred)
@@ -418,6 +419,9 @@ class Record:
     flags: tuple[bool, bool] | None = None
     group_key: tuple | None = None  # the group's (device, dtype, weights): whose record-size estimate it feeds
     sigma: float | None = None  # sigma_t of the perturb, scaling that estimate
+    # int32 [STATS + layers], zeroed by the perturb: [0] the counter, [1] tiles the perturb left without noise and
+    # [STATS + l] tiles of layer l found modified, both counted by the restore: one buffer, one copy to the host
+    stats: torch.Tensor | None = None
 
     def release(self) -> None:
         """Drop the entry buffers once the restore is queued (the caching allocator reuses their memory only
@@ -705,6 +709,7 @@ def noisy_copy(w: torch.Tensor, std: torch.Tensor, key: int, row0: int = 0) -> t
     return out
 
 
+STATS = 4  # Record.stats: the per-layer counts start 16 bytes in (an aligned pointer for the restore kernel)
 # A perturb sizes its record from the last one of the same weights: (entries it needed, its sigma_t).
 _CAPACITY: dict[tuple, tuple[int, float | None]] = {}
 DEFERRED = True  # False: every perturb checks its record at once (one more host sync a step; benchmarks compare)
@@ -765,9 +770,10 @@ def perturb_group(layers: list[Layer], capacity: float | None = None, sigma: flo
     else:
         cap = numel // 8
     cap = max(1024, cap)
-    rec = Record(torch.zeros(1, dtype=torch.int32, device=dev), torch.empty((tiles, 3), dtype=torch.int32, device=dev),
+    stats = torch.zeros(STATS + len(layers), dtype=torch.int32, device=dev)
+    rec = Record(stats[:1], torch.empty((tiles, 3), dtype=torch.int32, device=dev),
                  torch.empty(cap, dtype=_ENT[dtype], device=dev),
-                 table=tab, tile_map=tile_map, dtype=dtype, flags=flags, group_key=group_key, sigma=sigma)
+                 table=tab, tile_map=tile_map, dtype=dtype, flags=flags, group_key=group_key, sigma=sigma, stats=stats)
     _launch(tab, tile_map, tiles, dtype, flags, PERTURB, rec)
     if deferred:
         rec.used = None
@@ -793,7 +799,11 @@ class Outcome:
 
     def __init__(self, rec: Record, bad: torch.Tensor):
         self.rec, self._cap = rec, rec.ent.numel()
-        vals = torch.cat([bad, rec.counter, (rec.hslot == -1).sum(dtype=torch.int32).view(1)])
+        if rec.stats is not None and bad.data_ptr() == rec.stats.data_ptr() + 4 * STATS:
+            vals = rec.stats  # [counter, skipped tiles, -, -, modified tiles per layer]: the restore filled it
+        else:
+            skipped = (rec.hslot == -1).sum(dtype=torch.int32).view(1)
+            vals = torch.cat([rec.counter, skipped, skipped.new_zeros(STATS - 2), bad])
         self._event = None
         if vals.is_cuda:
             self._host = torch.empty(vals.shape, dtype=vals.dtype, pin_memory=True)
@@ -817,7 +827,8 @@ class Outcome:
         if self._counts is None:
             if self._event is not None:
                 self._event.synchronize()
-            *counts, needed, skipped = self._host.tolist()
+            vals = self._host.tolist()
+            needed, skipped, counts = vals[0], vals[1], vals[STATS:]
             rec = self.rec
             # `needed` counts every tile's entries, the failed tiles' too: what the record should have held
             rec.used, rec.skipped = min(needed, self._cap), skipped
@@ -833,7 +844,10 @@ def restore_group(rec: Record) -> torch.Tensor:
     """Undo the `perturb_group` that made `rec` exactly (its layers, std and keys are in the record's table).
     Returns, per layer, the number of tiles whose weight changed since the perturb (int32, on the device);
     those tiles are left as found."""
-    bad = torch.zeros(rec.table.shape[0], dtype=torch.int32, device=rec.table.device)
+    if rec.stats is not None:
+        bad = rec.stats[STATS:]  # zeroed by the perturb, which only wrote the counter
+    else:
+        bad = torch.zeros(rec.table.shape[0], dtype=torch.int32, device=rec.table.device)
     _launch(rec.table, rec.tile_map, rec.header.shape[0], rec.dtype, rec.flags, RESTORE, rec, bad)
     return bad
 
