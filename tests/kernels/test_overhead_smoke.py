@@ -82,3 +82,37 @@ def test_host_step_benchmark_smoke(tmp_path):
         else:
             assert r["lora_fwd_bwd_ms"] > 0 and r["total_ms"] == pytest.approx(r["flat_fwd_bwd_ms"] - r["lora_fwd_bwd_ms"])
     assert data["provenance"]["kernels"] == "stubbed (host path only)"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"benchmarks/overhead/{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_control_variant_is_the_lora_step_timed_again(tmp_path):
+    """run.py --control: a `lora-again` row in every setting, interleaved like the others, its ratio taken
+    against `lora` of the same run."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    rows = _load("run").main(["--smoke", "--only", "minilm", "--control", "--out", str(tmp_path)])
+    got = {r["variant"]: r for r in rows}
+    assert {"lora", "lora-again", "flatlora-inplace"} <= set(got)
+    again = got["lora-again"]
+    assert again["ratio_vs_lora"] == pytest.approx(again["median_ms"] / got["lora"]["median_ms"])
+    assert again["n_steps"] == got["lora"]["n_steps"] and "restore_record_bytes" not in again
+
+
+def test_overlap_probe_smoke(tmp_path):
+    """overlap_probe.py --cpu-smoke: the chunked in-place mode (on the main stream: no side streams on CPU) keeps
+    the frozen weights bit-identical across interleaved variants, and the JSON names what it timed."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    _load("overlap_probe").main(["--cpu-smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "overlap-probe.json").read_text())
+    assert data["exact"] is True
+    assert [r["variant"] for r in data["rows"]] == ["lora", "inplace", "chunked-serial"]
+    assert all(r["median_ms"] > 0 and r["n_steps"] == 4 for r in data["rows"])
+    for key in ("device", "date", "torch", "command"):
+        assert key in data["provenance"]
