@@ -116,3 +116,16 @@ def test_overlap_probe_smoke(tmp_path):
     assert all(r["median_ms"] > 0 and r["n_steps"] == 4 for r in data["rows"])
     for key in ("device", "date", "torch", "command"):
         assert key in data["provenance"]
+
+
+def test_round_ratio_interval():
+    """Per-round ratios to LoRA: their median, and a bootstrap interval that holds it and narrows with agreement."""
+    run = _load("run")
+    lora = [100.0, 120.0, 90.0, 110.0, 105.0, 95.0]
+    flat = [110.0, 132.0, 99.0, 121.0, 115.5, 104.5]  # 1.10x in every round, however busy the round
+    got = run.round_ratio_ci(flat, lora)
+    assert got["round_ratio_median"] == pytest.approx(1.1) and got["round_ratio_ci95"] == pytest.approx([1.1, 1.1])
+    noisy = [f * k for f, k in zip(flat, (1.0, 1.08, 0.95, 1.02, 0.97, 1.05))]
+    lo, hi = run.round_ratio_ci(noisy, lora)["round_ratio_ci95"]
+    assert lo < run.round_ratio_ci(noisy, lora)["round_ratio_median"] < hi and hi - lo > 0.03
+    assert run.round_ratio_ci(flat[:4], lora[:4])["round_ratio_ci95"] is None  # too few rounds to mean anything
