@@ -4,11 +4,12 @@
 # every stage writes as it goes, so a cut call still returns what finished). Output: $OUT/hot/, tarred into
 # $OUT/hot.tgz at the end (the device returns at most 8 files).
 #
-#     bash benchmarks/overhead/kernels_gpu.sh [STAGES]     STAGES: comma list of tests,kernels,ablate,overhead
-#                                                          (default: all four, ~7-8 min on the H200)
+#     bash benchmarks/overhead/kernels_gpu.sh [STAGES]     STAGES: comma list of tests,kernels,ablate,overhead,control
+#                                                          (default: the first four, ~7-8 min on the H200)
 # The overhead stage needs the reference code carried: run(..., carry=[".carry"]) with .carry/anchor_overhead.py
 # (benchmarks/overhead/README.md). Stages: tests ~1.5 min (JIT), kernels ~1 min, ablate ~2 min, overhead
-# (acc1, minilm) ~3 min.
+# (acc1, minilm) ~3 min; control (MiniLM over 25 rounds and the 7B GA-1 step over 10, each with the A/A control
+# `lora-again` and per-round bootstrap intervals of every ratio) ~3 min.
 set -uo pipefail
 : "${OUT:?OUT must name the output folder (the device machine sets it)}"
 STAGES=${1:-tests,kernels,ablate,overhead}
@@ -38,4 +39,8 @@ has kernels && run kernels python3 benchmarks/overhead/kernel_bench.py --out "$D
 has ablate && run ablate python3 benchmarks/overhead/ablate.py --out "$DIR" --only group
 has overhead && run overhead python3 benchmarks/overhead/run.py --out "$DIR" --only acc1,minilm \
     --anchor .carry/anchor_overhead.py --profile --trace
+has control && run control-minilm python3 benchmarks/overhead/run.py --out "$DIR/control-minilm" --only minilm \
+    --control --rounds 25 --steps 100 --anchor .carry/anchor_overhead.py
+has control && run control-acc1 python3 benchmarks/overhead/run.py --out "$DIR/control-acc1" --only acc1 \
+    --control --rounds 10 --steps 20 --anchor .carry/anchor_overhead.py
 exit $rc
