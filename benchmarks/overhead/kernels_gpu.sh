@@ -8,8 +8,8 @@
 #                                                          (default: the first four, ~7-8 min on the H200)
 # The overhead stage needs the reference code carried: run(..., carry=[".carry"]) with .carry/anchor_overhead.py
 # (benchmarks/overhead/README.md). Stages: tests ~1.5 min (JIT), kernels ~1 min, ablate ~2 min, overhead
-# (acc1, minilm) ~3 min; control (MiniLM over 25 rounds and the 7B GA-1 step over 10, each with the A/A control
-# `lora-again` and per-round bootstrap intervals of every ratio) ~3 min.
+# (acc1, minilm) ~3 min; control (MiniLM over 25 rounds, eager and under torch.compile, and the 7B GA-1 step over
+# 10, each with the A/A control `lora-again` and per-round bootstrap intervals of every ratio) ~4 min.
 set -uo pipefail
 : "${OUT:?OUT must name the output folder (the device machine sets it)}"
 STAGES=${1:-tests,kernels,ablate,overhead}
@@ -40,7 +40,7 @@ has ablate && run ablate python3 benchmarks/overhead/ablate.py --out "$DIR" --on
 has overhead && run overhead python3 benchmarks/overhead/run.py --out "$DIR" --only acc1,minilm \
     --anchor .carry/anchor_overhead.py --profile --trace
 has control && run control-minilm python3 benchmarks/overhead/run.py --out "$DIR/control-minilm" --only minilm \
-    --control --rounds 25 --steps 100 --anchor .carry/anchor_overhead.py
+    --control --compile inductor --rounds 25 --steps 100 --anchor .carry/anchor_overhead.py
 has control && run control-acc1 python3 benchmarks/overhead/run.py --out "$DIR/control-acc1" --only acc1 \
     --control --rounds 10 --steps 20 --anchor .carry/anchor_overhead.py
 exit $rc

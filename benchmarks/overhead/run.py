@@ -16,7 +16,9 @@ prepare_model_for_kbit_training, plain QLoRA (`lora` rows) against Flat-QLoRA (`
 is refused on a quantized base, and the refusal is recorded), micro 4x512 and 2x1024 (accumulation 16).
 Median of CUDA-synchronised step times after warm-up, the variants of a setting interleaved over `--rounds`
 rounds; peak memory per variant. `--control` adds `lora-again`, the LoRA step under a second name, interleaved
-like the rest: its ratio to `lora` is the run's own noise floor for every ratio. Each row also gives its ratio to
+like the rest: its ratio to `lora` is the run's own noise floor for every ratio. `--compile BACKEND` adds
+`lora-compiled`, `flatlora-inplace-compiled` and `flatlora-forward-compiled`: the same steps through
+`torch.compile(model, backend=BACKEND)`, where forward mode runs as custom ops inside the graph. Each row also gives its ratio to
 LoRA round by round (`round_ratio_median`) with a 95 % bootstrap interval over the rounds (`round_ratio_ci95`, from
 5 rounds up): a target is met or missed only where that interval says so. Writes overhead-<device>.json (rows + provenance) and prints a table.
 """
@@ -27,6 +29,7 @@ import argparse
 import ast
 import contextlib
 import datetime
+import functools
 import gc
 import gzip
 import json
@@ -181,7 +184,7 @@ def _record_checked(on: bool):
         K.DEFERRED = True
 
 
-def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05, control=False):
+def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05, control=False, compile_backend=None):
     """{variant: (step closure, None or a thunk giving the engine its steps built)}; each closure runs one
     optimizer step."""
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -190,10 +193,14 @@ def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05, control=False):
     opt = torch.optim.AdamW(params, lr=1e-5)
     batches = [batch_fn(i) for i in range(ga)]
 
-    def fwd_bwd(b):
+    def fwd_bwd(b, net=model):
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-            loss = model(**b).loss
+            loss = net(**b).loss
         loss.backward()
+
+    # --compile: the same model under torch.compile (the engine stays on the model itself, as a user would build
+    # it); compiled once, its graphs for the plain and the armed model cached side by side
+    compiled = torch.compile(model, backend=compile_backend) if compile_backend else None
 
     engines = {}
 
@@ -204,23 +211,28 @@ def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05, control=False):
             other.close()
         engines.clear()
 
-    def lora():
+    def lora(net=model):
         bare()
         opt.zero_grad(set_to_none=True)
         for b in batches:
-            fwd_bwd(b)
+            fwd_bwd(b, net)
         opt.step()
 
     out = {"lora": (lora, None)}
+    if compiled is not None:
+        out["lora-compiled"] = (functools.partial(lora, compiled), None)
     if control:
         # the same LoRA step under a second name, timed interleaved like any variant: its ratio to `lora` is what
         # the machine's drift alone makes of a ratio in this run (an A/A control)
         out["lora-again"] = (lora, None)
     # flatlora-inplace-checked: in-place with the record checked right after each perturb (a host sync before
     # the forward, as before the deferred perturb), side by side with the default.
-    for variant, mode in (("flatlora-inplace", "inplace"), ("flatlora-inplace-checked", "inplace"),
-                          ("flatlora-forward", "forward")):
-        def flat_step(variant=variant, mode=mode):
+    flat_variants = [("flatlora-inplace", "inplace", model), ("flatlora-inplace-checked", "inplace", model),
+                     ("flatlora-forward", "forward", model)]
+    if compiled is not None:
+        flat_variants += [("flatlora-inplace-compiled", "inplace", compiled), ("flatlora-forward-compiled", "forward", compiled)]
+    for variant, mode, net in flat_variants:
+        def flat_step(variant=variant, mode=mode, net=net):
             flat = engines.get(variant)
             if flat is None:  # one engine on the model at a time: a second live engine on its weights is refused
                 bare()
@@ -229,7 +241,7 @@ def step_fns(model, batch_fn, ga, dev, anchor, sigma=0.05, control=False):
             with _record_checked(variant.endswith("-checked")):
                 with flat.step():
                     for b in batches:
-                        fwd_bwd(b)
+                        fwd_bwd(b, net)
             opt.step()
 
         out[variant] = (flat_step, lambda variant=variant: engines[variant])
@@ -292,8 +304,8 @@ def run_setting(name, model, batch_fn, ga, args, rows, variants=None, extra=None
     steps (after one untimed step: a variant's first step after another builds its engine). Drift of the
     machine over the run (clocks, a busy host) then falls on every variant alike; timed one after another,
     two runs of the same build gave the same variant 1.41x and 1.71x."""
-    fns = step_fns(model, batch_fn, ga, args.dev, args.anchor, control=args.control)
-    order = [v for v in fns if not variants or v in variants or v == "lora-again"]
+    fns = step_fns(model, batch_fn, ga, args.dev, args.anchor, control=args.control, compile_backend=args.compile)
+    order = [v for v in fns if not variants or v in variants or v == "lora-again" or v.endswith("-compiled")]
     n = args.steps if ga == 1 else args.steps_ga
     rounds = max(1, min(args.rounds, n))
     times: dict[str, list[float]] = {v: [] for v in order}
@@ -559,6 +571,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="interleave the variants over this many rounds of their steps")
     ap.add_argument("--control", action="store_true",
                     help="add `lora-again`, the LoRA step timed a second time interleaved: the ratio drift alone gives")
+    ap.add_argument("--compile", metavar="BACKEND", default=None,
+                    help="also time lora / flatlora-inplace / flatlora-forward on torch.compile(model, backend=BACKEND) "
+                         "(e.g. inductor): the `-compiled` variants, ratios still against eager `lora`")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device (checks the script, not speed)")
     ap.add_argument("--profile", action="store_true", help="also write a torch.profiler table of 2 steps per Flat-LoRA variant")
     ap.add_argument("--trace", action="store_true", help="with --profile: also its timeline (trace-*.json.gz, chrome://tracing)")

@@ -129,3 +129,16 @@ def test_round_ratio_interval():
     lo, hi = run.round_ratio_ci(noisy, lora)["round_ratio_ci95"]
     assert lo < run.round_ratio_ci(noisy, lora)["round_ratio_median"] < hi and hi - lo > 0.03
     assert run.round_ratio_ci(flat[:4], lora[:4])["round_ratio_ci95"] is None  # too few rounds to mean anything
+
+
+def test_compiled_variants(tmp_path):
+    """run.py --compile BACKEND: lora, in-place and forward mode also through torch.compile of the same model, timed
+    interleaved with the eager variants (whose rows stay as they are)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    rows = _load("run").main(["--smoke", "--only", "minilm", "--compile", "aot_eager", "--out", str(tmp_path)])
+    got = {r["variant"]: r for r in rows}
+    assert {"lora", "flatlora-forward", "lora-compiled", "flatlora-inplace-compiled", "flatlora-forward-compiled"} <= set(got)
+    for v in ("lora-compiled", "flatlora-inplace-compiled", "flatlora-forward-compiled"):
+        assert got[v]["median_ms"] > 0 and got[v]["n_steps"] == got["lora"]["n_steps"]
+    assert "restore_record_bytes" in got["flatlora-inplace-compiled"]
