@@ -7,8 +7,9 @@ which 14.6 ms blocked on a full command queue) and MiniLM's is host-bound, so th
 and layer decides the small models and is next in line for the large ones. This runs `begin_step` + `end_step`
 (in-place, the Triton backend: row std, perturb and restore tables, records, outcomes) on CPU tensors with
 `_noise_kernel` and `_rowstd_kernel` replaced by no-ops (what is timed is everything but the kernels and
-Triton's own launch; a one-layer copy copies W), and forward mode's forward + backward against LoRA's on the
-same model, for the 7B layer count (32 blocks x q, k, v, o, gate, up, down = 224 LoRA layers, tiny dimensions:
+Triton's own launch; a one-layer copy copies W), forward mode's autograd function alone against a plain linear
+layer (`forward-scaffold`: no copy, no kernel), and forward mode's forward + backward against LoRA's on the same
+model, for the 7B layer count (32 blocks x q, k, v, o, gate, up, down = 224 LoRA layers, tiny dimensions:
 the host work does not depend on them) and MiniLM-L6's (37, the pooler included). Absolute times are this CPU's;
 the point is the per-layer cost and which code it goes to (`--profile`: cProfile of flatlora's functions in
 place). Forward mode's figure includes the noisy layers' small bf16 matmuls on the CPU, and its copies take
@@ -149,6 +150,38 @@ def measure_forward(model, steps: int):
     return lora, with_flat
 
 
+def measure_scaffold(calls: int = 3000) -> tuple[float, float]:
+    """Forward mode's autograd function alone: forward + backward of an 8 x 8 linear layer as a plain F.linear and as
+    `forward._NoisyLayer` with a noisy weight that is W itself (no copy, no kernel), in us a call (the 10th
+    percentile of `calls`). The difference is what the function's Python costs every layer call, whatever the copy."""
+    import torch.nn.functional as F
+
+    from flatlora.core import forward as fwd
+    from flatlora.core.targets import Target
+
+    lin = torch.nn.Linear(8, 8, bias=False).requires_grad_(False)
+    t = Target("scaffold", lin, None, "linear", False, 8, 8)
+    w, x = lin.weight, torch.randn(4, 8, requires_grad=True)
+
+    def plain():
+        F.linear(x, w).sum().backward()
+
+    def noisy_layer():
+        fwd._NoisyLayer.apply(x, w, None, t, lambda: w).sum().backward()
+
+    def p10(fn):
+        for _ in range(100):
+            fn()
+        ts = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return 1e6 * sorted(ts)[calls // 10]
+
+    return p10(plain), p10(noisy_layer)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=100)
@@ -177,6 +210,11 @@ def main(argv=None):
                      "flat_fwd_bwd_ms": with_flat, "total_ms": added, "us_per_layer": 1000 * added / layers})
         print(f"{name:<18} {layers:4d} layers  forward: LoRA fwd+bwd {lora:7.2f} ms, with the window {with_flat:7.2f} ms"
               f"  {1000 * added / layers:6.1f} us a layer", flush=True)
+    plain, scaffold = measure_scaffold()
+    rows.append({"setting": "linear-8x8", "mode": "forward-scaffold", "plain_linear_us": plain,
+                 "noisy_layer_us": scaffold, "added_us_per_call": scaffold - plain})
+    print(f"forward mode's autograd function: a linear layer's forward + backward {plain:.1f} us plain, "
+          f"{scaffold:.1f} us through it (+{scaffold - plain:.1f} us a layer call, no copy)", flush=True)
     info = provenance(threads=torch.get_num_threads(), kernels="stubbed (host path only)")
     info["device"] = "cpu"
     write_results(args.out, "host-step", info, rows)

@@ -72,10 +72,12 @@ def test_host_step_benchmark_smoke(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((tmp_path / "host-step-cpu.json").read_text())
-    assert [(r["setting"], r["mode"], r["layers"]) for r in data["rows"]] == [
+    *layered, scaffold = data["rows"]
+    assert [(r["setting"], r["mode"], r["layers"]) for r in layered] == [
         ("7b-layers-224", "inplace", 224), ("7b-layers-224", "forward", 224),
         ("minilm-layers-37", "inplace", 37), ("minilm-layers-37", "forward", 37)]
-    for r in data["rows"]:
+    assert scaffold["mode"] == "forward-scaffold" and scaffold["plain_linear_us"] > 0 and scaffold["noisy_layer_us"] > 0
+    for r in layered:
         if r["mode"] == "inplace":
             assert r["begin_step_ms"] > 0 and r["end_step_ms"] > 0
             assert r["total_ms"] == pytest.approx(r["begin_step_ms"] + r["end_step_ms"])
