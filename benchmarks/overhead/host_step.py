@@ -112,6 +112,18 @@ def measure(model, steps: int, profile: bool):
     return layers, best, prof
 
 
+def _seconds(fn, n: int, warm: int) -> list[float]:
+    """Wall seconds of `n` calls of `fn` after `warm` untimed ones."""
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
 def measure_forward(model, steps: int):
     """Forward mode: the fastest forward + backward of a 1 x 8 token batch with LoRA alone and with the forward-mode
     window around it (begin_step, forward, backward, end_step), on the same model: their difference is forward
@@ -124,13 +136,7 @@ def measure_forward(model, steps: int):
         model(input_ids=ids).last_hidden_state.float().sum().backward()
 
     def fastest(fn):
-        fn()
-        ts = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return 1000 * min(ts)
+        return 1000 * min(_seconds(fn, steps, warm=1))
 
     lora = fastest(fwd_bwd)
     flat = FlatLoRA(model, FlatLoRAConfig(sigma=0.05, total_steps=10_000, mode="forward", schedule="constant",
@@ -170,14 +176,7 @@ def measure_scaffold(calls: int = 3000) -> tuple[float, float]:
         fwd._NoisyLayer.apply(x, w, None, t, lambda: w).sum().backward()
 
     def p10(fn):
-        for _ in range(100):
-            fn()
-        ts = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return 1e6 * sorted(ts)[calls // 10]
+        return 1e6 * sorted(_seconds(fn, calls, warm=100))[calls // 10]
 
     return p10(plain), p10(noisy_layer)
 
