@@ -44,7 +44,7 @@ PERTURB_WAIT = ("tl.store(ptrs, noisy, mask=mask & ((offs * 0 + ok_i) != 0))", "
 REGIONS = [("slot = tl.atomic_add(cnt_ptr, count * active.to(tl.int32))",
             "slot = tl.atomic_add(cnt_ptr + t % 64, count * active.to(tl.int32)) + (t % 64) * (CAP // 64)"),
            ("ok = active & (slot + count <= CAP)", "ok = active & (slot + count <= (t % 64 + 1) * (CAP // 64))"),
-           ("STATS = 4  #", "STATS = 64  #"), ("Record(stats[:1],", "Record(stats[:64],"),
+           ("STATS = 4  #", "STATS = 64  #"), ("self.counter = self.stats[:1]", "self.counter = self.stats[:64]"),
            ("used = int(rec.counter.item())", "used = int(rec.counter.sum())", 2)]
 RESTORE_CHECKSUM = ("good = _checksum(bits, q) == tl.load(hdr_ptr + t * 3 + 2)", "good = slot > -2")
 RESTORE_PATCHES = ("for s in range(0, count, PB):", "for s in range(0, count * 0, PB):")

@@ -193,9 +193,14 @@ def test_record_overflow_retries_only_the_failed_tiles():
     assert torch.equal(bits(w), bits(w0))
 
 
+def _restored(rec):
+    K.restore_group(rec)
+    return rec
+
+
 def _round_trip(layers, sigma):
     rec = K.perturb_group(layers, sigma=sigma)
-    return rec, K.Outcome(rec, K.restore_group(rec)).counts()
+    return rec, K.Outcome(_restored(rec)).counts()
 
 
 def test_a_perturb_after_a_checked_one_is_deferred_and_still_exact():
@@ -210,7 +215,7 @@ def test_a_perturb_after_a_checked_one_is_deferred_and_still_exact():
     assert rec.used is None  # no host sync: the size is read with the restore's Outcome
     assert torch.equal(bits(w), bits(copy)) and (rec.hslot >= 0).all()
     assert rec.nbytes == 4 + 12 * K._tiles(m, n) + rec.ent.numel() * 4  # unsettled: what is allocated
-    assert K.Outcome(rec, K.restore_group(rec)).counts() == [0]
+    assert K.Outcome(_restored(rec)).counts() == [0]
     assert torch.equal(bits(w), bits(w0))
     assert rec.skipped == 0 and rec.used == int(rec.hcnt.sum())  # every tile's entries, no holes
     assert K._CAPACITY[rec.group_key] == (rec.used, 0.01)
@@ -227,7 +232,7 @@ def test_a_checked_perturb_after_the_first_is_sized_from_it_too(monkeypatch):
     assert isinstance(rec.used, int)  # checked at once
     # twice the sigma: twice the last perturb's entries, x 9/8 (at least 1/512 of the elements, 1024 entries)
     assert rec.ent.numel() == max(1024, int(first.used * 2.0 * 9 / 8), m * n // 512)
-    assert K.Outcome(rec, K.restore_group(rec)).counts() == [0]
+    assert K.Outcome(_restored(rec)).counts() == [0]
     assert torch.equal(bits(w), bits(w0))
 
 
@@ -245,7 +250,7 @@ def test_a_deferred_perturb_whose_record_overflows_leaves_those_tiles_clean_and_
     tiles = bits(w).view(-1, K.BLOCK).cpu()
     assert torch.equal(tiles[failed], bits(w0).view(-1, K.BLOCK).cpu()[failed])  # left clean
     assert torch.equal(tiles[~failed], bits(copy).view(-1, K.BLOCK).cpu()[~failed])  # the others noisy
-    assert K.Outcome(rec, K.restore_group(rec)).counts() == [0]  # a clean tile is not "modified"
+    assert K.Outcome(_restored(rec)).counts() == [0]  # a clean tile is not "modified"
     assert rec.skipped == int(failed.sum())
     assert torch.equal(bits(w), bits(w0))
     assert rec.group_key not in K._CAPACITY  # so the next perturb of the shape is checked at once
@@ -266,7 +271,7 @@ def test_a_deferred_perturb_of_a_7b_layer_never_waits_for_the_gpu():
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing call below raises
     try:
         rec = K.perturb_group([K.Layer(w, std, 42)], sigma=0.05)
-        outcome = K.Outcome(rec, K.restore_group(rec))
+        outcome = K.Outcome(_restored(rec))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert outcome.counts() == [0] and rec.skipped == 0
@@ -400,7 +405,7 @@ def test_perturbs_of_the_same_weights_take_each_steps_std_and_key():
         want_w, want_v = K.noisy_copy(w0, std_w, keys[0], 0), K.noisy_copy(v0, std_v, keys[1], 0)
         rec = K.perturb_group([K.Layer(w, std_w, keys[0]), K.Layer(v, std_v, keys[1])], sigma=scale)
         assert torch.equal(bits(w), bits(want_w)) and torch.equal(bits(v), bits(want_v)), step
-        assert K.Outcome(rec, K.restore_group(rec)).counts() == [0, 0]
+        assert K.Outcome(_restored(rec)).counts() == [0, 0]
         assert torch.equal(bits(w), bits(w0)) and torch.equal(bits(v), bits(v0)), step
     assert len(K._PERTURB_TABLES) == 1
 

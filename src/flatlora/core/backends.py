@@ -220,7 +220,8 @@ class TritonBackend(Backend):
         from ..kernels import triton_noise as K
 
         rec = applied.record
-        outcome = K.Outcome(rec, K.restore_group(rec))  # copied to the host behind an event: nothing waits
+        K.restore_group(rec)
+        outcome = K.Outcome(rec)  # copied to the host behind an event: nothing waits
         rec.release()
         return outcome
 

@@ -408,7 +408,10 @@ class Layer:
 class Record:
     """What an in-place perturb of one launch needs to be undone exactly (see the module docstring)."""
 
-    counter: torch.Tensor  # int32 [1]: entries used (holes of failed tiles included); stats[0] when stats is set
+    # int32 [STATS + layers], zeroed by the perturb: [0] the counter (entries used, holes of failed tiles included),
+    # [1] tiles the perturb left without noise and [STATS + l] tiles of layer l found modified, both counted by the
+    # restore: one buffer, one copy to the host
+    stats: torch.Tensor
     header: torch.Tensor  # int32 [tiles, 3]: slot (-1: not perturbed yet), count, checksum of the noisy bits
     ent: torch.Tensor  # int32 [cap] (16-bit weights) / int64 (float32): offset << 16 (32) | original bits
     used: int | None = 0  # entries of ent in use; None until the restore's Outcome is read (deferred)
@@ -419,9 +422,9 @@ class Record:
     flags: tuple[bool, bool] | None = None
     group_key: tuple | None = None  # the group's (device, dtype, weights): whose record-size estimate it feeds
     sigma: float | None = None  # sigma_t of the perturb, scaling that estimate
-    # int32 [STATS + layers], zeroed by the perturb: [0] the counter, [1] tiles the perturb left without noise and
-    # [STATS + l] tiles of layer l found modified, both counted by the restore: one buffer, one copy to the host
-    stats: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.counter = self.stats[:1]  # the perturb's atomic counter (a view: the kernels take its address)
 
     def release(self) -> None:
         """Drop the entry buffers once the restore is queued (the caching allocator reuses their memory only
@@ -449,6 +452,15 @@ class Record:
         return self.counter.numel() * 4 + self.header.numel() * 4 + entries * per
 
 
+def _remember(cache: dict, key, value, limit: int = 64):
+    """cache[key] = value, starting over once `limit` entries are held (models and weights come and go: a cache
+    keyed by addresses would otherwise grow); returns value."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 _MAPS: dict[tuple, torch.Tensor] = {}  # tile -> layer maps by (device, per-layer tile counts)
 
 
@@ -456,11 +468,8 @@ def _tile_map(device: torch.device, counts: tuple[int, ...]) -> torch.Tensor:
     key = (str(device), counts)
     m = _MAPS.get(key)
     if m is None:
-        if len(_MAPS) > 64:
-            _MAPS.clear()
-        m = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32),
-                                    torch.tensor(counts, dtype=torch.int64)).to(device)
-        _MAPS[key] = m
+        m = _remember(_MAPS, key, torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32),
+                                                          torch.tensor(counts, dtype=torch.int64)).to(device))
     return m
 
 
@@ -499,11 +508,14 @@ def _rows(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple[
     return rows, tuple(counts)
 
 
-def _table(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    rows, counts = _rows(layers, outs)
-    dev = layers[0].w.device
+def _upload(rows: list[list[int]], counts: tuple[int, ...], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(table, tile map, tiles) of a launch from its rows and per-layer tile counts."""
     tab = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
     return tab, _tile_map(dev, counts), rows[-1][C_TILE0] + counts[-1]
+
+
+def _table(layers: list[Layer], outs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    return _upload(*_rows(layers, outs), layers[0].w.device)
 
 
 def _contiguous(w: torch.Tensor) -> bool:
@@ -651,10 +663,7 @@ def _one_layer(k: tuple, w: torch.Tensor, std: torch.Tensor, key: int, row0: int
     dev = _prebound_device(w)
     hit = (tab, tile_map, tiles, dtype, _KIND[dtype], w.shape[1] % 8 == 0, contig, dev, tab.data_ptr(),
            tile_map.data_ptr())
-    if len(_ONE) >= 4096:  # weights come and go (a model reloaded): start over rather than grow
-        _ONE.clear()
-    _ONE[k] = hit
-    return hit
+    return _remember(_ONE, k, hit, limit=4096)
 
 
 def noisy_copy_(w: torch.Tensor, std: torch.Tensor, key: int, row0: int, out: torch.Tensor) -> None:
@@ -727,12 +736,7 @@ def _perturb_table(layers: list[Layer], group_key: tuple) -> tuple[torch.Tensor,
     hit = _PERTURB_TABLES.get(group_key)
     if hit is None:
         rows, counts = _rows(layers)
-        tab = torch.tensor(rows, dtype=torch.int64).to(layers[0].w.device, non_blocking=True)
-        if len(_PERTURB_TABLES) >= 64:  # models come and go: start over rather than grow
-            _PERTURB_TABLES.clear()
-        _PERTURB_TABLES[group_key] = (rows, tab, _tile_map(tab.device, counts), rows[-1][C_TILE0] + counts[-1],
-                                      _flags(layers))
-        return _PERTURB_TABLES[group_key][1:]
+        return _remember(_PERTURB_TABLES, group_key, (rows, *_upload(rows, counts, layers[0].w.device), _flags(layers)))[1:]
     rows, tab, tile_map, tiles, flags = hit
     for row, ly in zip(rows, layers):
         row[C_STD] = ly.std.data_ptr()
@@ -770,10 +774,9 @@ def perturb_group(layers: list[Layer], capacity: float | None = None, sigma: flo
     else:
         cap = numel // 8
     cap = max(1024, cap)
-    stats = torch.zeros(STATS + len(layers), dtype=torch.int32, device=dev)
-    rec = Record(stats[:1], torch.empty((tiles, 3), dtype=torch.int32, device=dev),
-                 torch.empty(cap, dtype=_ENT[dtype], device=dev),
-                 table=tab, tile_map=tile_map, dtype=dtype, flags=flags, group_key=group_key, sigma=sigma, stats=stats)
+    rec = Record(torch.zeros(STATS + len(layers), dtype=torch.int32, device=dev),
+                 torch.empty((tiles, 3), dtype=torch.int32, device=dev), torch.empty(cap, dtype=_ENT[dtype], device=dev),
+                 table=tab, tile_map=tile_map, dtype=dtype, flags=flags, group_key=group_key, sigma=sigma)
     _launch(tab, tile_map, tiles, dtype, flags, PERTURB, rec)
     if deferred:
         rec.used = None
@@ -797,13 +800,9 @@ class Outcome:
     behind an event, so a restore never waits for the GPU; `counts()` waits for it (by the next window it has
     long arrived) and then sets `rec.used`, `rec.skipped` and the next perturb's size estimate."""
 
-    def __init__(self, rec: Record, bad: torch.Tensor):
+    def __init__(self, rec: Record):
         self.rec, self._cap = rec, rec.ent.numel()
-        if rec.stats is not None and bad.data_ptr() == rec.stats.data_ptr() + 4 * STATS:
-            vals = rec.stats  # [counter, skipped tiles, -, -, modified tiles per layer]: the restore filled it
-        else:
-            skipped = (rec.hslot == -1).sum(dtype=torch.int32).view(1)
-            vals = torch.cat([rec.counter, skipped, skipped.new_zeros(STATS - 2), bad])
+        vals = rec.stats  # [counter, skipped tiles, -, -, modified tiles per layer]: filled by perturb and restore
         self._event = None
         if vals.is_cuda:
             self._host = torch.empty(vals.shape, dtype=vals.dtype, pin_memory=True)
@@ -844,10 +843,7 @@ def restore_group(rec: Record) -> torch.Tensor:
     """Undo the `perturb_group` that made `rec` exactly (its layers, std and keys are in the record's table).
     Returns, per layer, the number of tiles whose weight changed since the perturb (int32, on the device);
     those tiles are left as found."""
-    if rec.stats is not None:
-        bad = rec.stats[STATS:]  # zeroed by the perturb, which only wrote the counter
-    else:
-        bad = torch.zeros(rec.table.shape[0], dtype=torch.int32, device=rec.table.device)
+    bad = rec.stats[STATS:]  # zeroed by the perturb, which only wrote the counter
     _launch(rec.table, rec.tile_map, rec.header.shape[0], rec.dtype, rec.flags, RESTORE, rec, bad)
     return bad
 
@@ -930,11 +926,8 @@ def row_std_group(items: list[StdItem], sigma_scale: float) -> list[torch.Tensor
             key.append((w.data_ptr(), pa, pb, m, n, w.stride(0), w.stride(1), r, float(it.scale)))
         key = tuple(key)
         plan = _STD_PLANS.get(key)
-        if plan is None:
-            plan = _STD_PLANS[key] = _std_plan(key[2:], dev, all(_contiguous(items[i].w) for i in idx))
-            if len(_STD_PLANS) > 64:  # models come and go (and copied factors move): start over rather than grow
-                _STD_PLANS.clear()
-                _STD_PLANS[key] = plan
+        if plan is None:  # (copied factors move every step: such tables are rebuilt and the cache starts over)
+            plan = _remember(_STD_PLANS, key, _std_plan(key[2:], dev, all(_contiguous(items[i].w) for i in idx)))
         tab, tile_map, blk, sizes, vec, rp, one = plan
         for i, part in zip(idx, out.split(sizes)):  # one call for every layer's view of `out`
             result[i] = part
