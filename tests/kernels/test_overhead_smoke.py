@@ -138,9 +138,17 @@ def test_compiled_variants(tmp_path):
     interleaved with the eager variants (whose rows stay as they are)."""
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
-    rows = _load("run").main(["--smoke", "--only", "minilm", "--compile", "aot_eager", "--out", str(tmp_path)])
+    rows = _load("run").main(["--smoke", "--only", "minilm", "--compile", "aot_eager", "--profile", "--out", str(tmp_path)])
     got = {r["variant"]: r for r in rows}
     assert {"lora", "flatlora-forward", "lora-compiled", "flatlora-inplace-compiled", "flatlora-forward-compiled"} <= set(got)
     for v in ("lora-compiled", "flatlora-inplace-compiled", "flatlora-forward-compiled"):
         assert got[v]["median_ms"] > 0 and got[v]["n_steps"] == got["lora"]["n_steps"]
     assert "restore_record_bytes" in got["flatlora-inplace-compiled"]
+    # a compiled Flat-LoRA row is also taken against the compiled LoRA step, and profiled against its ops
+    for v in ("flatlora-inplace-compiled", "flatlora-forward-compiled"):
+        assert got[v]["ratio_vs_lora_compiled"] == pytest.approx(got[v]["median_ms"] / got["lora-compiled"]["median_ms"])
+        assert got[v]["round_ratio_median_vs_lora_compiled"] > 0
+        table = (tmp_path / f"profile-minilm-l6_32x64-{v}.txt").read_text()
+        assert "## against LoRA" in table
+    assert "ratio_vs_lora_compiled" not in got["lora-compiled"] and "ratio_vs_lora_compiled" not in got["flatlora-forward"]
+    assert "## against LoRA" not in (tmp_path / "profile-minilm-l6_32x64-lora-compiled.txt").read_text()
