@@ -338,6 +338,29 @@ for mode in ("inplace", "forward"):
     tc.assert_records(compiled, eager, exact=True)
     tc.assert_noise_seen(compiled)
     assert counter.frame_count == (2 if mode == "forward" else 1), counter.frame_count
+# The traced Triton ops (what a compiled graph runs on a GPU) called eagerly: the interpreter cannot trace them
+# (so the compiled runs above kept noisy_linear), but their bodies run, and must be the custom op's bits.
+from flatlora.core import ops
+assert ops.register_triton_ops() is False
+g = torch.Generator().manual_seed(0)
+for transposed in (False, True):
+    for dtype in (torch.bfloat16, torch.float32):
+        m, n = 24, 40
+        w = (torch.randn(n, m, generator=g) if transposed else torch.randn(m, n, generator=g)).to(dtype)
+        b = torch.randn(m, generator=g).to(dtype)
+        std = torch.rand(m, generator=g) * 0.05
+        x0 = torch.randn(3, n, generator=g).to(dtype)
+        for key in (5, 2**64 - 1):
+            xa, xb = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+            ya = torch.ops.flatlora.noisy_linear(xa, w, b, std, ops.key_tensor(key), m, 0, transposed, "philox", "triton")
+            yb = torch.ops.flatlora.noisy_linear_triton(xb, w, b, std, ops.device_keys([key], "cpu")[0], 0, transposed)
+            assert torch.equal(ya, yb), (transposed, dtype, key)
+            ya.square().sum().backward()
+            yb.square().sum().backward()
+            assert torch.equal(xa.grad, xb.grad), (transposed, dtype, key)
+            wa = torch.ops.flatlora.noisy_weight(w, std, ops.key_tensor(key), m, 0, transposed, "philox", "triton")
+            wb = torch.ops.flatlora.noisy_weight_triton(w, std, ops.device_keys([key], "cpu")[0], 0, transposed)
+            assert torch.equal(wa, wb) and not torch.equal(wa, w)
 print("ok")
 """
 
@@ -415,3 +438,67 @@ def test_gpu_noisy_weight_op_is_the_kernel_for_64bit_keys():
     t = torch.compile(lambda w, s, k: torch.ops.flatlora.noisy_weight(w, s, k, m, 0, False, "philox", "triton") * 1,
                       backend="inductor", fullgraph=True)
     assert torch.equal(t(w, std, ops.key_tensor(2**64 - 1)), K.noisy_copy(w, std, 2**64 - 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gpu_traced_triton_ops_compile_to_the_kernels_bits(dtype, transposed):
+    """flatlora::noisy_weight_triton / noisy_linear_triton under inductor (the op a compiled forward-mode layer
+    runs on the Triton backend, traced into the graph): the noisy copy is noisy_copy_'s, bit for bit, for 64-bit
+    keys, and the compiled layer's output and input gradient are the eager custom op's."""
+    from flatlora.kernels import triton_noise as K
+
+    assert ops.register_triton_ops()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    m, n = 96, 200
+    w = (torch.randn(n, m, device="cuda", generator=g) if transposed else torch.randn(m, n, device="cuda", generator=g)).to(dtype)
+    std = torch.rand(m, device="cuda", generator=g) * 0.1
+    mat = w.t() if transposed else w
+    cw = torch.compile(lambda w, s, k: torch.ops.flatlora.noisy_weight_triton(w, s, k, 3, transposed) * 1,
+                       backend="inductor", fullgraph=True)
+    for key in (5, 2**63 + 5, 2**64 - 1):
+        ref = torch.empty(m, n, dtype=dtype, device="cuda")
+        K.noisy_copy_(mat, std, key, 3, ref)
+        got = cw(w, std, ops.device_keys([key], "cuda")[0])
+        assert torch.equal(got.t() if transposed else got, ref), key
+    x0 = torch.randn(5, n, device="cuda", generator=g).to(dtype)
+    b = torch.randn(m, device="cuda", generator=g).to(dtype)
+    cl = torch.compile(lambda x, k: torch.ops.flatlora.noisy_linear_triton(x, w, b, std, k, 0, transposed),
+                       backend="inductor", fullgraph=True)
+    for key in (7, 2**64 - 1):
+        xa, xb = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+        ya = torch.ops.flatlora.noisy_linear(xa, w, b, std, ops.key_tensor(key), m, 0, transposed, "philox", "triton")
+        yb = cl(xb, ops.device_keys([key], "cuda")[0])
+        torch.testing.assert_close(yb, ya)  # the same W + eps; the matmul is inductor's
+        ya.float().square().sum().backward()
+        yb.float().square().sum().backward()
+        torch.testing.assert_close(xb.grad, xa.grad)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_traced_op_keeps_no_noisy_weight_for_backward():
+    """The compiled graph regenerates W + eps in backward (nothing m x n kept from forward), as the eager op does:
+    between forward and backward it holds no more memory than a compiled plain linear layer."""
+    assert ops.register_triton_ops()
+    m = n = 4096  # 32 MiB in bf16: far above the activations
+    w = (torch.randn(m, n, device="cuda") * 0.02).bfloat16()
+    std = torch.full((m,), 1e-3, device="cuda")
+    key = ops.device_keys([11], "cuda")[0]
+    x = torch.randn(8, n, device="cuda").bfloat16().requires_grad_(True)
+
+    def held(fn):
+        fn(x).sum().backward()  # compile and warm up
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        y = fn(x)
+        torch.cuda.synchronize()
+        during = torch.cuda.memory_allocated() - before
+        y.sum().backward()
+        return during
+
+    plain = held(torch.compile(lambda x: torch.nn.functional.linear(x, w), backend="inductor"))
+    noisy = held(torch.compile(lambda x: torch.ops.flatlora.noisy_linear_triton(x, w, None, std, key, 0, False),
+                               backend="inductor"))
+    assert noisy - plain < w.numel() * w.element_size() // 2, (noisy, plain)
+

@@ -65,6 +65,7 @@ class Armed:
         self.generator = "torch"
         self.std: torch.Tensor | None = None
         self.key: torch.Tensor | None = None
+        self.key_dev: torch.Tensor | None = None  # the key on the weight's device (Triton backend, compiled)
         self.key_int = 0
         self.row0 = 0
         self.noisy: NoisyWeight | None = None
@@ -76,10 +77,10 @@ class Armed:
 
     def set_callback(self, noisy: NoisyWeight) -> None:
         """Compute with `noisy()` through the eager op (quantized, or gathered only inside forward)."""
-        self.std, self.key, self.row0, self.noisy = None, None, 0, noisy
+        self.std, self.key, self.key_dev, self.row0, self.noisy = None, None, None, 0, noisy
 
     def clear(self) -> None:
-        self.std = self.key = self.noisy = None
+        self.std = self.key = self.key_dev = self.noisy = None
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         t = self.t
@@ -98,6 +99,9 @@ class Armed:
             return _NoisyLayer.apply(x, w, bias, t, noisy)
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        if self.key_dev is not None:  # the Triton backend: an op the compiled graph traces into (see ops)
+            return torch.ops.flatlora.noisy_linear_triton(x, t.weight, bias, self.std, self.key_dev, self.row0,
+                                                          t.transposed, dtype)
         return torch.ops.flatlora.noisy_linear(x, t.weight, bias, self.std, self.key, t.m, self.row0, t.transposed,
                                                self.generator, self.backend, dtype)
 

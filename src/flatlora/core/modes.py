@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import forward
+from . import forward, ops
 from .backends import BITS, Applied, Backend
 from .noise_draw import Draw
 from .targets import Target
@@ -164,16 +164,28 @@ class ForwardMode:
         whole = [View.of(t) for _, targets in self.plan for t in targets
                  if not t.quantized and not unmaterialised(t.weight) and not is_sharded(t.weight)]
         window.draws.update(window.draw(whole))
+        traced: list[forward.Armed] = []
         for backend, targets in self.plan:
             for t in targets:
                 armed = self.armed[t.name]
                 draw = window.draws.get(t.name)
                 if draw is not None and not t.quantized:
                     armed.set_draw(draw)  # the custom ops (torch.compile traces them)
+                    if backend.name == "triton" and t.kind != "conv":
+                        traced.append(armed)
                 else:
                     armed.set_callback(_noisy_weight(window, backend, t))
                 forward.arm(t, armed)
                 window.armed.append(t)
+        # The Triton layers' keys on their devices (one copy a device a window): what the op a compiled graph
+        # traces into reads (ops.noisy_linear_triton); eager calls never read them.
+        if traced and ops.register_triton_ops():
+            by_device: dict[torch.device, list[forward.Armed]] = {}
+            for armed in traced:
+                by_device.setdefault(armed.std.device, []).append(armed)
+            for dev, group in by_device.items():
+                for armed, key in zip(group, ops.device_keys([a.key_int for a in group], dev)):
+                    armed.key_dev = key
 
     def close(self, window: Window) -> None:
         while window.armed:

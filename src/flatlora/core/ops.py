@@ -176,3 +176,75 @@ def _noisy_linear_backward(ctx, grad_out):
 
 
 noisy_linear.register_autograd(_noisy_linear_backward, setup_context=_noisy_linear_setup)
+
+
+# ------------------------------------------------------------------------- the Triton backend, traced
+#
+# On the Triton backend a compiled forward-mode layer runs `flatlora::noisy_linear_triton` instead: a
+# torch.library.triton_op, whose body torch.compile traces (the noisy copy becomes a kernel launch in the
+# compiled graph, the casts and the matmul ordinary graph ops), where `noisy_linear` is opaque and runs its
+# Python body through the dispatcher at every call (on the H200's host ~75 us a layer in forward and ~70 us
+# for its backward's noisy_weight: most of a compiled MiniLM step's forward-mode overhead,
+# benchmarks/overhead/op_host.py). The key is a 0-d int64 tensor on the weight's device (`device_keys`), which
+# the kernel reads itself: the body reads no value on the host. Registered at first use (Triton is optional).
+
+_TRITON_OPS = False
+
+
+def device_keys(keys: list[int], device: torch.device) -> list[torch.Tensor]:
+    """The keys as 0-d int64 tensors on `device` (views of one tensor: one copy for a window's layers)."""
+    signed = [k - (1 << 64) if k >> 63 else k for k in keys]
+    return list(torch.tensor(signed, dtype=torch.int64).to(device, non_blocking=True).unbind())
+
+
+def register_triton_ops() -> bool:
+    """Define `flatlora::noisy_weight_triton` and `flatlora::noisy_linear_triton` (once); False where a compiled
+    graph cannot trace them: under Triton's interpreter wrap_triton hands back the bare interpreted kernel,
+    which fake tensors cannot run (the layers keep `noisy_linear` there; eager calls of these ops still work)."""
+    global _TRITON_OPS
+    from ..kernels import triton_noise
+
+    if _TRITON_OPS:
+        return triton_noise.compiled()
+    from torch.library import triton_op, wrap_triton
+
+    def noisy(weight, std, key, row0, transposed):
+        out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        triton_noise.noisy_copy_traced(_matrix(weight, transposed), std, key, row0, _matrix(out, transposed),
+                                       launch=wrap_triton)
+        return out
+
+    @triton_op("flatlora::noisy_weight_triton", mutates_args=())
+    def noisy_weight_triton(weight: torch.Tensor, std: torch.Tensor, key: torch.Tensor, row0: int,
+                            transposed: bool) -> torch.Tensor:
+        return noisy(weight, std, key, row0, transposed)
+
+    @triton_op("flatlora::noisy_linear_triton", mutates_args=())
+    def noisy_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], std: torch.Tensor,
+                            key: torch.Tensor, row0: int, transposed: bool,
+                            dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return _linear(x, noisy(weight, std, key, row0, transposed), bias, transposed, dtype)
+
+    def setup(ctx, inputs, output):
+        x, weight, bias, std, key, row0, transposed, dtype = inputs
+        ctx.noise = (row0, transposed)
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, std, key)
+
+    def backward(ctx, grad_out):
+        x, weight, std, key = ctx.saved_tensors
+        row0, transposed = ctx.noise
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # W + eps again from (weight, std, key): the forward's copy was not kept
+        w = torch.ops.flatlora.noisy_weight_triton(weight, std, key, row0, transposed) if need_x else None
+        gx, gw, gb = linear_grads(grad_out, w, x, transposed, ctx.x_dtype, ctx.w_dtype, need_w, need_b)
+        return gx, gw, gb, None, None, None, None, None
+
+    noisy_weight_triton.register_autograd(_noisy_weight_backward_triton, setup_context=_noisy_weight_setup)
+    noisy_linear_triton.register_autograd(backward, setup_context=setup)
+    _TRITON_OPS = True
+    return triton_noise.compiled()
+
+
+def _noisy_weight_backward_triton(ctx, grad):
+    return grad, None, None, None, None

@@ -121,6 +121,18 @@ def _approx(x, OP: tl.constexpr):
 
 
 @triton.jit
+def _add_rn(a, b, FAST: tl.constexpr):
+    """a + b with one rounding, never fused with the multiply that made b: compiled, PTX's add.rn, which no
+    contraction touches (a kernel launched from a traced op compiles with Triton's default fp fusion on, where
+    the grouped kernels turn it off at their launch); the interpreter does not contract."""
+    if FAST:
+        return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a + b
+
+
+@triton.jit
 def _box_muller(w, FAST: tl.constexpr):
     """The two normals of one Philox word (uint32), as `philox.py` defines them: its 16-bit halves h1, h2
     give u1 = (h1 + 1/2) 2^-16, r = sqrt(-2 ln u1), theta = 2 pi (h2 + 1/2) 2^-16 - pi, computed as
@@ -315,6 +327,60 @@ def _noise_kernel(
 
 
 @triton.jit
+def _copy_kernel(w_ptr, out_ptr, std_ptr, key_ptr, M, N, ROW0, SR, SC, OSR, OSC,
+                 KIND: tl.constexpr, ALIGNED: tl.constexpr, CONTIG: tl.constexpr, FAST: tl.constexpr,
+                 BLOCK_: tl.constexpr):
+    """The noisy copy of one layer as `_noise_kernel`'s COPY computes it (the same tiles, stream and rounding:
+    the same bits), with the key read from device memory and the shape and strides as arguments: no table and
+    no host-side value, so a traced op can launch it (`noisy_weight_triton`, what a compiled forward-mode layer
+    runs). Pointer alignment is Triton's own specialization of pointer arguments."""
+    t = tl.program_id(0)
+    key = tl.load(key_ptr)
+    start = (t * BLOCK_).to(tl.int32)
+    numel = (M * N).to(tl.int32)
+    if ALIGNED:
+        start = tl.multiple_of(start, 8)
+        numel = tl.multiple_of(numel, 8)
+    N32 = N.to(tl.int32)
+    q = tl.arange(0, BLOCK_ // 8)
+    offs = q[:, None] * 8 + tl.arange(0, 8)[None, :]
+    o = start + offs
+    mask = o < numel
+    if ALIGNED:
+        rq = (start + q * 8) // N32
+        std = tl.load(std_ptr + rq, mask=start + q * 8 < numel, other=0.0)[:, None]
+        r = rq[:, None]
+    else:
+        r = o // N32
+        std = tl.load(std_ptr + r, mask=mask, other=0.0)
+    if CONTIG:
+        ptrs = w_ptr + o
+        optrs = out_ptr + o
+    else:
+        c = (o - r * N32).to(tl.int64)
+        ptrs = w_ptr + r.to(tl.int64) * SR + c * SC
+        optrs = out_ptr + r.to(tl.int64) * OSR + c * OSC
+    bits = tl.load(ptrs, mask=mask, other=0)
+    eps = std * _normals(key, ROW0.to(tl.int64) * N + start.to(tl.int64), q, ALIGNED, FAST)
+    tl.store(optrs, _round_bits(_add_rn(_to_f32(bits, KIND), eps, FAST), KIND, FAST), mask=mask)
+
+
+def noisy_copy_traced(w: torch.Tensor, std: torch.Tensor, key: torch.Tensor, row0: int, out: torch.Tensor,
+                      launch=None) -> None:
+    """out <- round(w + eps) for logical (m, n) views, as `noisy_copy_` writes it, with the key a 0-d int64
+    tensor on w's device. Only shapes, strides and dtypes are read on the host (no address, no value), so a
+    compiled graph traces it: `launch` is torch.library.wrap_triton there, the launch is then inductor's."""
+    m, n = w.shape
+    dtype = w.dtype
+    bits = _BITS[dtype]
+    contig = all(v.stride(1) == 1 and (v.stride(0) == n or m == 1) for v in (w, out))
+    kernel = _copy_kernel if launch is None else launch(_copy_kernel)
+    kernel[(_tiles(m, n),)](w.view(bits), out.view(bits), std, key, m, n, row0, w.stride(0), w.stride(1),
+                            out.stride(0), out.stride(1), KIND=_KIND[dtype], ALIGNED=n % 8 == 0, CONTIG=contig,
+                            FAST=_fast(), BLOCK_=BLOCK, num_warps=NUM_WARPS[COPY])
+
+
+@triton.jit
 def _rowstd_kernel(tab_ptr, map_ptr, out_ptr, SCALE,
                    KIND: tl.constexpr, VEC: tl.constexpr, BM_: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
                    ONE: tl.constexpr, PREC: tl.constexpr):
@@ -392,6 +458,11 @@ def _tiles(m: int, n: int) -> int:
 def _fast() -> bool:
     # Triton decides interpreted vs compiled per process from this variable; inline PTX needs compiled.
     return os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def compiled() -> bool:
+    """True when the kernels run compiled on a GPU, False under Triton's interpreter."""
+    return _fast()
 
 
 @dataclass
