@@ -208,16 +208,15 @@ def register_triton_ops() -> bool:
         return triton_noise.compiled()
     from torch.library import triton_op, wrap_triton
 
-    def noisy(weight, std, key, row0, transposed):
+    def noisy(weight, std, key, row0, transposed, backward=False):
         out = torch.empty_like(weight, memory_format=torch.contiguous_format)
-        triton_noise.noisy_copy_traced(_matrix(weight, transposed), std, key, row0, _matrix(out, transposed),
-                                       launch=wrap_triton)
+        triton_noise.noisy_copy_traced(weight, std, key, row0, out, transposed, backward, launch=wrap_triton)
         return out
 
     @triton_op("flatlora::noisy_weight_triton", mutates_args=())
     def noisy_weight_triton(weight: torch.Tensor, std: torch.Tensor, key: torch.Tensor, row0: int,
-                            transposed: bool) -> torch.Tensor:
-        return noisy(weight, std, key, row0, transposed)
+                            transposed: bool, backward: bool = False) -> torch.Tensor:
+        return noisy(weight, std, key, row0, transposed, backward)
 
     @triton_op("flatlora::noisy_linear_triton", mutates_args=())
     def noisy_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], std: torch.Tensor,
@@ -236,7 +235,7 @@ def register_triton_ops() -> bool:
         row0, transposed = ctx.noise
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # W + eps again from (weight, std, key): the forward's copy was not kept
-        w = torch.ops.flatlora.noisy_weight_triton(weight, std, key, row0, transposed) if need_x else None
+        w = torch.ops.flatlora.noisy_weight_triton(weight, std, key, row0, transposed, True) if need_x else None
         gx, gw, gb = linear_grads(grad_out, w, x, transposed, ctx.x_dtype, ctx.w_dtype, need_w, need_b)
         return gx, gw, gb, None, None, None, None, None
 
@@ -247,4 +246,4 @@ def register_triton_ops() -> bool:
 
 
 def _noisy_weight_backward_triton(ctx, grad):
-    return grad, None, None, None, None
+    return grad, None, None, None, None, None

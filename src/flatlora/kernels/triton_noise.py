@@ -329,19 +329,24 @@ def _noise_kernel(
 @triton.jit
 def _copy_kernel(w_ptr, out_ptr, std_ptr, key_ptr, M, N, ROW0, SR, SC, OSR, OSC,
                  KIND: tl.constexpr, ALIGNED: tl.constexpr, CONTIG: tl.constexpr, FAST: tl.constexpr,
-                 BLOCK_: tl.constexpr):
+                 BLOCK_: tl.constexpr, PASS: tl.constexpr):
     """The noisy copy of one layer as `_noise_kernel`'s COPY computes it (the same tiles, stream and rounding:
     the same bits), with the key read from device memory and the shape and strides as arguments: no table and
-    no host-side value, so a traced op can launch it (`noisy_weight_triton`, what a compiled forward-mode layer
-    runs). Pointer alignment is Triton's own specialization of pointer arguments."""
+    no host-side value, so a traced op can launch it (`noisy_copy_traced`). The weight and output come in their
+    own dtype (no bits view for a traced graph to functionalize) and are reinterpreted here. PASS (0 forward,
+    1 backward) is unused: it keeps a compiled graph from merging the backward's regeneration with the
+    forward's copy, which would keep that m x n copy alive between them. Pointer alignment is Triton's own
+    specialization of pointer arguments."""
+    # tl.cast, not .to(): a compiled graph may hand the sizes in as constants (plain ints)
+    BITS: tl.constexpr = tl.int16 if KIND < 2 else tl.int32
     t = tl.program_id(0)
     key = tl.load(key_ptr)
-    start = (t * BLOCK_).to(tl.int32)
-    numel = (M * N).to(tl.int32)
+    start = tl.cast(t * BLOCK_, tl.int32)
+    numel = tl.cast(M, tl.int32) * tl.cast(N, tl.int32)
     if ALIGNED:
         start = tl.multiple_of(start, 8)
         numel = tl.multiple_of(numel, 8)
-    N32 = N.to(tl.int32)
+    N32 = tl.cast(N, tl.int32)
     q = tl.arange(0, BLOCK_ // 8)
     offs = q[:, None] * 8 + tl.arange(0, 8)[None, :]
     o = start + offs
@@ -360,24 +365,27 @@ def _copy_kernel(w_ptr, out_ptr, std_ptr, key_ptr, M, N, ROW0, SR, SC, OSR, OSC,
         c = (o - r * N32).to(tl.int64)
         ptrs = w_ptr + r.to(tl.int64) * SR + c * SC
         optrs = out_ptr + r.to(tl.int64) * OSR + c * OSC
-    bits = tl.load(ptrs, mask=mask, other=0)
-    eps = std * _normals(key, ROW0.to(tl.int64) * N + start.to(tl.int64), q, ALIGNED, FAST)
-    tl.store(optrs, _round_bits(_add_rn(_to_f32(bits, KIND), eps, FAST), KIND, FAST), mask=mask)
+    bits = tl.load(ptrs, mask=mask, other=0).to(BITS, bitcast=True)
+    eps = std * _normals(key, tl.cast(ROW0, tl.int64) * N32 + start.to(tl.int64), q, ALIGNED, FAST)
+    noisy = _round_bits(_add_rn(_to_f32(bits, KIND), eps, FAST), KIND, FAST)
+    tl.store(optrs, noisy.to(out_ptr.dtype.element_ty, bitcast=True), mask=mask)
 
 
 def noisy_copy_traced(w: torch.Tensor, std: torch.Tensor, key: torch.Tensor, row0: int, out: torch.Tensor,
-                      launch=None) -> None:
-    """out <- round(w + eps) for logical (m, n) views, as `noisy_copy_` writes it, with the key a 0-d int64
-    tensor on w's device. Only shapes, strides and dtypes are read on the host (no address, no value), so a
-    compiled graph traces it: `launch` is torch.library.wrap_triton there, the launch is then inductor's."""
-    m, n = w.shape
-    dtype = w.dtype
-    bits = _BITS[dtype]
-    contig = all(v.stride(1) == 1 and (v.stride(0) == n or m == 1) for v in (w, out))
+                      transposed: bool = False, backward: bool = False, launch=None) -> None:
+    """out <- round(W + eps), as `noisy_copy_` writes it, for a 2-D weight `w` and output `out` in storage
+    layout (`transposed`: stored (n, m), as HF Conv1D keeps it), the key a 0-d int64 tensor on w's device.
+    Only shapes, strides and dtypes are read on the host (no address, no value, no view made), so a compiled
+    graph traces it: `launch` is torch.library.wrap_triton there, and the launch is then inductor's.
+    `backward`: the regeneration in backward (see the kernel's PASS)."""
+    if w.dim() != 2 or out.shape != w.shape or out.dtype != w.dtype:
+        raise ValueError(f"a 2-D weight and an output of its shape and dtype, got {tuple(w.shape)} and {tuple(out.shape)}")
+    (n, m), (sc, sr), (osc, osr) = (w.shape, w.stride(), out.stride()) if transposed else (w.shape[::-1], w.stride()[::-1], out.stride()[::-1])
+    contig = all(s1 == 1 and (s0 == n or m == 1) for s0, s1 in ((sr, sc), (osr, osc)))
     kernel = _copy_kernel if launch is None else launch(_copy_kernel)
-    kernel[(_tiles(m, n),)](w.view(bits), out.view(bits), std, key, m, n, row0, w.stride(0), w.stride(1),
-                            out.stride(0), out.stride(1), KIND=_KIND[dtype], ALIGNED=n % 8 == 0, CONTIG=contig,
-                            FAST=_fast(), BLOCK_=BLOCK, num_warps=NUM_WARPS[COPY])
+    kernel[(_tiles(m, n),)](w, out, std, key, m, n, row0, sr, sc, osr, osc, KIND=_KIND[w.dtype], ALIGNED=n % 8 == 0,
+                            CONTIG=contig, FAST=_fast(), BLOCK_=BLOCK, PASS=int(backward),
+                            num_warps=NUM_WARPS[COPY])
 
 
 @triton.jit
