@@ -379,6 +379,85 @@ def test_triton_backend_compiled_under_the_interpreter(tmp_path):
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-3000:] + r.stderr[-3000:]
 
 
+_PARTITION_SCRIPT = """
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+
+class SM90:  # Triton's driver as on an H100/H200: tracing a kernel call needs its target, not a device
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+triton.runtime.driver.set_active(SM90())
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+from flatlora.core import ops
+from flatlora.kernels import triton_noise
+
+triton_noise._fast = lambda: True  # compiled kernels: the layers take the traced op
+assert ops.register_triton_ops()
+graphs = []
+
+
+class Partitioned(Exception):
+    pass
+
+
+def keep(gm, example_inputs):
+    graphs.append(gm)
+    raise Partitioned  # the graphs are what this checks; running them needs a GPU
+
+
+def backend(gm, example_inputs):  # inductor's partitioner, without inductor's code generation
+    return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep,
+                                 partition_fn=min_cut_rematerialization_partition)
+
+
+m = n = 256
+for transposed in (False, True):
+    w = (torch.randn(n, m) if transposed else torch.randn(m, n)).bfloat16()
+    std, key = torch.full((m,), 1e-3), ops.device_keys([11], "cpu")[0]
+    x = torch.randn(8, n).bfloat16().requires_grad_(True)
+    f = torch.compile(lambda x: torch.ops.flatlora.noisy_linear_triton(x, w, None, std, key, 0, transposed),
+                      backend=backend)
+    graphs.clear()
+    try:
+        f(x)
+    except Exception as e:
+        if "Partitioned" not in repr(e):
+            raise
+    fw = graphs[0].graph
+    kernels = [nd for nd in fw.nodes if nd.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    assert len(kernels) == 1 and kernels[0].kwargs["tensors_to_clone"] == ["out_ptr"], kernels  # only `out` written
+    saved = [o.meta["val"] for o in next(nd for nd in fw.nodes if nd.op == "output").args[0][1:]]
+    # saved for backward: the weight (a graph input, no copy), std and key; no m x n tensor made in forward
+    inputs = [nd.meta["val"] for nd in fw.nodes if nd.op == "placeholder"]
+    assert all(any(v is i for i in inputs) for v in saved), [(tuple(v.shape), v.dtype) for v in saved]
+print("ok")
+"""
+
+
+def test_traced_triton_op_keeps_no_noisy_weight_between_forward_and_backward(tmp_path):
+    """The compiled forward mode on the Triton backend regenerates W + eps in backward: inductor's partitioner
+    (min-cut) once moved that primal-only regeneration into the forward and saved its m x n output (the H200's
+    memory case: +32 MiB for a 4096 x 4096 layer); the backward's copy now waits on its incoming gradient. Checked
+    on CPU by partitioning the real traced op (Triton's driver set to an sm_90 target, no kernel run), in a fresh
+    process (the driver and the kernels' compiled flag are process-wide)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    env.pop("TRITON_INTERPRET", None)
+    script = tmp_path / "partition.py"
+    script.write_text(_PARTITION_SCRIPT)
+    r = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-3000:] + r.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 
 @pytest.fixture

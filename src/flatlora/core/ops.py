@@ -208,15 +208,16 @@ def register_triton_ops() -> bool:
         return triton_noise.compiled()
     from torch.library import triton_op, wrap_triton
 
-    def noisy(weight, std, key, row0, transposed, backward=False):
+    def noisy(weight, std, key, row0, transposed, after=None):
         out = torch.empty_like(weight, memory_format=torch.contiguous_format)
-        triton_noise.noisy_copy_traced(weight, std, key, row0, out, transposed, backward, launch=wrap_triton)
+        triton_noise.noisy_copy_traced(weight, std, key, row0, out, transposed, after, launch=wrap_triton)
         return out
 
     @triton_op("flatlora::noisy_weight_triton", mutates_args=())
     def noisy_weight_triton(weight: torch.Tensor, std: torch.Tensor, key: torch.Tensor, row0: int,
-                            transposed: bool, backward: bool = False) -> torch.Tensor:
-        return noisy(weight, std, key, row0, transposed, backward)
+                            transposed: bool, after: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`after`: a tensor the copy waits for, never read (the backward passes its gradient: see the kernel)."""
+        return noisy(weight, std, key, row0, transposed, after)
 
     @triton_op("flatlora::noisy_linear_triton", mutates_args=())
     def noisy_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], std: torch.Tensor,
@@ -234,8 +235,8 @@ def register_triton_ops() -> bool:
         x, weight, std, key = ctx.saved_tensors
         row0, transposed = ctx.noise
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        # W + eps again from (weight, std, key): the forward's copy was not kept
-        w = torch.ops.flatlora.noisy_weight_triton(weight, std, key, row0, transposed, True) if need_x else None
+        # W + eps again from (weight, std, key), after grad_out: the forward's copy is not kept
+        w = torch.ops.flatlora.noisy_weight_triton(weight, std, key, row0, transposed, grad_out) if need_x else None
         gx, gw, gb = linear_grads(grad_out, w, x, transposed, ctx.x_dtype, ctx.w_dtype, need_w, need_b)
         return gx, gw, gb, None, None, None, None, None
 

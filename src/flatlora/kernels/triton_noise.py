@@ -327,16 +327,17 @@ def _noise_kernel(
 
 
 @triton.jit
-def _copy_kernel(w_ptr, out_ptr, std_ptr, key_ptr, M, N, ROW0, SR, SC, OSR, OSC,
+def _copy_kernel(w_ptr, out_ptr, std_ptr, key_ptr, after_ptr, M, N, ROW0, SR, SC, OSR, OSC,
                  KIND: tl.constexpr, ALIGNED: tl.constexpr, CONTIG: tl.constexpr, FAST: tl.constexpr,
-                 BLOCK_: tl.constexpr, PASS: tl.constexpr):
+                 BLOCK_: tl.constexpr):
     """The noisy copy of one layer as `_noise_kernel`'s COPY computes it (the same tiles, stream and rounding:
     the same bits), with the key read from device memory and the shape and strides as arguments: no table and
     no host-side value, so a traced op can launch it (`noisy_copy_traced`). The weight and output come in their
-    own dtype (no bits view for a traced graph to functionalize) and are reinterpreted here. PASS (0 forward,
-    1 backward) is unused: it keeps a compiled graph from merging the backward's regeneration with the
-    forward's copy, which would keep that m x n copy alive between them. Pointer alignment is Triton's own
-    specialization of pointer arguments."""
+    own dtype (no bits view for a traced graph to functionalize) and are reinterpreted here. `after_ptr` is
+    never read: it makes the launch depend on a tensor, the backward's on its incoming gradient, so that a
+    compiled graph cannot move the backward's regeneration into the forward (it depends only on the forward's
+    inputs; inductor's partitioner did, and kept the m x n copy alive in between). Pointer alignment is
+    Triton's own specialization of pointer arguments."""
     # tl.cast, not .to(): a compiled graph may hand the sizes in as constants (plain ints)
     BITS: tl.constexpr = tl.int16 if KIND < 2 else tl.int32
     t = tl.program_id(0)
@@ -372,19 +373,19 @@ def _copy_kernel(w_ptr, out_ptr, std_ptr, key_ptr, M, N, ROW0, SR, SC, OSR, OSC,
 
 
 def noisy_copy_traced(w: torch.Tensor, std: torch.Tensor, key: torch.Tensor, row0: int, out: torch.Tensor,
-                      transposed: bool = False, backward: bool = False, launch=None) -> None:
+                      transposed: bool = False, after: torch.Tensor | None = None, launch=None) -> None:
     """out <- round(W + eps), as `noisy_copy_` writes it, for a 2-D weight `w` and output `out` in storage
     layout (`transposed`: stored (n, m), as HF Conv1D keeps it), the key a 0-d int64 tensor on w's device.
     Only shapes, strides and dtypes are read on the host (no address, no value, no view made), so a compiled
     graph traces it: `launch` is torch.library.wrap_triton there, and the launch is then inductor's.
-    `backward`: the regeneration in backward (see the kernel's PASS)."""
+    `after`: a tensor the launch must wait for (never read; see the kernel), the weight itself by default."""
     if w.dim() != 2 or out.shape != w.shape or out.dtype != w.dtype:
         raise ValueError(f"a 2-D weight and an output of its shape and dtype, got {tuple(w.shape)} and {tuple(out.shape)}")
     (n, m), (sc, sr), (osc, osr) = (w.shape, w.stride(), out.stride()) if transposed else (w.shape[::-1], w.stride()[::-1], out.stride()[::-1])
     contig = all(s1 == 1 and (s0 == n or m == 1) for s0, s1 in ((sr, sc), (osr, osc)))
     kernel = _copy_kernel if launch is None else launch(_copy_kernel)
-    kernel[(_tiles(m, n),)](w, out, std, key, m, n, row0, sr, sc, osr, osc, KIND=_KIND[w.dtype], ALIGNED=n % 8 == 0,
-                            CONTIG=contig, FAST=_fast(), BLOCK_=BLOCK, PASS=int(backward),
+    kernel[(_tiles(m, n),)](w, out, std, key, w if after is None else after, m, n, row0, sr, sc, osr, osc,
+                            KIND=_KIND[w.dtype], ALIGNED=n % 8 == 0, CONTIG=contig, FAST=_fast(), BLOCK_=BLOCK,
                             num_warps=NUM_WARPS[COPY])
 
 
