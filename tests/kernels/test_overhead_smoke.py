@@ -152,3 +152,17 @@ def test_compiled_variants(tmp_path):
         assert "## against LoRA" in table
     assert "ratio_vs_lora_compiled" not in got["lora-compiled"] and "ratio_vs_lora_compiled" not in got["flatlora-forward"]
     assert "## against LoRA" not in (tmp_path / "profile-minilm-l6_32x64-lora-compiled.txt").read_text()
+
+
+def test_op_host_benchmark_smoke(tmp_path):
+    """op_host.py: the host cost of one noisy layer call, eager and compiled, written with its provenance (on CPU
+    the torch stream and aot_eager; the traced Triton op's rows only where the kernels run compiled)."""
+    rows = _load("op_host").main(["--calls", "1", "--backend", "aot_eager", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "op-host-cpu.json").read_text())
+    assert data["rows"] == rows and [r["case"] for r in rows] == [
+        "linear", "eager-path", "op", "linear-fwd-bwd", "op-fwd-bwd", "compiled-linear", "compiled-op",
+        "compiled-op-fwd-bwd"]
+    assert all(r["us_per_call"] > 0 for r in rows)
+    for key in ("device", "date", "torch", "command", "noise_backend"):
+        assert key in data["provenance"]
+

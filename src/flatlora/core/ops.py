@@ -200,13 +200,17 @@ def device_keys(keys: list[int], device: torch.device) -> list[torch.Tensor]:
 def register_triton_ops() -> bool:
     """Define `flatlora::noisy_weight_triton` and `flatlora::noisy_linear_triton` (once); False where a compiled
     graph cannot trace them: under Triton's interpreter wrap_triton hands back the bare interpreted kernel,
-    which fake tensors cannot run (the layers keep `noisy_linear` there; eager calls of these ops still work)."""
+    which fake tensors cannot run (the layers keep `noisy_linear` there; eager calls of these ops still work),
+    and before torch 2.6, which has no triton_op."""
     global _TRITON_OPS
     from ..kernels import triton_noise
 
     if _TRITON_OPS:
         return triton_noise.compiled()
-    from torch.library import triton_op, wrap_triton
+    try:
+        from torch.library import triton_op, wrap_triton
+    except ImportError:  # torch < 2.6: the layers keep noisy_linear
+        return False
 
     def noisy(weight, std, key, row0, transposed, after=None):
         out = torch.empty_like(weight, memory_format=torch.contiguous_format)
