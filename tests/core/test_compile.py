@@ -343,24 +343,31 @@ for mode in ("inplace", "forward"):
 from flatlora.core import ops
 assert ops.register_triton_ops() is False
 g = torch.Generator().manual_seed(0)
-for transposed in (False, True):
-    for dtype in (torch.bfloat16, torch.float32):
-        m, n = 24, 40
-        w = (torch.randn(n, m, generator=g) if transposed else torch.randn(m, n, generator=g)).to(dtype)
-        b = torch.randn(m, generator=g).to(dtype)
-        std = torch.rand(m, generator=g) * 0.05
-        x0 = torch.randn(3, n, generator=g).to(dtype)
-        for key in (5, 2**64 - 1):
-            xa, xb = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
-            ya = torch.ops.flatlora.noisy_linear(xa, w, b, std, ops.key_tensor(key), m, 0, transposed, "philox", "triton")
-            yb = torch.ops.flatlora.noisy_linear_triton(xb, w, b, std, ops.device_keys([key], "cpu")[0], 0, transposed)
-            assert torch.equal(ya, yb), (transposed, dtype, key)
-            ya.square().sum().backward()
-            yb.square().sum().backward()
-            assert torch.equal(xa.grad, xb.grad), (transposed, dtype, key)
-            wa = torch.ops.flatlora.noisy_weight(w, std, ops.key_tensor(key), m, 0, transposed, "philox", "triton")
-            wb = torch.ops.flatlora.noisy_weight_triton(w, std, ops.device_keys([key], "cpu")[0], 0, transposed)
-            assert torch.equal(wa, wb) and not torch.equal(wa, w)
+# several tiles (2 048 elements each), n % 8 != 0, a shard's first row, a strided (sliced) weight, every dtype
+for (m, n), row0, strided in (((24, 40), 0, False), ((37, 61), 5, False), ((70, 33), 0, True), ((1, 13), 2, False)):
+    for transposed in (False, True):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            shape = (n, m) if transposed else (m, n)
+            full = torch.randn(shape[0], shape[1] * (2 if strided else 1), generator=g).to(dtype)
+            w = full[:, ::2] if strided else full
+            b = torch.randn(m, generator=g).to(dtype)
+            std = torch.rand(m, generator=g) * 0.05
+            x0 = torch.randn(3, n, generator=g).to(dtype)
+            for key in (5, 2**64 - 1):
+                case = ((m, n), row0, strided, transposed, dtype, key)
+                xa, xb = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+                kd = ops.device_keys([key], "cpu")[0]
+                ya = torch.ops.flatlora.noisy_linear(xa, w, b, std, ops.key_tensor(key), m + row0, row0, transposed,
+                                                     "philox", "triton")
+                yb = torch.ops.flatlora.noisy_linear_triton(xb, w, b, std, kd, row0, transposed)
+                assert torch.equal(ya, yb), case
+                ya.float().square().sum().backward()
+                yb.float().square().sum().backward()
+                assert torch.equal(xa.grad, xb.grad), case
+                wa = torch.ops.flatlora.noisy_weight(w, std, ops.key_tensor(key), m + row0, row0, transposed, "philox",
+                                                     "triton")
+                wb = torch.ops.flatlora.noisy_weight_triton(w, std, kd, row0, transposed)
+                assert torch.equal(wa, wb) and not torch.equal(wa, w), case
 print("ok")
 """
 
@@ -377,6 +384,26 @@ def test_triton_backend_compiled_under_the_interpreter(tmp_path):
     if r.returncode == 0 and skip:  # the GPU tests run the compiled kernels instead
         pytest.skip(skip[0][5:])
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_traced_noisy_copy_refuses_what_the_grouped_launch_refuses():
+    """The traced copy checks from shapes, dtypes and devices alone (a compiled graph has no values) what the grouped
+    launch's _check does, with one-line errors instead of int32 overflow or a misread std (meta tensors: nothing runs)."""
+    pytest.importorskip("triton")
+    from flatlora.kernels import triton_noise as K
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    key, std = torch.empty((), dtype=torch.int64, device="meta"), meta(64, dtype=torch.float32)
+    with pytest.raises(ValueError, match="too many elements"):
+        K.noisy_copy_traced(meta(2**16, 2**15), meta(2**16, dtype=torch.float32), key, 0, meta(2**16, 2**15))
+    with pytest.raises(ValueError, match="contiguous float32 std"):
+        K.noisy_copy_traced(meta(64, 32), meta(64, dtype=torch.float64), key, 0, meta(64, 32))
+    with pytest.raises(ValueError, match="2-D float16/bfloat16/float32 weight"):
+        K.noisy_copy_traced(meta(64, 32), std, key, 0, meta(64, 32, dtype=torch.float16))
+    with pytest.raises(ValueError, match="share a device"):
+        K.noisy_copy_traced(meta(64, 32), std, torch.zeros((), dtype=torch.int64), 0, meta(64, 32))
 
 
 _PARTITION_SCRIPT = """
@@ -434,7 +461,9 @@ for transposed in (False, True):
             raise
     fw = graphs[0].graph
     kernels = [nd for nd in fw.nodes if nd.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
-    assert len(kernels) == 1 and kernels[0].kwargs["tensors_to_clone"] == ["out_ptr"], kernels  # only `out` written
+    assert len(kernels) == 1, kernels
+    # inductor's analysis of the kernel: only `out` is written (an input taken as written is cloned and copied back)
+    assert kernels[0].kwargs["tensors_to_clone"] == ["out_ptr"], kernels[0].kwargs["tensors_to_clone"]
     saved = [o.meta["val"] for o in next(nd for nd in fw.nodes if nd.op == "output").args[0][1:]]
     # saved for backward: the weight (a graph input, no copy), std and key; no m x n tensor made in forward
     inputs = [nd.meta["val"] for nd in fw.nodes if nd.op == "placeholder"]
@@ -530,17 +559,20 @@ def test_gpu_traced_triton_ops_compile_to_the_kernels_bits(dtype, transposed):
 
     assert ops.register_triton_ops()
     g = torch.Generator(device="cuda").manual_seed(0)
+    for m, n in ((96, 200), (37, 201)):  # n % 8 == 0 (octet path) and not
+        w = (torch.randn(n, m, device="cuda", generator=g) if transposed else torch.randn(m, n, device="cuda", generator=g)).to(dtype)
+        std = torch.rand(m, device="cuda", generator=g) * 0.1
+        mat = w.t() if transposed else w
+        cw = torch.compile(lambda w, s, k: torch.ops.flatlora.noisy_weight_triton(w, s, k, 3, transposed) * 1,
+                           backend="inductor", fullgraph=True)
+        for key in (5, 2**63 + 5, 2**64 - 1):
+            ref = torch.empty(m, n, dtype=dtype, device="cuda")
+            K.noisy_copy_(mat, std, key, 3, ref)
+            got = cw(w, std, ops.device_keys([key], "cuda")[0])
+            assert torch.equal(got.t() if transposed else got, ref), (m, n, key)
     m, n = 96, 200
     w = (torch.randn(n, m, device="cuda", generator=g) if transposed else torch.randn(m, n, device="cuda", generator=g)).to(dtype)
     std = torch.rand(m, device="cuda", generator=g) * 0.1
-    mat = w.t() if transposed else w
-    cw = torch.compile(lambda w, s, k: torch.ops.flatlora.noisy_weight_triton(w, s, k, 3, transposed) * 1,
-                       backend="inductor", fullgraph=True)
-    for key in (5, 2**63 + 5, 2**64 - 1):
-        ref = torch.empty(m, n, dtype=dtype, device="cuda")
-        K.noisy_copy_(mat, std, key, 3, ref)
-        got = cw(w, std, ops.device_keys([key], "cuda")[0])
-        assert torch.equal(got.t() if transposed else got, ref), key
     x0 = torch.randn(5, n, device="cuda", generator=g).to(dtype)
     b = torch.randn(m, device="cuda", generator=g).to(dtype)
     cl = torch.compile(lambda x, k: torch.ops.flatlora.noisy_linear_triton(x, w, b, std, k, 0, transposed),

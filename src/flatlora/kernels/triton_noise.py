@@ -198,25 +198,35 @@ def _checksum(bits, q):
 
 
 @triton.jit
-def _tile(start, numel, N32, std_ptr, BLOCK_: tl.constexpr, ALIGNED: tl.constexpr):
+def _tile(start, numel, N32, BLOCK_: tl.constexpr, ALIGNED: tl.constexpr):
     """A tile of BLOCK consecutive elements from `start` of a layer's (m, n) view with numel elements and n = N32
-    columns, as a [BLOCK/8, 8] block: (octet index q, in-tile offsets, element indices o, mask o < numel, rows,
-    per-row std broadcast over the block); ALIGNED (n % 8 == 0): rows and std read once an octet. The caller
-    marks start and numel as multiples of 8 (tl.multiple_of) before the call: marked in here, the hint did not
-    reach the caller's accesses (sass_stats.py: perturb 72.0 -> 83.5 instructions an element, 92 -> 128
-    registers)."""
+    columns, as a [BLOCK/8, 8] block: (octet index q, in-tile offsets, element indices o, mask o < numel, each
+    element's row, and the rows and mask the per-row std is read with: per octet [BLOCK/8] when ALIGNED,
+    n % 8 == 0, else per element).
+    The caller marks start and numel as multiples of 8 (tl.multiple_of) before the call: marked in here, the hint
+    did not reach the caller's accesses (sass_stats.py: perturb 72.0 -> 83.5 instructions an element, 92 -> 128
+    registers). No pointer comes in: inductor's analysis of which arguments a traced kernel writes takes a
+    helper's results as derived from every argument it is given (a std pointer passed in was taken as written)."""
     q = tl.arange(0, BLOCK_ // 8)  # octet index: the 8 elements of one Philox call when ALIGNED
     offs = q[:, None] * 8 + tl.arange(0, 8)[None, :]  # in-tile offset
     o = start + offs  # element index in the (m, n) view
     mask = o < numel
     if ALIGNED:
         rq = (start + q * 8) // N32
-        std = tl.load(std_ptr + rq, mask=start + q * 8 < numel, other=0.0)[:, None]
-        r = rq[:, None]
+        return q, offs, o, mask, rq[:, None], rq, start + q * 8 < numel
     else:
         r = o // N32
-        std = tl.load(std_ptr + r, mask=mask, other=0.0)
-    return q, offs, o, mask, r, std
+        return q, offs, o, mask, r, r, mask
+
+
+@triton.jit
+def _row_std(std_ptr, rs, ms, ALIGNED: tl.constexpr):
+    """The std of each element's row, from `_tile`'s rows and mask (ALIGNED: once an octet, broadcast over it).
+    Its own helper: its result is a value the kernels store, never an address (see `_tile`)."""
+    std = tl.load(std_ptr + rs, mask=ms, other=0.0)
+    if ALIGNED:
+        std = std[:, None]
+    return std
 
 
 @triton.jit(do_not_specialize=["key_hi", "key_lo"])
@@ -260,7 +270,8 @@ def _noise_kernel(
         # constant over an octet and a CONTIG access becomes one 16-byte vector (without it: 8 scalar ones)
         start = tl.multiple_of(start, 8)
         numel = tl.multiple_of(numel, 8)
-    q, offs, o, mask, r, std = _tile(start, numel, N32, std_ptr, BLOCK_, ALIGNED)
+    q, offs, o, mask, r, rs, ms = _tile(start, numel, N32, BLOCK_, ALIGNED)
+    std = _row_std(std_ptr, rs, ms, ALIGNED)
     if CONTIG:
         w_ptr = tl.multiple_of(w_ptr, 16)
         ptrs = w_ptr + o
@@ -360,7 +371,8 @@ def _copy_kernel(w_ptr, out_ptr, std_ptr, key_ptr, after_ptr, M, N, ROW0, SR, SC
     if ALIGNED:
         start = tl.multiple_of(start, 8)
         numel = tl.multiple_of(numel, 8)
-    q, offs, o, mask, r, std = _tile(start, numel, N32, std_ptr, BLOCK_, ALIGNED)
+    q, offs, o, mask, r, rs, ms = _tile(start, numel, N32, BLOCK_, ALIGNED)
+    std = _row_std(std_ptr, rs, ms, ALIGNED)
     if CONTIG:
         ptrs = w_ptr + o
         optrs = out_ptr + o
@@ -381,8 +393,16 @@ def noisy_copy_traced(w: torch.Tensor, std: torch.Tensor, key: torch.Tensor, row
     Only shapes, strides and dtypes are read on the host (no address, no value, no view made), so a compiled
     graph traces it: `launch` is torch.library.wrap_triton there, and the launch is then inductor's.
     `after`: a tensor the launch must wait for (never read; see the kernel), the weight itself by default."""
-    if w.dim() != 2 or out.shape != w.shape or out.dtype != w.dtype:
-        raise ValueError(f"a 2-D weight and an output of its shape and dtype, got {tuple(w.shape)} and {tuple(out.shape)}")
+    # what _check asks of a grouped launch, read from shapes, dtypes and devices only (a traced call has no values)
+    if w.dim() != 2 or out.shape != w.shape or out.dtype != w.dtype or not supported(w):
+        raise ValueError(f"the traced noisy copy needs a 2-D float16/bfloat16/float32 weight and an output of its "
+                         f"shape and dtype, got {tuple(w.shape)} {w.dtype} and {tuple(out.shape)} {out.dtype}")
+    if w.numel() >= 2**31 - BLOCK:
+        raise ValueError(f"a {tuple(w.shape)} weight has too many elements for the noise kernels (< 2^31 - {BLOCK})")
+    if std.dtype != torch.float32 or not std.is_contiguous() or key.dtype != torch.int64 or key.numel() != 1:
+        raise ValueError("the traced noisy copy needs a contiguous float32 std and a one-element int64 key")
+    if not std.device == key.device == w.device:
+        raise ValueError(f"weight, std and key must share a device, got {w.device}, {std.device}, {key.device}")
     (n, m), (sc, sr), (osc, osr) = (w.shape, w.stride(), out.stride()) if transposed else (w.shape[::-1], w.stride()[::-1], out.stride()[::-1])
     contig = all(s1 == 1 and (s0 == n or m == 1) for s0, s1 in ((sr, sc), (osr, osc)))
     kernel = _copy_kernel if launch is None else launch(_copy_kernel)
