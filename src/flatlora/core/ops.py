@@ -32,11 +32,16 @@ from .view import PLAIN
 MASK64 = (1 << 64) - 1
 
 
-def key_tensor(key: int) -> torch.Tensor:
-    """A key 0 <= key < 2^64 as a 0-d int64 CPU tensor (keys >= 2^63 in two's complement)."""
+def _int64(key: int) -> int:
+    """A key 0 <= key < 2^64 as the int64 with its bits (keys >= 2^63 in two's complement)."""
     if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= MASK64:
         raise ValueError(f"a noise key must be an integer in [0, 2^64), got {key!r}")
-    return torch.tensor(key - (1 << 64) if key >> 63 else key, dtype=torch.int64)
+    return key - (1 << 64) if key >> 63 else key
+
+
+def key_tensor(key: int) -> torch.Tensor:
+    """A key 0 <= key < 2^64 as a 0-d int64 CPU tensor (keys >= 2^63 in two's complement)."""
+    return torch.tensor(_int64(key), dtype=torch.int64)
 
 
 def key_int(key: torch.Tensor) -> int:
@@ -193,8 +198,7 @@ _TRITON_OPS = False
 
 def device_keys(keys: list[int], device: torch.device) -> list[torch.Tensor]:
     """The keys as 0-d int64 tensors on `device` (views of one tensor: one copy for a window's layers)."""
-    signed = [k - (1 << 64) if k >> 63 else k for k in keys]
-    return list(torch.tensor(signed, dtype=torch.int64).to(device, non_blocking=True).unbind())
+    return list(torch.tensor([_int64(k) for k in keys], dtype=torch.int64).to(device, non_blocking=True).unbind())
 
 
 def register_triton_ops() -> bool:
