@@ -5,7 +5,7 @@
 # $OUT/hot.tgz at the end (the device returns at most 8 files).
 #
 #     bash benchmarks/overhead/kernels_gpu.sh [STAGES]     STAGES: comma list of tests,kernels,ablate,overhead,control,
-#                                                          compile,compile7b
+#                                                          compile,compile7b (compile-tests, op-host: parts of compile)
 #                                                          (default: the first four, ~7-8 min on the H200)
 # The overhead stage needs the reference code carried: run(..., carry=[".carry"]) with .carry/anchor_overhead.py
 # (benchmarks/overhead/README.md). Stages: tests ~1.5 min (JIT), kernels ~1 min, ablate ~2 min, overhead
@@ -47,8 +47,9 @@ has control && run control-acc1 python3 benchmarks/overhead/run.py --out "$DIR/c
 # compile: torch.compile's GPU cases (the traced Triton op of compiled forward mode among them), the noisy layer
 # call's host cost, then MiniLM eager and compiled with the control (~5 min); compile7b: the 7B GA-1 step the same
 # way (inductor compiles the 32-layer model for each compiled variant; not timed yet, allow a call of its own)
-has compile && run compile-tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/core/test_compile.py
-has compile && run op-host python3 benchmarks/overhead/op_host.py --out "$DIR"
+# (compile-tests and op-host also run alone: STAGES compile-tests,op-host)
+{ has compile || has compile-tests; } && run compile-tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/core/test_compile.py
+{ has compile || has op-host; } && run op-host python3 benchmarks/overhead/op_host.py --out "$DIR" --profile
 has compile && run compile-minilm python3 benchmarks/overhead/run.py --out "$DIR/compile-minilm" --only minilm \
     --control --compile inductor --rounds 10 --steps 40 --anchor .carry/anchor_overhead.py
 has compile7b && run compile-acc1 python3 benchmarks/overhead/run.py --out "$DIR/compile-acc1" --only acc1 \

@@ -7,10 +7,14 @@ queued back to back is the host's), in the weight dtype of the GPU benchmarks (b
 
     linear                 F.linear(x, W): the LoRA step's base layer
     eager-path             forward mode's eager computation: the noisy copy + F.linear (no autograd function)
+    layer                  what a forward-mode layer's patched forward runs eagerly (`forward.Armed`: the
+                           autograd function around the noisy copy and F.linear)
+    layer-fwd-bwd          the same, forward + backward (the backward's noisy copy and matmul included)
     op                     torch.ops.flatlora.noisy_linear: the custom op through the dispatcher
     linear-fwd-bwd         F.linear forward + backward (x requires grad)
     op-fwd-bwd             the custom op forward + backward (its backward regenerates W + eps)
     compiled-linear        torch.compile(backend) of F.linear (+ 1, so the graph is not empty)
+    compiled-linear-fwd-bwd  the same, forward + backward: what the compiled fwd-bwd rows compare with
     compiled-op            torch.compile(backend) of the custom op (+ 1): what a compiled forward-mode layer costs
     compiled-op-fwd-bwd    the same, forward + backward
     traced-op              torch.ops.flatlora.noisy_linear_triton (compiled Triton only), called eagerly
@@ -19,11 +23,16 @@ queued back to back is the host's), in the weight dtype of the GPU benchmarks (b
     compiled-traced-op-fwd-bwd  the same, forward + backward
 
 Microseconds per call (median of 5 repeats), and the JSON `op-host-<device>.json` with the provenance.
+`--profile`: also cProfile's table of `layer-fwd-bwd` (flatlora's and torch's Python per call, by own time),
+printed and written to `op-host-profile-<device>.txt`: which Python the eager layer's host time goes to.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import statistics
 import sys
 import time
@@ -62,6 +71,7 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
+    ap.add_argument("--profile", action="store_true", help="cProfile the eager layer's forward + backward")
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -81,6 +91,8 @@ def main(argv=None):
     def eager_path():
         return F.linear(x, ops.compute_noisy_weight(w, std, 12345, m, 0, False, gen, noise))
 
+    layer = _armed_layer(w, std, 12345, gen, noise)
+
     def fwd_bwd(f):
         def run():
             f(xg).sum().backward()
@@ -97,10 +109,13 @@ def main(argv=None):
     cases = {
         "linear": lambda: F.linear(x, w),
         "eager-path": eager_path,
+        "layer": lambda: layer(x, None),
         "op": lambda: op(x),
         "linear-fwd-bwd": fwd_bwd(lambda xx: F.linear(xx, w)),
+        "layer-fwd-bwd": fwd_bwd(lambda xx: layer(xx, None)),
         "op-fwd-bwd": fwd_bwd(op),
         "compiled-linear": lambda: c_lin(x),
+        "compiled-linear-fwd-bwd": fwd_bwd(c_lin),
         "compiled-op": lambda: c_op(x),
         "compiled-op-fwd-bwd": fwd_bwd(c_op),
     }
@@ -115,7 +130,42 @@ def main(argv=None):
         print(f"  {name:<22} {us:9.1f} us a call", flush=True)
     info = provenance(layer=f"{m}x{n} {dtype}", tokens=x.shape[0], noise_backend=noise, compile_backend=args.backend)
     write_results(args.out, "op-host", info, rows)
+    if args.profile:
+        table = profile_calls(fwd_bwd(lambda xx: layer(xx, None)), args.calls, dev)
+        print(table)
+        path = Path(args.out) / f"op-host-profile-{info['device'].replace(' ', '-').lower()}.txt"
+        path.write_text(f"# {info['command']}\n# layer-fwd-bwd, {args.calls} calls\n{table}")
     return rows
+
+
+def _armed_layer(w: torch.Tensor, std: torch.Tensor, key: int, generator: str, backend: str):
+    """A forward-mode `Armed` holding one window's draw for a linear layer with weight `w`: called as
+    `armed(x, bias)`, it is what the patched forward of a layer in an open window runs."""
+    from flatlora.core.forward import Armed
+    from flatlora.core.noise_draw import Draw
+    from flatlora.core.targets import Target
+
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype).requires_grad_(False)
+    lin.weight.data = w
+    armed = Armed(Target("layer", lin, None, "linear", False, *w.shape), backend)
+    armed.set_draw(Draw(key, std, None, generator))
+    return armed
+
+
+def profile_calls(fn, calls: int, dev: str, top: int = 30) -> str:
+    """cProfile's table (own time, the `top` first) of `calls` calls of `fn` after a warm-up."""
+    for _ in range(10):
+        fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
 
 
 if __name__ == "__main__":
