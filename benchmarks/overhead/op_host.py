@@ -22,7 +22,9 @@ queued back to back is the host's), in the weight dtype of the GPU benchmarks (b
                            on the Triton backend runs now
     compiled-traced-op-fwd-bwd  the same, forward + backward
 
-Microseconds per call (median of 5 repeats), and the JSON `op-host-<device>.json` with the provenance.
+Microseconds per call (median of 5 repeats; the fwd-bwd rows pass a fixed contiguous upstream gradient, as a
+model's is, not `.sum()`'s expanded one), on CUDA with the device's kernel time a call beside it (torch.profiler over
+20 calls: a row whose wall time is near its device time is device-bound, not host-bound), and the JSON `op-host-<device>.json` with the provenance.
 `--profile`: also cProfile's table of `layer-fwd-bwd` (flatlora's and torch's Python per call, by own time),
 printed and written to `op-host-profile-<device>.txt`: which Python the eager layer's host time goes to.
 """
@@ -93,9 +95,11 @@ def main(argv=None):
 
     layer = _armed_layer(w, std, 12345, gen, noise)
 
+    gy = torch.randn(x.shape[0], m, device=dev, generator=g).to(dtype)  # contiguous, as a model's upstream grad is
+
     def fwd_bwd(f):
         def run():
-            f(xg).sum().backward()
+            f(xg).backward(gy)
         return run
 
     c_lin = torch.compile(lambda xx: F.linear(xx, w) + 1, backend=args.backend, fullgraph=True)
@@ -126,12 +130,17 @@ def main(argv=None):
     rows = []
     for name, fn in cases.items():
         us = per_call_us(fn, args.calls, dev)
-        rows.append({"case": name, "us_per_call": us})
-        print(f"  {name:<22} {us:9.1f} us a call", flush=True)
+        dev_us = device_us(fn) if dev == "cuda" else None
+        rows.append({"case": name, "us_per_call": us, "device_us_per_call": dev_us})
+        busy = "" if dev_us is None else f"   device {dev_us:7.1f} us"
+        print(f"  {name:<26} {us:9.1f} us a call{busy}", flush=True)
     info = provenance(layer=f"{m}x{n} {dtype}", tokens=x.shape[0], noise_backend=noise, compile_backend=args.backend)
     write_results(args.out, "op-host", info, rows)
     if args.profile:
         table = profile_calls(fwd_bwd(lambda xx: layer(xx, None)), args.calls, dev)
+        if dev == "cuda":  # and what the device runs for it, beside the plain linear layer's
+            table += "\n".join(kernel_table(fwd_bwd(f), name) for name, f in
+                               (("layer-fwd-bwd", lambda xx: layer(xx, None)), ("linear-fwd-bwd", lambda xx: F.linear(xx, w))))
         print(table)
         path = Path(args.out) / f"op-host-profile-{info['device'].replace(' ', '-').lower()}.txt"
         path.write_text(f"# {info['command']}\n# layer-fwd-bwd, {args.calls} calls\n{table}")
@@ -150,6 +159,33 @@ def _armed_layer(w: torch.Tensor, std: torch.Tensor, key: int, generator: str, b
     armed = Armed(Target("layer", lin, None, "linear", False, *w.shape), backend)
     armed.set_draw(Draw(key, std, None, generator))
     return armed
+
+
+def device_us(fn, calls: int = 20) -> float:
+    """Kernel time on the device a call (the sum of every kernel's own device time over `calls` calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / calls
+
+
+def kernel_table(fn, name: str, calls: int = 20) -> str:
+    """torch.profiler's table of `calls` calls of `fn` on CUDA, by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return f"\n## {name}, {calls} calls, by device time\n" + prof.key_averages().table(sort_by="self_device_time_total",
+                                                                                       row_limit=15)
 
 
 def profile_calls(fn, calls: int, dev: str, top: int = 30) -> str:
