@@ -46,12 +46,13 @@ has control && run control-acc1 python3 benchmarks/overhead/run.py --out "$DIR/c
     --control --rounds 10 --steps 20 --anchor .carry/anchor_overhead.py
 # compile: torch.compile's GPU cases (the traced Triton op of compiled forward mode among them), the noisy layer
 # call's host cost, then MiniLM eager and compiled with the control (~5 min); compile7b: the 7B GA-1 step the same
-# way (inductor compiles the 32-layer model for each compiled variant; not timed yet, allow a call of its own)
+# way, lora plus the three compiled variants only (inductor compiles the 32-layer model for each: on 2026-12-03
+# a call that ran it after the tests and op-host had not finished its first round ~430 s in; give it a call of its own)
 # (compile-tests and op-host also run alone: STAGES compile-tests,op-host)
 { has compile || has compile-tests; } && run compile-tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/core/test_compile.py
 { has compile || has op-host; } && run op-host python3 benchmarks/overhead/op_host.py --out "$DIR" --profile
 has compile && run compile-minilm python3 benchmarks/overhead/run.py --out "$DIR/compile-minilm" --only minilm \
     --control --compile inductor --rounds 10 --steps 40 --anchor .carry/anchor_overhead.py
 has compile7b && run compile-acc1 python3 benchmarks/overhead/run.py --out "$DIR/compile-acc1" --only acc1 \
-    --control --compile inductor --rounds 5 --steps 20 --anchor .carry/anchor_overhead.py
+    --compile inductor --variants lora-compiled,flatlora-inplace-compiled,flatlora-forward-compiled --rounds 3 --steps 12
 exit $rc

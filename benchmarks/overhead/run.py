@@ -307,19 +307,27 @@ def run_setting(name, model, batch_fn, ga, args, rows, variants=None, extra=None
     machine over the run (clocks, a busy host) then falls on every variant alike; timed one after another,
     two runs of the same build gave the same variant 1.41x and 1.71x."""
     fns = step_fns(model, batch_fn, ga, args.dev, args.anchor, control=args.control, compile_backend=args.compile)
-    order = [v for v in fns if not variants or v in variants or v == "lora-again" or v.endswith("-compiled")]
+    unknown = sorted((args.variants or set()) - fns.keys())
+    if unknown:
+        raise SystemExit(f"--variants: no variant {', '.join(unknown)} in this run; choose from {', '.join(fns)} "
+                         "(the -compiled ones need --compile, lora-again --control, reference --anchor)")
+    order = [v for v in fns if (not variants or v in variants or v == "lora-again" or v.endswith("-compiled"))
+             and (not args.variants or v in args.variants or v == "lora")]  # lora: every ratio's baseline
     n = args.steps if ga == 1 else args.steps_ga
     rounds = max(1, min(args.rounds, n))
     times: dict[str, list[float]] = {v: [] for v in order}
     round_medians: dict[str, list[float]] = {v: [] for v in order}
     peaks = dict.fromkeys(order, 0.0)
     described: dict[str, dict] = {}
+    t0 = time.perf_counter()
     for r in range(rounds):
         for v in order:
             fn, flat = fns[v]
             share = n // rounds + (r < n % rounds)
             warm = (1 if ga > 1 or args.smoke else args.warmup) if r == 0 else 1
             ts, peak = timed(fn, args.dev, share, warm)
+            if r == 0:  # where a call cut short spent its time (a compiled variant's first steps compile it)
+                print(f"  {name}: {v} warmed up and timed round 1 at {time.perf_counter() - t0:.0f} s", flush=True)
             times[v] += ts
             round_medians[v].append(statistics.median(ts))
             peaks[v] = max(peaks[v], peak)
@@ -587,6 +595,8 @@ def main(argv=None):
     ap.add_argument("--compile", metavar="BACKEND", default=None,
                     help="also time lora / flatlora-inplace / flatlora-forward on torch.compile(model, backend=BACKEND) "
                          "(e.g. inductor): the `-compiled` variants, ratios still against eager `lora`")
+    ap.add_argument("--variants", default=None, type=lambda v: set(v.split(",")),
+                    help="comma list: time only these variants (lora always; default: all)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device (checks the script, not speed)")
     ap.add_argument("--profile", action="store_true", help="also write a torch.profiler table of 2 steps per Flat-LoRA variant")
     ap.add_argument("--trace", action="store_true", help="with --profile: also its timeline (trace-*.json.gz, chrome://tracing)")

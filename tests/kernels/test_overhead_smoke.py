@@ -160,8 +160,9 @@ def test_op_host_benchmark_smoke(tmp_path):
     rows = _load("op_host").main(["--calls", "1", "--backend", "aot_eager", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "op-host-cpu.json").read_text())
     assert data["rows"] == rows and [r["case"] for r in rows] == [
-        "linear", "eager-path", "op", "linear-fwd-bwd", "op-fwd-bwd", "compiled-linear", "compiled-op",
-        "compiled-op-fwd-bwd"]
+        "linear", "eager-path", "layer", "op", "linear-fwd-bwd", "layer-fwd-bwd", "hooks-layer-fwd-bwd",
+        "hooks-cached-fwd-bwd", "kept-copy-fwd-bwd", "op-fwd-bwd", "compiled-linear", "compiled-linear-fwd-bwd",
+        "compiled-op", "compiled-op-fwd-bwd"]
     assert all(r["us_per_call"] > 0 for r in rows)
     for key in ("device", "date", "torch", "command", "noise_backend"):
         assert key in data["provenance"]
